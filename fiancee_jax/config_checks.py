@@ -1,0 +1,37 @@
+"""Checks a config before any compute; errors name the key and the fix."""
+import ml_collections
+
+from fiancee_jax.models import oasis
+
+KNOWN_STAGES = ('backbone', 'database', 'exits', 'predictor', 'evaluate', 'benchmark')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for a config the pipeline cannot run."""
+  d, b, t = config.data, config.backbone, config.train
+  res = tuple(d.resolution)
+  if len(res) != 2 or not all(isinstance(r, int) and 16 <= r <= 1024 for r in res):
+    raise ValueError(f'config.data.resolution must be (H, W) with 16 <= H, W <= 1024, got {res}')
+  if d.num_classes < 2:
+    raise ValueError(f'config.data.num_classes must be >= 2, got {d.num_classes}')
+  oasis.lowest_resolution(res, len(b.width_ratios) - 1)
+  levels = len(b.d_width_ratios)
+  if res[0] % 2 ** levels or res[1] % 2 ** levels:
+    raise ValueError(
+        f'resolution {res} cannot be halved {levels} times by the discriminator '
+        f'(len(config.backbone.d_width_ratios)={levels}); use fewer levels')
+  for key in ('batch_size', 'num_steps', 'log_every', 'sample_every', 'checkpoint_every',
+              'keep_checkpoints', 'ema_stats_batches'):
+    if t[key] < 1:
+      raise ValueError(f'config.train.{key} must be >= 1, got {t[key]}')
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ValueError(f'config.train.ema_decay must be in [0, 1), got {t.ema_decay}')
+
+
+def parse_stages(stages: str) -> list[str]:
+  """'backbone,exits' -> ['backbone', 'exits'] in pipeline order; unknown names raise."""
+  names = [s.strip() for s in stages.split(',') if s.strip()]
+  unknown = [s for s in names if s not in KNOWN_STAGES]
+  if unknown:
+    raise ValueError(f'unknown stage(s) {unknown} in --stages; known: {",".join(KNOWN_STAGES)}')
+  return [s for s in KNOWN_STAGES if s in names]
