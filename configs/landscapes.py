@@ -55,6 +55,67 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       num_sample_images=8,
   )
+
+  # Image distance between an exit's output and the backbone's: 'auto' = LPIPS (alex) if
+  # lpips_weights names a converted .npz (scripts/convert_lpips_weights.py), else 1-MS-SSIM.
+  config.distance = dict(name='auto', lpips_weights='')
+
+  # Guiding database (guidance/database.py explains keys and values).
+  config.database = dict(
+      key_block=2,  # keys from this block's output (<= the earliest attach point)
+      num_images=256,  # training inputs run through the backbone to make entries
+      num_entries=2048,  # prototypes kept (k-means medoids)
+      key_dim=32,  # PCA dimensions of a key
+      grid=(8, 8),  # patches per image (a query per patch)
+      metric='cosine',  # 'cosine' | 'l2'
+      top_k=4,
+      temperature=0.05,  # softmax temperature over top-k similarities
+      chunk=4096,  # keys per matmul chunk in the lookup
+      kmeans_iters=10,
+  )
+
+  # Exit branches, distilled from the frozen backbone (EMA weights).
+  config.exits = dict(
+      attach_after=(3, 4),  # backbone blocks after which exits attach
+      width_mult=0.25,  # light blocks: widths and SPADE hidden x width_mult
+      guided=True,  # feed the guiding database to the exits
+      train_unguided=True,  # also train the same exits without guidance (ablation)
+      batch_size=16,
+      num_steps=600,
+      lr=1e-3,
+      b1=0.5,
+      b2=0.999,
+      l1_weight=1.0,
+      perceptual_weight=1.0,  # x config.distance (differentiable)
+      adversarial_weight=0.0,  # x OASIS generator loss against the frozen discriminator
+      log_every=20,
+      sample_every=200,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+  )
+
+  # Predictor of every exit's distance to the backbone (models/predictor.py).
+  config.predictor = dict(
+      width=16,
+      pool=4,  # label map average-pooled by this factor before the convs
+      num_train=2048,  # training inputs whose exit distances are measured as targets
+      measure_batch=32,
+      batch_size=64,
+      num_steps=1500,
+      lr=3e-3,
+      loss='l1',  # 'l1' | 'mse'
+  )
+
+  # Routing: thresholds on the distance, calibration of the decision margins.
+  config.router = dict(
+      target_met=0.95,  # share of samples that must meet the threshold (calibration)
+      calibration='conformal',  # 'conformal' (split conformal per exit) | 'none'
+      thresholds=(),  # () = 12 thresholds spread over the measured distances
+      num_eval=512,  # test inputs in the report (<= config.data.num_test)
+  )
+
+  # Benchmark stage (bench.json).
+  config.benchmark = dict(batch_size=64, warmup=3, iters=10)
   config.lock()
 
   if arg == 'tiny':
@@ -66,6 +127,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(batch_size=8, num_steps=4, log_every=2,
                         sample_every=2, checkpoint_every=2,
                         ema_stats_batches=2)
+    config.database.update(key_block=1, num_images=8, num_entries=64, key_dim=4,
+                           grid=(4, 4), chunk=32, kmeans_iters=2)
+    config.exits.update(attach_after=(1, 2), batch_size=8, num_steps=4, log_every=2,
+                        sample_every=2, checkpoint_every=2)
+    config.predictor.update(width=4, num_train=32, measure_batch=16, batch_size=16,
+                            num_steps=4)
+    config.router.update(num_eval=32)
+    config.benchmark.update(batch_size=8, warmup=1, iters=2)
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/landscapes.py '
                      "(known: 'tiny')")

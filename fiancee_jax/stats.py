@@ -30,10 +30,81 @@ def backbone_stats(config: ml_collections.ConfigDict) -> dict:
   return {'params': flops.param_count(variables['params']), 'gflops': gf}
 
 
+def _abstract_inputs(config):
+  h, w = config.data.resolution
+  return (jax.ShapeDtypeStruct((1, h, w), jnp.int32),
+          jax.ShapeDtypeStruct((1, config.backbone.z_dim), jnp.float32))
+
+
+def abstract_database(config: ml_collections.ConfigDict) -> dict:
+  """ShapeDtypeStructs of the database arrays the config's model expects."""
+  spec = factory.database_spec(config)
+  f32 = jnp.float32
+  return {'keys': jax.ShapeDtypeStruct((spec.num_entries, spec.key_dim), f32),
+          'values': jax.ShapeDtypeStruct((spec.num_entries, spec.value_dim), f32),
+          'mean': jax.ShapeDtypeStruct((spec.feature_width,), f32),
+          'proj': jax.ShapeDtypeStruct((spec.feature_width, spec.key_dim), f32)}
+
+
+def lookup_gflops(config: ml_collections.ConfigDict) -> float:
+  """GFLOPs of one database lookup at batch 1 (keys from block key_block)."""
+  from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
+  spec = factory.database_spec(config)
+  g = factory.make_generator(config)
+  bb = jax.eval_shape(g.init, jax.random.key(0), *_abstract_inputs(config))
+  _, _, outs = jax.eval_shape(
+      lambda v, l, z: factory.make_exit_model(config, guided=False).prefix(
+          v, (l, z), spec.key_block), bb, *_abstract_inputs(config))
+  lookup = database.make_lookup(spec)
+  return flops.gflops(lambda db, f: lookup(db, f, tuple(config.data.resolution)),
+                      abstract_database(config), outs[spec.key_block])
+
+
+def exit_stats(config: ml_collections.ConfigDict, *, guided: bool | None = None) -> list[dict]:
+  """Per exit (the backbone last): attach point, GFLOPs of its own compiled path at batch 1
+  (database lookup included when guided) and parameters of its branch."""
+  guided = config.exits.guided if guided is None else guided
+  model = factory.make_exit_model(config, guided=guided)
+  inputs = _abstract_inputs(config)
+  bb = jax.eval_shape(model.backbone.init, jax.random.key(0), *inputs)
+  db = abstract_database(config) if guided else None
+  ex = jax.eval_shape(lambda b, d, l, z: model.init_exits(jax.random.key(0), b, d, l, z),
+                      bb, db, *inputs)
+  params = {'backbone': bb, 'exits': ex, 'database': db}
+  out = []
+  for k in range(model.num_exits):
+    last = k == model.num_exits - 1
+    out.append({
+        'exit': k,
+        'attach_after': model.last_block(k),
+        'gflops': flops.gflops(model.exit_path(k), params, *inputs),
+        'params': flops.param_count(bb['params']) if last else flops.param_count(
+            ex[k]['params']),
+    })
+  return out
+
+
+def predictor_stats(config: ml_collections.ConfigDict) -> dict:
+  model = factory.make_predictor(config)
+  labels = _abstract_inputs(config)[0]
+  params = jax.eval_shape(model.init, jax.random.key(0), labels)
+  return {'params': flops.param_count(params['params']),
+          'gflops': flops.gflops(model.apply, params, labels)}
+
+
 def compute_stats(config: ml_collections.ConfigDict) -> dict:
-  """All costs that exist for this config."""
+  """All costs of the config's models: backbone, exits, predictor, database lookup."""
   config_checks.check_config(config)
-  return {'backbone': backbone_stats(config)}
+  spec = factory.database_spec(config)
+  return {
+      'backbone': backbone_stats(config),
+      'exits': exit_stats(config),
+      'predictor': predictor_stats(config),
+      'database': {'entries': spec.num_entries,
+                   'bytes': 4 * spec.num_entries * (spec.key_dim + spec.value_dim)
+                            + 4 * spec.feature_width * (spec.key_dim + 1),
+                   'lookup_gflops': lookup_gflops(config)},
+  }
 
 
 def main(argv):

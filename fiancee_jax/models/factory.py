@@ -1,7 +1,9 @@
 """Builds the models named by a config; the only place that reads config.backbone."""
 import ml_collections
 
+from fiancee_jax.models import exits
 from fiancee_jax.models import oasis
+from fiancee_jax.models import predictor
 
 
 def make_generator(config: ml_collections.ConfigDict) -> oasis.OasisGenerator:
@@ -19,3 +21,35 @@ def make_discriminator(config: ml_collections.ConfigDict) -> oasis.OasisDiscrimi
       num_classes=config.data.num_classes,
       widths=tuple(b.d_ch * r for r in b.d_width_ratios), out_width=b.d_ch,
       spectral_norm=b.spectral_norm)
+
+
+def database_spec(config: ml_collections.ConfigDict):
+  """The DatabaseSpec the config's model expects."""
+  from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
+  g = make_generator(config)
+  db = config.database
+  if not 0 <= db.key_block < g.num_blocks:
+    raise ValueError(f'config.database.key_block={db.key_block} is not a block index '
+                     f'(0..{g.num_blocks - 1})')
+  return database.DatabaseSpec(
+      resolution=tuple(config.data.resolution), grid=tuple(db.grid), key_block=db.key_block,
+      feature_width=g.widths[db.key_block + 1], key_dim=db.key_dim,
+      num_entries=db.num_entries, num_classes=config.data.num_classes, metric=db.metric,
+      top_k=db.top_k, temperature=db.temperature, chunk=db.chunk)
+
+
+def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool) -> exits.ExitModel:
+  """Backbone + exits as configured; `guided` selects the database-fed variant."""
+  from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
+  lookup = database.make_lookup(database_spec(config)) if guided else None
+  return exits.ExitModel(
+      backbone=make_generator(config), attach_after=tuple(config.exits.attach_after),
+      width_mult=config.exits.width_mult, guided=guided,
+      key_block=config.database.key_block, lookup=lookup)
+
+
+def make_predictor(config: ml_collections.ConfigDict) -> predictor.Predictor:
+  """Predictor of the distances of the config's branch exits."""
+  return predictor.Predictor(
+      num_classes=config.data.num_classes, num_outputs=len(config.exits.attach_after),
+      width=config.predictor.width, pool=config.predictor.pool)

@@ -5,6 +5,7 @@ any exit is a composition of pure functions (`Module.apply(..., method=...)`).
 Block i maps widths[i] -> widths[i + 1] and is followed by x2 nearest upsampling except
 for the last block; the stem works at resolution / 2**(K - 1).
 """
+import dataclasses
 from collections.abc import Sequence
 
 import chex
@@ -33,6 +34,53 @@ def lowest_resolution(resolution: Sequence[int], num_blocks: int) -> tuple[int, 
   return h // factor, w // factor
 
 
+class LightSpadeBlock(nn.Module):
+  """Lightweight OASIS block for exit branches: fewer channels, same SPADE structure."""
+  features: int
+  spade_hidden: int
+  upsample: bool
+  spectral_norm: bool = True
+
+  @nn.compact
+  def __call__(self, h: jax.Array, seg: jax.Array, *, train: bool = False,
+               momentum: float = 0.9) -> jax.Array:
+    h = spade.SpadeResBlock(self.features, self.spade_hidden, self.spectral_norm,
+                            name='res')(h, seg, train=train, momentum=momentum)
+    return layers.upsample2x(h) if self.upsample else h
+
+
+class ImageHead(nn.Module):
+  """LeakyReLU(0.2) -> 3x3 conv to RGB -> tanh."""
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> jax.Array:
+    return jnp.tanh(nn.Conv(3, (3, 3), name='conv_img')(nn.leaky_relu(h, 0.2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class OasisLightFactory:
+  """Builds the lightweight versions of OASIS blocks that exit branches are made of."""
+  widths: tuple[int, ...]
+  spade_hidden: int
+  spectral_norm: bool = True
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self.widths) - 1
+
+  def block_width(self, j: int, width_mult: float) -> int:
+    """Output width of light block j."""
+    return max(1, round(self.widths[j + 1] * width_mult))
+
+  def block(self, j: int, width_mult: float, name: str) -> nn.Module:
+    return LightSpadeBlock(
+        self.block_width(j, width_mult), max(1, round(self.spade_hidden * width_mult)),
+        upsample=j < self.num_blocks - 1, spectral_norm=self.spectral_norm, name=name)
+
+  def head(self, name: str) -> nn.Module:
+    return ImageHead(name=name)
+
+
 class OasisGenerator(nn.Module):
   """Label map (+ one z per image) -> image in [-1, 1]."""
   num_classes: int
@@ -49,6 +97,10 @@ class OasisGenerator(nn.Module):
   @property
   def widths(self) -> tuple[int, ...]:
     return block_widths(self.ch, self.width_ratios)
+
+  @property
+  def light_factory(self) -> OasisLightFactory:
+    return OasisLightFactory(self.widths, self.spade_hidden, self.spectral_norm)
 
   def setup(self):
     widths = self.widths

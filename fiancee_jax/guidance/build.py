@@ -1,0 +1,62 @@
+"""Stage `database`: builds the guiding database from the trained backbone."""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fiancee_jax import checkpoint
+from fiancee_jax.guidance import database
+from fiancee_jax.models import factory
+from fiancee_jax.training import backbone as backbone_training
+
+STAGE = 'database'
+
+
+def database_path(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints', STAGE, 'database')
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Builds (or loads, if already built for this config) the database of `workdir`."""
+  spec = factory.database_spec(config)
+  path = database_path(workdir)
+  if os.path.exists(path):
+    logging.info('database: found %s', path)
+    return database.load(path, spec)
+  bb, _ = backbone_training.load_backbone(config, workdir)
+  model = factory.make_exit_model(config, guided=False)
+  source = backbone_training.data_source(config, 'train')
+  n = min(config.database.num_images, len(source))
+  bs = config.exits.batch_size
+  key = jax.random.fold_in(jax.random.key(config.seed), 2)
+
+  @jax.jit
+  def features(labels, z):
+    h, cond, outs = model.prefix(bb, (labels, z), model.backbone.num_blocks - 1)
+    teacher = model.backbone.apply(bb, h, method='head')
+    pooled = database.pool(outs[spec.key_block], spec.grid)
+    return pooled.reshape(-1, pooled.shape[-1]), database.patches_of(spec, teacher)
+
+  feats, values = [], []
+  for start in range(0, n, bs):
+    idx = range(start, min(n, start + bs))
+    labels = jnp.asarray(np.stack([source[i]['labels'] for i in idx]).astype(np.int32))
+    z = jax.random.normal(jax.random.fold_in(key, start), (len(idx), config.backbone.z_dim))
+    f, v = features(labels, z)
+    feats.append(np.asarray(f))
+    values.append(np.asarray(v))
+  db = database.fit(spec, np.concatenate(feats), np.concatenate(values),
+                    jax.random.fold_in(key, 10**6), config.database.kmeans_iters)
+  if jax.process_index() == 0:
+    database.save(path, spec, db)
+  logging.info('database: %d entries from %d images, %.1f MB', spec.num_entries, n,
+               database.nbytes(db) / 1e6)
+  return db
+
+
+def load(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The database of `workdir`, checked against the config's model."""
+  return database.load(database_path(workdir), factory.database_spec(config))

@@ -1,0 +1,238 @@
+"""Guiding database: nearest-patch retrieval of backbone outputs for the exit branches.
+
+Our design (the paper leaves it open):
+- keys: the output of backbone block `key_block` (cheap: every exit computes it),
+  average-pooled to a `grid` of patches, centred and projected by PCA to `key_dim`
+  dimensions, L2-normalised (cosine) or not (L2);
+- values: the full backbone's output image over the same patch (what the early exits
+  cannot afford to compute), `patch_h x patch_w x 3` numbers per entry;
+- entries: `num_entries` prototypes picked by k-means over the patches of `num_images`
+  training inputs (for each centroid, the member nearest to it, so values stay sharp).
+A query pools and projects its own block features, finds the top-k keys per patch with
+one matmul + `lax.top_k` per chunk of keys, blends their values (softmax of similarity /
+temperature) and tiles them into a guiding image [B, H, W, 3].
+"""
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fiancee_jax import checkpoint
+
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseSpec:
+  """Static shape of a database; what a model and a database must agree on."""
+  resolution: tuple[int, int]  # (H, W) of images
+  grid: tuple[int, int]  # query/patch grid (gh, gw); patch = H/gh x W/gw pixels
+  key_block: int
+  feature_width: int  # channels of block `key_block` output
+  key_dim: int
+  num_entries: int
+  num_classes: int
+  metric: str = 'cosine'  # 'cosine' | 'l2'
+  top_k: int = 1
+  temperature: float = 0.05
+  chunk: int = 4096  # keys per matmul chunk
+
+  def __post_init__(self):
+    h, w = self.resolution
+    gh, gw = self.grid
+    if h % gh or w % gw:
+      raise ValueError(f'config.database.grid={self.grid} must divide the resolution {self.resolution}')
+    if self.metric not in ('cosine', 'l2'):
+      raise ValueError(f"config.database.metric={self.metric!r}: use 'cosine' or 'l2'")
+    if not 1 <= self.top_k <= self.num_entries:
+      raise ValueError(f'config.database.top_k={self.top_k} must be in [1, num_entries]')
+    if not 1 <= self.key_dim <= self.feature_width:
+      raise ValueError(f'config.database.key_dim={self.key_dim} must be in [1, {self.feature_width}] '
+                       f'(the width of block {self.key_block})')
+
+  @property
+  def patch(self) -> tuple[int, int]:
+    return self.resolution[0] // self.grid[0], self.resolution[1] // self.grid[1]
+
+  @property
+  def value_dim(self) -> int:
+    return self.patch[0] * self.patch[1] * 3
+
+
+def pool(feats: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Average-pools features [B, h, w, C] to the patch grid [B, gh, gw, C]."""
+  b, h, w, c = feats.shape
+  gh, gw = grid
+  if h % gh or w % gw:
+    raise ValueError(f'features {h}x{w} cannot be pooled to the database grid {grid}')
+  return feats.reshape(b, gh, h // gh, gw, w // gw, c).mean(axis=(2, 4))
+
+
+def _project(spec: DatabaseSpec, db: dict, pooled: jax.Array) -> jax.Array:
+  q = (pooled - db['mean']) @ db['proj']
+  if spec.metric == 'cosine':
+    q = q / (jnp.linalg.norm(q, axis=-1, keepdims=True) + 1e-6)
+  return q
+
+
+def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """q [M, D] -> (scores [M, k], indices [M, k]); keys processed in chunks."""
+  keys = db['keys']
+  n = keys.shape[0]
+  k = spec.top_k
+
+  def scores_of(kc):
+    s = q @ kc.T
+    if spec.metric == 'l2':
+      s = 2 * s - jnp.sum(kc * kc, axis=-1)[None]  # -|q-k|^2 up to a per-query constant
+    return s
+
+  if n <= spec.chunk:
+    return jax.lax.top_k(scores_of(keys), k)
+  num_chunks = -(-n // spec.chunk)
+  pad = num_chunks * spec.chunk - n
+  kp = jnp.pad(keys, ((0, pad), (0, 0))).reshape(num_chunks, spec.chunk, -1)
+  valid = (jnp.arange(num_chunks * spec.chunk) < n).reshape(num_chunks, spec.chunk)
+
+  def body(carry, xs):
+    best_s, best_i = carry
+    kc, vc, c = xs
+    s = jnp.where(vc[None], scores_of(kc), -jnp.inf)
+    cs, ci = jax.lax.top_k(s, k)
+    all_s = jnp.concatenate([best_s, cs], axis=1)
+    all_i = jnp.concatenate([best_i, ci + c * spec.chunk], axis=1)
+    ts, ti = jax.lax.top_k(all_s, k)
+    return (ts, jnp.take_along_axis(all_i, ti, axis=1)), None
+
+  init = (jnp.full((q.shape[0], k), -jnp.inf), jnp.zeros((q.shape[0], k), jnp.int32))
+  (s, i), _ = jax.lax.scan(body, init, (kp, valid, jnp.arange(num_chunks)))
+  return s, i
+
+
+def make_lookup(spec: DatabaseSpec):
+  """Returns lookup(db, feats [B, h, w, C], out_hw) -> guide [B, H', W', 3] (pure, jittable)."""
+
+  def lookup(db: dict, feats: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    if feats.shape[-1] != spec.feature_width:
+      raise ValueError(f'database keys were built from {spec.feature_width}-wide features, '
+                       f'got {feats.shape[-1]}')
+    b = feats.shape[0]
+    gh, gw = spec.grid
+    ph, pw = spec.patch
+    q = _project(spec, db, pool(feats, spec.grid)).reshape(b * gh * gw, -1)
+    s, idx = _top_k(spec, db, q)
+    w = jax.nn.softmax(s / spec.temperature, axis=-1) if spec.top_k > 1 else jnp.ones_like(s)
+    vals = jnp.einsum('mk,mkv->mv', w, db['values'][idx])
+    img = vals.reshape(b, gh, gw, ph, pw, 3).transpose(0, 1, 3, 2, 4, 5)
+    img = img.reshape(b, gh * ph, gw * pw, 3)
+    if img.shape[1:3] != tuple(out_hw):
+      img = jax.image.resize(img, (b, *out_hw, 3), 'linear')
+    return img
+
+  return lookup
+
+
+def patches_of(spec: DatabaseSpec, images: jax.Array) -> jax.Array:
+  """images [B, H, W, 3] -> values [B * gh * gw, ph * pw * 3] in grid order."""
+  b = images.shape[0]
+  gh, gw = spec.grid
+  ph, pw = spec.patch
+  x = images.reshape(b, gh, ph, gw, pw, 3).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b * gh * gw, ph * pw * 3)
+
+
+def fit(spec: DatabaseSpec, feats: np.ndarray, values: np.ndarray, key: jax.Array,
+        kmeans_iters: int = 10) -> dict:
+  """Builds the database arrays from pooled features [M, C] and their values [M, V]."""
+  m = feats.shape[0]
+  if m < spec.num_entries:
+    raise ValueError(f'config.database.num_entries={spec.num_entries} exceeds the {m} patches '
+                     'available; raise config.database.num_images or lower num_entries')
+  feats = jnp.asarray(feats, jnp.float32)
+  mean = feats.mean(axis=0)
+  _, _, vt = jnp.linalg.svd(feats - mean, full_matrices=False)
+  proj = vt[:spec.key_dim].T
+  db0 = {'mean': mean, 'proj': proj}
+  keys_all = _project(spec, db0, feats)
+  idx = _kmeans_medoids(keys_all, spec.num_entries, key, kmeans_iters)
+  return {'keys': keys_all[idx], 'values': jnp.asarray(values, jnp.float32)[idx],
+          'mean': mean, 'proj': proj}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _kmeans_medoids(x: jax.Array, n: int, key: jax.Array, iters: int) -> jax.Array:
+  """Indices of the n points nearest to k-means centroids (distinct points, sorted)."""
+  init = jax.random.choice(key, x.shape[0], (n,), replace=False)
+  cent = x[init]
+
+  def step(cent, _):
+    d = jnp.sum(x * x, 1)[:, None] - 2 * x @ cent.T + jnp.sum(cent * cent, 1)[None]
+    assign = jnp.argmin(d, axis=1)
+    onehot = jax.nn.one_hot(assign, n)
+    count = onehot.sum(0)
+    new = (onehot.T @ x) / jnp.maximum(count, 1)[:, None]
+    return jnp.where(count[:, None] > 0, new, cent), None
+
+  cent, _ = jax.lax.scan(step, cent, None, length=iters)
+  d = jnp.sum(x * x, 1)[:, None] - 2 * x @ cent.T + jnp.sum(cent * cent, 1)[None]
+  # Greedy distinct medoids: each centroid takes its nearest point not yet taken.
+  def pick(taken, c):
+    dc = jnp.where(taken, jnp.inf, d[:, c])
+    i = jnp.argmin(dc)
+    return taken.at[i].set(True), i
+
+  _, idx = jax.lax.scan(pick, jnp.zeros(x.shape[0], bool), jnp.arange(n))
+  return idx
+
+
+def _meta(spec: DatabaseSpec) -> dict:
+  d = dataclasses.asdict(spec)
+  d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+  return {'schema_version': SCHEMA_VERSION, 'spec': d}
+
+
+def save(path: str, spec: DatabaseSpec, db: dict) -> None:
+  """Writes the database (arrays + spec) through checkpoint.save_pytree (atomic)."""
+  checkpoint.save_pytree(path, jax.device_get(db), metadata=_meta(spec))
+
+
+def load(path: str, expected: DatabaseSpec) -> dict:
+  """Loads a database and checks that it belongs to the model described by `expected`.
+
+  Raises:
+    ValueError naming the first field that differs (feature width, patch grid, classes...),
+    checkpoint.CheckpointError if the file is missing or corrupt.
+  """
+  if not os.path.exists(path):
+    raise checkpoint.CheckpointError(f'no guiding database at {path}; run the database stage')
+  db, meta = checkpoint.load_pytree(path)
+  if meta.get('schema_version') != SCHEMA_VERSION:
+    raise ValueError(f'database {path} has schema version {meta.get("schema_version")}, '
+                     f'this code reads version {SCHEMA_VERSION}; rebuild it (--stages=database)')
+  got = meta['spec']
+  want = _meta(expected)['spec']
+  for field in ('resolution', 'grid', 'key_block', 'feature_width', 'key_dim', 'num_classes',
+                'num_entries', 'metric'):
+    if got.get(field) != want[field]:
+      raise ValueError(
+          f'database {path} does not match the model: {field} is {got.get(field)} in the '
+          f'database but {want[field]} in the config; rebuild it with --stages=database')
+  shapes = {'keys': (expected.num_entries, expected.key_dim),
+            'values': (expected.num_entries, expected.value_dim),
+            'mean': (expected.feature_width,),
+            'proj': (expected.feature_width, expected.key_dim)}
+  for name, shape in shapes.items():
+    if name not in db or tuple(np.shape(db[name])) != shape:
+      raise ValueError(f'database {path}: array {name!r} has shape '
+                       f'{None if name not in db else np.shape(db[name])}, expected {shape}')
+    if not np.all(np.isfinite(db[name])):
+      raise ValueError(f'database {path}: array {name!r} has non-finite values')
+  return {k: jnp.asarray(db[k]) for k in shapes}
+
+
+def nbytes(db: dict[str, Any]) -> int:
+  return int(sum(np.asarray(v).nbytes for v in db.values()))

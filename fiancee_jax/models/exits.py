@@ -1,0 +1,181 @@
+"""Exit branches and exit paths, generic over staged backbones.
+
+A staged backbone (a linen module) provides `conditioning(*inputs)`, `stem(cond)`,
+`block(i, h, cond, train=...)`, `head(h)`, `num_blocks` and a `light_factory` with
+`block_width(j, mult)`, `block(j, mult, name)` and `head(name)`. An exit attached after
+block i is a 1x1 projection of the block-i features (concatenated with the guiding map,
+if guided) followed by light versions of blocks i+1..K-1 and its own image head. The
+guiding map is also appended to the conditioning the light blocks see, so that it
+reaches every resolution of the branch.
+
+Exit k < len(attach_after) is a branch; exit len(attach_after) is the backbone itself.
+`exit_path(k)` builds a pure function of (params, inputs) with k static, so each exit
+compiles to its own executable.
+"""
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Params = Any
+# lookup(database, key_features [B, h, w, C], out_hw) -> guide [B, H, W, G]
+LookupFn = Callable[[Any, jax.Array, tuple[int, int]], jax.Array]
+
+
+def area_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Average-pools [B, H, W, C] to [B, h, w, C] (integer factors) or repeats up."""
+  b, h, w, c = x.shape
+  if (h, w) == tuple(size):
+    return x
+  if h % size[0] == 0 and w % size[1] == 0:
+    fh, fw = h // size[0], w // size[1]
+    return x.reshape(b, size[0], fh, size[1], fw, c).mean(axis=(2, 4))
+  return jax.image.resize(x, (b, *size, c), 'linear')
+
+
+class ExitBranch(nn.Module):
+  """Light blocks attach_after+1..K-1 and a head; input: block-`attach_after` features."""
+  factory: Any
+  attach_after: int
+  width_mult: float
+  guided: bool
+
+  @nn.compact
+  def __call__(self, h: jax.Array, cond: jax.Array, guide: jax.Array | None = None, *,
+               train: bool = False, momentum: float = 0.9) -> jax.Array:
+    """h: [B, h, w, C_i]; cond: [B, H, W, S]; guide: [B, H, W, G] or None -> [B, H, W, 3]."""
+    width = self.factory.block_width(self.attach_after, self.width_mult)
+    x = nn.Conv(width, (1, 1), name='proj')(h)
+    if self.guided:
+      if guide is None:
+        raise ValueError(f'exit after block {self.attach_after} is guided but got no guide')
+      x = jnp.concatenate([x, area_resize(guide, x.shape[1:3])], axis=-1)
+      cond = jnp.concatenate([cond, area_resize(guide, cond.shape[1:3])], axis=-1)
+    for j in range(self.attach_after + 1, self.factory.num_blocks):
+      x = self.factory.block(j, self.width_mult, name=f'block_{j}')(
+          x, cond, train=train, momentum=momentum)
+    return self.factory.head(name='head')(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitModel:
+  """Static description of a backbone with exits; params are passed to its functions.
+
+  Params layout: {'backbone': backbone variables, 'exits': [exit variables per branch],
+  'database': guiding database arrays (or None when unguided)}.
+  """
+  backbone: nn.Module
+  attach_after: tuple[int, ...]
+  width_mult: float
+  guided: bool
+  key_block: int  # block whose output gives the database keys
+  lookup: LookupFn | None = None
+
+  def __post_init__(self):
+    k = self.backbone.num_blocks
+    pts = tuple(self.attach_after)
+    if not pts or list(pts) != sorted(set(pts)) or pts[0] < 0 or pts[-1] >= k - 1:
+      raise ValueError(
+          f'config.exits.attach_after={pts} must be increasing block indices in [0, {k - 2}] '
+          f'(the backbone has {k} blocks; the last block is the backbone exit)')
+    if self.guided and not 0 <= self.key_block <= pts[0]:
+      raise ValueError(
+          f'config.database.key_block={self.key_block} must be <= the earliest attach point '
+          f'{pts[0]} so that every exit can afford the database keys')
+
+  @property
+  def num_exits(self) -> int:
+    """Branches plus the backbone (the last exit)."""
+    return len(self.attach_after) + 1
+
+  @property
+  def branches(self) -> list[ExitBranch]:
+    return [ExitBranch(self.backbone.light_factory, a, self.width_mult, self.guided)
+            for a in self.attach_after]
+
+  def last_block(self, k: int) -> int:
+    """Last backbone block that exit k runs."""
+    return self.backbone.num_blocks - 1 if k == len(self.attach_after) else self.attach_after[k]
+
+  def prefix(self, bb: Params, inputs: Sequence[jax.Array], upto: int):
+    """Runs conditioning, stem and blocks 0..upto; returns (h, cond, key_features, outs).
+
+    outs[i] is the output of block i (a dict so that callers pick what they need).
+    """
+    g = self.backbone
+    cond = g.apply(bb, *inputs, method='conditioning')
+    h = g.apply(bb, cond, method='stem')
+    outs = {}
+    for i in range(upto + 1):
+      h = g.apply(bb, h, cond, method=lambda m, h, c, i=i: m.block(i, h, c))
+      outs[i] = h
+    return h, cond, outs
+
+  def guide(self, params: Params, outs: dict, out_hw: tuple[int, int]) -> jax.Array | None:
+    if not self.guided:
+      return None
+    return self.lookup(params['database'], outs[self.key_block], out_hw)
+
+  def exit_path(self, k: int) -> Callable[..., jax.Array]:
+    """path_k(params, *inputs) -> images [B, H, W, 3]; k static (one executable per exit)."""
+    if not 0 <= k < self.num_exits:
+      raise ValueError(f'exit {k} does not exist (0..{self.num_exits - 1})')
+
+    def path(params: Params, *inputs: jax.Array) -> jax.Array:
+      bb = params['backbone']
+      h, cond, outs = self.prefix(bb, inputs, self.last_block(k))
+      if k == len(self.attach_after):
+        return self.backbone.apply(bb, h, method='head')
+      guide = self.guide(params, outs, cond.shape[1:3])
+      return self.branches[k].apply(params['exits'][k], h, cond, guide)
+
+    return path
+
+  def backbone_pass(self, params: Params, *inputs: jax.Array):
+    """The frozen part shared by all exits: (outs, cond, teacher, guide).
+
+    outs[i]: output of block i; teacher: the backbone's image [B, H, W, 3]; guide: the
+    guiding map [B, H, W, G] or None.
+    """
+    bb = params['backbone']
+    h, cond, outs = self.prefix(bb, inputs, self.backbone.num_blocks - 1)
+    teacher = self.backbone.apply(bb, h, method='head')
+    return outs, cond, teacher, self.guide(params, outs, cond.shape[1:3])
+
+  def branch_outputs(self, exit_vars: Sequence[Params], outs: dict, cond: jax.Array,
+                     guide: jax.Array | None, *, train: bool = False,
+                     momentum: float = 0.9):
+    """Every branch's image from a `backbone_pass`.
+
+    Returns:
+      (images, stats): images is a list of [B, H, W, 3] (one per branch); stats the
+      branches' new batch_stats when `train`, else None.
+    """
+    images, stats = [], []
+    for k, branch in enumerate(self.branches):
+      feats = outs[branch.attach_after]
+      if train:
+        img, upd = branch.apply(exit_vars[k], feats, cond, guide, train=True,
+                                momentum=momentum, mutable=['batch_stats'])
+        stats.append(upd['batch_stats'])
+      else:
+        img = branch.apply(exit_vars[k], feats, cond, guide)
+      images.append(img)
+    return images, (stats if train else None)
+
+  def all_exits(self, params: Params, *inputs: jax.Array):
+    """(list of branch images [B, H, W, 3], teacher [B, H, W, 3]) sharing one backbone pass."""
+    outs, cond, teacher, guide = self.backbone_pass(params, *inputs)
+    images, _ = self.branch_outputs(params['exits'], outs, cond, guide)
+    return images, teacher
+
+  def init_exits(self, key: jax.Array, bb: Params, database: Any,
+                 *inputs: jax.Array) -> list[Params]:
+    """Initial variables of every branch (shapes from a forward of the backbone prefix)."""
+    h, cond, outs = self.prefix(bb, inputs, self.backbone.num_blocks - 1)
+    guide = self.guide({'database': database}, outs, cond.shape[1:3])
+    return [b.init(jax.random.fold_in(key, k), outs[b.attach_after], cond, guide)
+            for k, b in enumerate(self.branches)]

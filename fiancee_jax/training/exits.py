@@ -1,0 +1,212 @@
+"""Stage `exits`: distils all exit branches jointly from the frozen backbone.
+
+For each batch the backbone (EMA weights) runs once: it gives the teacher image, the
+features every branch starts from and the database keys. Every branch, in the guided
+variant and (for the ablation) the unguided one, is trained to reproduce the teacher
+for the same label map and z: L1 + the configured perceptual distance + an optional
+OASIS adversarial term against the frozen discriminator.
+"""
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from fiancee_jax import checkpoint
+from fiancee_jax import metric_logging
+from fiancee_jax import parallel
+from fiancee_jax.data import input_pipeline
+from fiancee_jax.data import visualize
+from fiancee_jax.guidance import build as database_build
+from fiancee_jax.losses import oasis as oasis_losses
+from fiancee_jax.metrics import distances
+from fiancee_jax.models import factory
+from fiancee_jax.training import backbone as backbone_training
+from fiancee_jax.training import optimizers
+
+STAGE = 'exits'
+
+
+class ExitsState(NamedTuple):
+  step: jax.Array  # int32 [], completed steps (= data position)
+  rng: jax.Array  # typed PRNG key []
+  params: Any  # {'guided': [branch params], 'unguided': [...]} (variants present only)
+  stats: Any  # same structure: branch batch_stats
+  opt: optax.OptState
+
+
+def variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Exit variants this config trains."""
+  v = ('guided',) if config.exits.guided else ('unguided',)
+  if config.exits.guided and config.exits.train_unguided:
+    v += ('unguided',)
+  return v
+
+
+def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
+  return distances.get_distance(config.distance.name,
+                                lpips_weights=config.distance.lpips_weights)
+
+
+def init_state(config, key, bb, db) -> ExitsState:
+  h, w = config.data.resolution
+  labels = jnp.zeros((1, h, w), jnp.int32)
+  z = jnp.zeros((1, config.backbone.z_dim))
+  params, stats = {}, {}
+  for v in variants(config):
+    model = factory.make_exit_model(config, guided=(v == 'guided'))
+    ev = model.init_exits(jax.random.fold_in(key, len(params)), bb, db, labels, z)
+    params[v] = [e['params'] for e in ev]
+    stats[v] = [e['batch_stats'] for e in ev]
+  tx = _optimizer(config)
+  return ExitsState(step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(key, 99),
+                    params=params, stats=stats, opt=tx.init(params))
+
+
+def _optimizer(config):
+  e = config.exits
+  return optimizers.adam(e.lr, e.b1, e.b2)
+
+
+def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict, db: Any):
+  """step(state, batch) -> (state, measurements); backbone, D and database are constants."""
+  e = config.exits
+  models = {v: factory.make_exit_model(config, guided=(v == 'guided'))
+            for v in variants(config)}
+  dist = get_distance(config)
+  disc = factory.make_discriminator(config)
+  tx = _optimizer(config)
+  z_dim, num_classes = config.backbone.z_dim, config.data.num_classes
+
+  def step(state: ExitsState, batch):
+    labels = batch['labels']
+    z = jax.random.normal(jax.random.fold_in(state.rng, state.step), (labels.shape[0], z_dim))
+    # One frozen backbone pass (with the database lookup) serves every variant.
+    any_model = models[variants(config)[0]]
+    h, cond, outs = any_model.prefix(bb, (labels, z), any_model.backbone.num_blocks - 1)
+    teacher = any_model.backbone.apply(bb, h, method='head')
+    guide = (models['guided'].guide({'database': db}, outs, cond.shape[1:3])
+             if 'guided' in models else None)
+
+    def loss_fn(params):
+      total, meas, new_stats = 0.0, {}, {}
+      for v, model in models.items():
+        ev = [{'params': p, 'batch_stats': s} for p, s in zip(params[v], state.stats[v])]
+        images, st = model.branch_outputs(ev, outs, cond, guide if v == 'guided' else None,
+                                          train=True)
+        new_stats[v] = st
+        suffix = '' if v == 'guided' else '_noguide'
+        for k, img in enumerate(images):
+          l1 = jnp.mean(jnp.abs(img - teacher))
+          dk = jnp.mean(dist.fn(img, teacher))
+          loss = e.l1_weight * l1 + e.perceptual_weight * dk
+          if e.adversarial_weight > 0:
+            logits = disc.apply(dvars, img)
+            adv = oasis_losses.n1_cross_entropy(logits, labels, for_real=True,
+                                                num_classes=num_classes)
+            loss = loss + e.adversarial_weight * adv
+            meas[f'exit{k}{suffix}/adv'] = adv
+          meas[f'exit{k}{suffix}/l1'] = l1
+          meas[f'exit{k}{suffix}/{dist.name}'] = dk
+          total = total + loss
+      return total, (new_stats, meas)
+
+    (loss, (new_stats, meas)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt = tx.update(grads, state.opt, state.params)
+    params = optax.apply_updates(state.params, updates)
+    meas['loss'] = loss
+    return state._replace(step=state.step + 1, params=params, stats=new_stats, opt=opt), meas
+
+  return step
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
+  """Runs (or resumes) the exits stage; returns the final state."""
+  e = config.exits
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divisible(e.batch_size, mesh, 'config.exits.batch_size')
+  repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  bb, dvars = backbone_training.load_backbone(config, workdir)
+  db = database_build.load(config, workdir) if config.exits.guided else None
+  bb, dvars, db = parallel.replicate((bb, dvars, db), mesh)
+  train_src = backbone_training.data_source(config, 'train')
+  val_src = backbone_training.data_source(config, 'validation')
+
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  state = jax.jit(lambda k: init_state(config, k, bb, db), out_shardings=repl)(key)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', STAGE),
+                                 max_to_keep=e.keep_checkpoints, save_every=e.checkpoint_every)
+  # Resume order: this stage's latest valid checkpoint in the workdir, else scratch.
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    logging.info('exits: resumed at step %d', int(state.step))
+    if meta.get('finished'):
+      return state
+  start = int(state.step)
+  step_fn = jax.jit(make_train_step(config, bb, dvars, db), in_shardings=(repl, data_sh),
+                    out_shardings=(repl, repl), donate_argnums=0)
+  samples = backbone_training._sample_batch(config, val_src)  # pylint: disable=protected-access
+  batches = input_pipeline.batches(
+      train_src, batch_size=e.batch_size, seed=config.seed + 3, start_step=start,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      prefetch=config.data.prefetch)
+  with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=e.num_steps) as writer:
+    for step in range(start, e.num_steps):
+      batch = next(batches)
+      if step == start:
+        input_pipeline.check_batch(batch, num_classes=config.data.num_classes,
+                                   resolution=tuple(config.data.resolution))
+      state, m = step_fn(state, parallel.shard_batch({'labels': batch['labels']}, mesh))
+      m = metric_logging.check_finite(jax.device_get(m), step + 1, stage=STAGE)
+      if (step + 1) % e.log_every == 0 or step + 1 == e.num_steps:
+        writer.write_scalars(step + 1, m)
+      writer.update_progress(step + 1, m)
+      if (step + 1) % e.sample_every == 0 or step + 1 == e.num_steps:
+        write_samples(config, workdir, bb, db, state, samples, step + 1)
+      if ckpt.should_save(step + 1) and step + 1 < e.num_steps:
+        ckpt.save(step + 1, state, metadata={'data_position': step + 1})
+    if hasattr(batches, 'close'):
+      batches.close()
+  ckpt.save(int(state.step), state, metadata={'data_position': int(state.step),
+                                              'finished': True}, force=True)
+  ckpt.close()
+  return state
+
+
+def load_exits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict]]:
+  """Trained exit variables per variant: {'guided': [vars_k], 'unguided': [...]}."""
+  directory = os.path.join(workdir, 'checkpoints', STAGE)
+  ckpt = checkpoint.Checkpointer(directory)
+  if ckpt.latest_step() is None:
+    raise checkpoint.CheckpointError(f'no exits checkpoint in {directory}; run --stages=exits')
+  bb, _ = backbone_training.load_backbone(config, workdir)
+  db = database_build.load(config, workdir) if config.exits.guided else None
+  target = jax.eval_shape(lambda: init_state(config, jax.random.key(0), bb, db))
+  state, meta = ckpt.restore(target)
+  ckpt.close()
+  if not meta.get('finished'):
+    raise checkpoint.CheckpointError(
+        f'exit training in {directory} stopped at step {int(state.step)} of '
+        f'{config.exits.num_steps}; finish it with --stages=exits')
+  return {v: [{'params': p, 'batch_stats': s}
+              for p, s in zip(state.params[v], state.stats[v])] for v in state.params}
+
+
+def write_samples(config, workdir, bb, db, state: ExitsState, samples, step: int) -> None:
+  """samples/exits_{step}.png: label | backbone | exit 0 | exit 1 | ... (guided variant)."""
+  if jax.process_index() != 0:
+    return
+  v = variants(config)[0]
+  model = factory.make_exit_model(config, guided=(v == 'guided'))
+  ev = [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
+  images, teacher = jax.jit(model.all_exits)(
+      {'backbone': bb, 'exits': ev, 'database': db}, samples['labels'], samples['z'])
+  to_u8 = lambda x: np.asarray((np.asarray(x) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+  cols = [visualize.label_map_to_rgb(samples['labels']), to_u8(teacher)]
+  cols += [to_u8(img) for img in images]
+  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+  visualize.save_grid(cols, os.path.join(workdir, 'samples', f'{STAGE}_{step:06d}.png'))
