@@ -109,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Routing: thresholds on the distance, calibration of the decision margins.
   config.router = dict(
       target_met=0.95,  # share of samples that must meet the threshold (calibration)
-      calibration='conformal',  # 'conformal' (split conformal per exit) | 'none'
+      calibration='bonferroni',  # routing/calibration.py: 'bonferroni' | 'max_score' | 'per_exit' | 'none'
       thresholds=(),  # () = 12 thresholds spread over the measured distances
       num_eval=512,  # test inputs in the report (<= config.data.num_test)
   )

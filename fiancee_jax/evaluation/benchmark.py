@@ -1,0 +1,298 @@
+"""The benchmark stage: compiled latency of every exit and of routing, in one run (bench.json).
+
+Every number follows the latency protocol (metrics/latency.py): executables are compiled ahead
+of time, warmed up, timed with `perf_counter` around `block_until_ready`, and timed loops fail
+on recompiles. All ratios in one bench.json come from the same process and machine state, next
+to a matmul GFLOP/s measured in the same run, so they can be compared across machines.
+
+Measured:
+- per exit: latency (median, p90) at batch 1 and at `batch_size`, XLA GFLOPs and memory;
+- per threshold: end-to-end routed throughput through `BucketedRouter` (predictor, host
+  grouping, padding, transfers included) vs the backbone's compiled throughput; measured and
+  FLOPs-predicted speedups; exit histogram;
+- batch 1: `lax.switch` with the index given vs each exit's own path (the switch overhead), and
+  the full routed executable (predictor + switch) vs the chosen exit's path;
+- the counter-example: vmap of a per-sample switch vs the backbone at `batch_size`.
+"""
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from fiancee_jax import model as model_lib
+from fiancee_jax.metrics import latency
+from fiancee_jax.routing import router as router_lib
+
+_TIMING_KEYS = ('median_ms', 'p90_ms', 'mean_ms', 'min_ms', 'iters')
+
+
+def _timing(stats: dict[str, float]) -> dict[str, float]:
+  return {k: stats[k] for k in _TIMING_KEYS}
+
+
+def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_size: int = 64,
+                  thresholds: Sequence[float], warmup: int = 3, iters: int = 20,
+                  seed: int = 0, matmul_n: int = 2048,
+                  bucketed: router_lib.BucketedRouter | None = None,
+                  switch: router_lib.SwitchRouter | None = None) -> dict[str, Any]:
+  """Measures exits, routing and dispatch overheads; returns the bench.json content.
+
+  Args:
+    model: a FianceeModel with a predictor and margins.
+    labels: int [N, H, W] test label maps; the first `batch_size` form the timed batch and
+      the first one the batch-1 input.
+    batch_size: batch for throughput numbers (the router's largest bucket).
+    thresholds: distance budgets to route at.
+    warmup: untimed calls before each measurement.
+    iters: timed calls per measurement.
+    seed: seed of z.
+    matmul_n: size of the [n, n] matmul that measures the machine's GFLOP/s.
+    bucketed: a BucketedRouter for `model` whose buckets include `batch_size`, to reuse its
+      executables (default: a new one with buckets 1, 2, 4, ..., batch_size).
+    switch: a SwitchRouter for `model` to reuse (default: a new one).
+
+  Returns:
+    A JSON-serialisable dict; see `write_bench` for a readable rendering. Keys: 'hardware',
+    'device', 'protocol', 'batch_size', 'resolution', 'num_exits', 'matmul_gflops_per_s',
+    'predictor', 'exits', 'backbone', 'routing', 'switch', 'vmap_switch', 'router_compiles'.
+
+  Raises:
+    ValueError: bad labels, thresholds or sizes (before anything is compiled).
+  """
+  labels = model.check_labels(labels)
+  thresholds = [model_lib.check_threshold(t) for t in thresholds]
+  if not thresholds:
+    raise ValueError('thresholds is empty; pass at least one distance budget')
+  if batch_size < 1 or labels.shape[0] < batch_size:
+    raise ValueError(f'batch_size={batch_size} needs at least that many test label maps, got '
+                     f'{labels.shape[0]}; lower batch_size or pass more labels')
+  if iters < 1 or warmup < 0:
+    raise ValueError(f'need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}')
+  for name, r in (('bucketed', bucketed), ('switch', switch)):
+    if r is not None and r.model is not model:
+      raise ValueError(f'the {name} router was built for a different FianceeModel')
+  if bucketed is not None and batch_size not in bucketed.bucket_sizes:
+    raise ValueError(f'batch_size={batch_size} is not one of the bucketed router\'s bucket sizes '
+                     f'{bucketed.bucket_sizes}; add it or pass bucketed=None')
+  e = model.num_exits
+  batch, z = model.make_inputs(labels[:batch_size], jax.random.key(seed))
+  batch, z = np.asarray(batch), np.asarray(z, np.float32)
+  one, z1 = batch[:1], z[:1]
+  params = model.params
+  timeit = lambda fn, *a: latency.time_fn(fn, *a, warmup=warmup, iters=iters)  # noqa: E731
+
+  info = latency.device_info()
+  out: dict[str, Any] = {
+      'hardware': latency.hardware_string(info),
+      'device': info,
+      'protocol': {'warmup': int(warmup), 'iters': int(iters), 'seed': int(seed),
+                   'timer': 'time.perf_counter around jax.block_until_ready, AOT-compiled',
+                   'statistic': 'median and p90 over iters timed calls'},
+      'batch_size': int(batch_size),
+      'resolution': list(model.resolution),
+      'num_exits': int(e),
+      'distance': model.distance,
+  }
+  out['matmul_n'] = int(matmul_n)
+  out['matmul_gflops_per_s'] = latency.matmul_gflops(matmul_n, iters=max(iters // 2, 1),
+                                                      warmup=min(warmup, 2))
+
+  # One bucket set serves both the router and the per-exit batch latencies.
+  bucketed = bucketed or router_lib.BucketedRouter(model, router_lib.default_buckets(batch_size))
+  bucketed.warmup()
+  switch = switch or router_lib.SwitchRouter(model)
+  switch.warmup()
+  compiles_after_warmup = bucketed.num_compiles + switch.num_compiles
+
+  # Per exit: batch 1 (the switch router's direct path) and batch_size (the router's bucket),
+  # on device-resident inputs: this is the executables' latency. (The routed numbers below
+  # start from host arrays, as a served request does.)
+  one_d, z1_d, batch_d, z_d = jax.device_put((one, z1, batch, z))
+  exits = []
+  for k in range(e):
+    c1 = switch.compiled_direct(k)
+    cb = bucketed.compiled_exit(k, batch_size)
+    t1 = latency.time_compiled(c1, params, one_d, z1_d, warmup=warmup, iters=iters)
+    tb = latency.time_compiled(cb, params, batch_d, z_d, warmup=warmup, iters=iters)
+    exits.append({
+        'exit': k,
+        'attach_after': (int(model.exit_model.attach_after[k]) if k < e - 1 else None),
+        'is_backbone': k == e - 1,
+        'gflops': float(model.exit_gflops[k]),
+        'batch1': _timing(t1),
+        'batch': _timing(tb),
+        'images_per_s': batch_size / (tb['median_ms'] * 1e-3),
+        'cost_batch1': latency.cost_and_memory(c1),
+        'cost_batch': latency.cost_and_memory(cb),
+    })
+  out['exits'] = exits
+  backbone = exits[-1]
+  backbone_ips = backbone['images_per_s']
+  out['backbone'] = {'gflops': float(model.backbone_gflops), 'images_per_s': backbone_ips,
+                     'batch_median_ms': backbone['batch']['median_ms']}
+
+  # Predictor alone, batch 1 and batch_size.
+  margins = np.asarray(model.margins, np.float32)
+  dev_margins, dev_t0 = jax.device_put((margins, np.float32(thresholds[0])))
+  pb = {}
+  for name, b, lab in (('batch1', 1, one_d), ('batch', batch_size, batch_d)):
+    cp = bucketed.compiled_predict(b)
+    pb[name] = _timing(latency.time_compiled(cp, model.predictor_params, dev_margins, dev_t0,
+                                             lab, warmup=warmup, iters=iters))
+  out['predictor'] = {'gflops': float(model.predictor_gflops), **pb}
+
+  # Routed throughput at each threshold, end to end.
+  routing = []
+  for t in thresholds:
+    res = bucketed(batch, z, t)
+    stats = timeit(lambda t=t: bucketed(batch, z, t))
+    ips = batch_size / (stats['median_ms'] * 1e-3)
+    mean_gflops = float(np.mean(res.gflops))
+    plan = bucketed.plan(res.exit_ids)
+    routing.append({
+        'threshold': t,
+        'images_per_s': ips,
+        'backbone_images_per_s': backbone_ips,
+        'measured_speedup': ips / backbone_ips,
+        'flops_speedup': float(model.backbone_gflops) / mean_gflops,
+        'mean_gflops': mean_gflops,
+        'saved_fraction': 1.0 - mean_gflops / float(model.backbone_gflops),
+        'exit_histogram': np.bincount(res.exit_ids, minlength=e).astype(int).tolist(),
+        'exit_calls': len(plan),
+        'padded_samples': int(sum(b - n for _, b, _, n in plan)),
+        'latency': _timing(stats),
+    })
+  out['routing'] = routing
+
+  # Batch 1: switch overhead per exit, and the routed executable vs its chosen exit. All three
+  # are timed as bare executables on device-resident arguments, so Python wrappers and
+  # host-to-device copies do not enter the ratios.
+  lab1, zz1 = one_d, z1_d
+  dispatch, routed_exe = switch.compiled_dispatch(), switch.compiled_routed()
+  per_exit = []
+  for k in range(e):
+    ts = timeit(dispatch, params, jax.device_put(np.int32(k)), lab1, zz1)
+    td = timeit(switch.compiled_direct(k), params, lab1, zz1)
+    per_exit.append({'exit': k, 'switch_ms': ts['median_ms'], 'direct_ms': td['median_ms'],
+                     'overhead_ratio': ts['median_ms'] / td['median_ms']})
+  routed1 = []
+  for t in thresholds:
+    args = (params, model.predictor_params, dev_margins, jax.device_put(np.float32(t)), lab1, zz1)
+    k = int(routed_exe(*args)[1])
+    tr = timeit(routed_exe, *args)
+    routed1.append({'threshold': t, 'exit': k, 'routed_ms': tr['median_ms'],
+                    'direct_ms': per_exit[k]['direct_ms'],
+                    'ratio': tr['median_ms'] / per_exit[k]['direct_ms']})
+  out['switch'] = {'per_exit': per_exit, 'routed': routed1,
+                   'note': 'switch_ms: lax.switch on a scalar index given at run time; '
+                           "routed_ms: predictor + route + switch in one executable; "
+                           "direct_ms: the exit's own path; all at batch 1"}
+
+  # The counter-example: vmap of a per-sample switch at batch_size (every exit runs).
+  vm_ids = np.asarray(bucketed.predict_and_route(batch, thresholds[0])[0], np.int32)
+  vm = latency.compile_aot(router_lib.vmap_switch_fn(model), params, vm_ids, batch, z)
+  tv = latency.time_compiled(vm, params, jax.device_put(vm_ids), batch_d, z_d, warmup=warmup,
+                             iters=iters)
+  vm_cost = latency.cost_and_memory(vm)
+  out['vmap_switch'] = {
+      'ms': tv['median_ms'], 'p90_ms': tv['p90_ms'],
+      'backbone_ms': backbone['batch']['median_ms'],
+      'ratio_to_backbone': tv['median_ms'] / backbone['batch']['median_ms'],
+      'gflops': vm_cost['gflops'],
+      'backbone_gflops': backbone['cost_batch']['gflops'],
+      'exit_histogram': np.bincount(vm_ids, minlength=e).astype(int).tolist(),
+      'note': 'vmap turns the per-sample switch into a select: every exit runs for every sample',
+  }
+
+  recompiles = bucketed.num_compiles + switch.num_compiles - compiles_after_warmup
+  if recompiles:
+    raise RuntimeError(f'routers compiled {recompiles} executables after warm-up; the '
+                       'routed timings would include compilation')
+  out['router_compiles'] = {'bucketed': bucketed.num_compiles, 'switch': switch.num_compiles,
+                            'after_warmup': recompiles,
+                            'buckets': list(bucketed.bucket_sizes)}
+  return out
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+  if isinstance(x, float):
+    return f'{x:.{nd}g}' if abs(x) < 1e3 else f'{x:.0f}'
+  return str(x)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(_fmt(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def render_markdown(bench: dict[str, Any]) -> str:
+  """bench.json as markdown tables."""
+  b = bench['batch_size']
+  parts = [
+      '# Benchmark',
+      '',
+      f"Hardware: {bench['hardware']}; jax {bench['device']['jax']}, jaxlib "
+      f"{bench['device']['jaxlib']}, flax {bench['device']['flax']}. Matmul "
+      f"({bench['matmul_n']}^2, float32): {_fmt(bench['matmul_gflops_per_s'])} GFLOP/s. "
+      f"Resolution {bench['resolution'][0]}x{bench['resolution'][1]}; "
+      f"{bench['protocol']['iters']} timed calls after {bench['protocol']['warmup']} warm-up "
+      'calls; median (p90) in ms.',
+      '',
+      '## Exits',
+      '',
+      _table(['exit', 'attach after', 'GFLOPs', 'batch 1 ms', f'batch {b} ms', 'images/s'],
+             [[x['exit'], 'backbone' if x['is_backbone'] else x['attach_after'], x['gflops'],
+               f"{_fmt(x['batch1']['median_ms'])} ({_fmt(x['batch1']['p90_ms'])})",
+               f"{_fmt(x['batch']['median_ms'])} ({_fmt(x['batch']['p90_ms'])})",
+               x['images_per_s']] for x in bench['exits']]),
+      '',
+      f"Predictor: {_fmt(bench['predictor']['gflops'])} GFLOPs, batch 1 "
+      f"{_fmt(bench['predictor']['batch1']['median_ms'])} ms, batch {b} "
+      f"{_fmt(bench['predictor']['batch']['median_ms'])} ms.",
+      '',
+      f'## Routing (batch {b}, end to end)',
+      '',
+      _table(['threshold', 'images/s', 'backbone images/s', 'measured speedup',
+              'FLOPs speedup', 'saved', 'exit histogram'],
+             [[r['threshold'], r['images_per_s'], r['backbone_images_per_s'],
+               r['measured_speedup'], r['flops_speedup'], r['saved_fraction'],
+               ' / '.join(map(str, r['exit_histogram']))] for r in bench['routing']]),
+      '',
+      '## lax.switch at batch 1',
+      '',
+      _table(['exit', 'switch ms', 'direct ms', 'overhead ratio'],
+             [[s['exit'], s['switch_ms'], s['direct_ms'], s['overhead_ratio']]
+              for s in bench['switch']['per_exit']]),
+      '',
+      _table(['threshold', 'exit', 'routed ms (predictor + switch)', 'direct ms', 'ratio'],
+             [[s['threshold'], s['exit'], s['routed_ms'], s['direct_ms'], s['ratio']]
+              for s in bench['switch']['routed']]),
+      '',
+      f'## Counter-example: vmap of a per-sample switch (batch {b})',
+      '',
+      _table(['variant', 'ms', 'XLA GFLOPs'],
+             [['vmap(switch)', bench['vmap_switch']['ms'], bench['vmap_switch']['gflops']],
+              ['backbone', bench['vmap_switch']['backbone_ms'],
+               bench['vmap_switch']['backbone_gflops']]]),
+      '',
+      f"vmap(switch) / backbone time: {_fmt(bench['vmap_switch']['ratio_to_backbone'])}; "
+      'every exit runs for every sample.',
+      '',
+  ]
+  return '\n'.join(parts)
+
+
+def write_bench(bench: dict[str, Any], out_dir: str) -> tuple[str, str]:
+  """Writes `bench.json` and `bench.md` into out_dir (created if needed); returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  json_path = os.path.join(out_dir, 'bench.json')
+  md_path = os.path.join(out_dir, 'bench.md')
+  with open(json_path, 'w') as f:
+    json.dump(bench, f, indent=2, allow_nan=False)
+  with open(md_path, 'w') as f:
+    f.write(render_markdown(bench))
+  return json_path, md_path

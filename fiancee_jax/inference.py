@@ -1,0 +1,78 @@
+"""`generate`: label maps -> images, each through the cheapest exit predicted to be good enough.
+
+  out = generate(model, labels, threshold=0.1, seed=0)
+  out['images']           # float32 [B, H, W, 3] in [-1, 1]
+  out['exit_ids']         # int32 [B]
+  out['saved_fraction']   # 1 - mean GFLOPs / backbone GFLOPs
+
+Routers hold compiled executables; the ones `generate` builds itself are cached per model
+object, so repeated calls compile nothing new (a new batch size compiles at most the sampling
+of z). Pass `router=` to control bucket sizes or warm up ahead of time.
+"""
+import weakref
+from typing import Any
+
+import jax
+import numpy as np
+
+from fiancee_jax import model as model_lib
+from fiancee_jax.routing import router as router_lib
+
+# id(model) -> (weakref to model, {kind: router}); entries die with their model.
+_ROUTERS: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
+
+
+def _cached_router(model: model_lib.FianceeModel, kind: str):
+  entry = _ROUTERS.get(id(model))
+  if entry is None or entry[0]() is not model:
+    entry = (weakref.ref(model, lambda _, i=id(model): _ROUTERS.pop(i, None)), {})
+    _ROUTERS[id(model)] = entry
+  routers = entry[1]
+  if kind not in routers:
+    routers[kind] = (router_lib.SwitchRouter(model) if kind == 'switch'
+                     else router_lib.BucketedRouter(model))
+  return routers[kind]
+
+
+def generate(model: model_lib.FianceeModel, labels: Any, *, threshold: float, seed: int = 0,
+             router: router_lib.BucketedRouter | None = None) -> dict[str, Any]:
+  """Generates images with conditional early exits.
+
+  Args:
+    model: a trained FianceeModel with a predictor and calibrated margins.
+    labels: int [B, H, W] label maps with class ids in [0, model.num_classes).
+    threshold: distance budget (in model.distance units, e.g. LPIPS 0.1): each sample takes
+      the cheapest exit whose predicted distance plus its margin is <= threshold.
+    seed: seed of the noise z (one z per image, as `model.make_inputs`).
+    router: a BucketedRouter for `model`; by default one cached per model (a batch of one
+      uses a cached SwitchRouter instead: one executable, only the taken exit runs).
+
+  Returns:
+    {'images': float32 [B, H, W, 3] in [-1, 1], 'exit_ids': int32 [B],
+     'gflops': float64 [B] GFLOPs per sample (exit path + predictor, batch-1 costs),
+     'mean_gflops': float, 'saved_fraction': float = 1 - mean_gflops / backbone GFLOPs}.
+
+  Raises:
+    ValueError: for a bad threshold or bad labels (checked before any compute), a model
+      without a predictor, or a router built for another model.
+  """
+  threshold = model_lib.check_threshold(threshold)
+  labels = model.check_labels(labels)
+  if router is not None and router.model is not model:
+    raise ValueError('router was built for a different FianceeModel; build it with '
+                     'BucketedRouter(model) for this model, or pass router=None')
+  if labels.shape[0] == 0:
+    raise ValueError('labels is an empty batch [0, H, W]; pass at least one label map')
+  _, z = model.make_inputs(labels, jax.random.key(seed))
+  z = np.asarray(z, np.float32)
+  if router is None and labels.shape[0] == 1:
+    image, k = _cached_router(model, 'switch')(labels, z, threshold)
+    images = np.asarray(image, np.float32)
+    exit_ids = np.asarray(k, np.int32).reshape(1)
+  else:
+    router = router or _cached_router(model, 'bucketed')
+    images, exit_ids, _ = router(labels, z, threshold)
+  gflops = router_lib.sample_gflops(model, exit_ids)
+  mean = float(np.mean(gflops))
+  return {'images': images, 'exit_ids': exit_ids, 'gflops': gflops, 'mean_gflops': mean,
+          'saved_fraction': 1.0 - mean / float(model.backbone_gflops)}

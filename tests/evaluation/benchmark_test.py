@@ -1,0 +1,98 @@
+"""The benchmark stage on the tiny model: every key, finite values, consistent counts."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fiancee_jax.evaluation import benchmark
+from tests.routing.router_test import bucketed, switch, tiny_labels, tiny_model
+
+BATCH = 4
+
+
+def _finite_numbers(tree, path=''):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _finite_numbers(v, f'{path}/{k}')
+  elif isinstance(tree, (list, tuple)):
+    for i, v in enumerate(tree):
+      yield from _finite_numbers(v, f'{path}/{i}')
+  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    yield path, tree
+
+
+@pytest.fixture(scope='module')
+def bench():
+  model = tiny_model()
+  labels = tiny_labels(6, seed=7)
+  pred = np.asarray(model.predict_fn()(model.predictor_params, labels[:BATCH]))
+  thresholds = [0.0, float(np.median(pred)), 1.0]
+  return benchmark.run_benchmark(model, labels, batch_size=BATCH, thresholds=thresholds,
+                                 warmup=1, iters=2, seed=0, matmul_n=128,
+                                 bucketed=bucketed(), switch=switch())
+
+
+def test_bench_has_every_key_with_finite_values(bench):
+  for key in ('hardware', 'device', 'protocol', 'batch_size', 'resolution', 'matmul_gflops_per_s',
+              'predictor', 'exits', 'backbone', 'routing', 'switch', 'vmap_switch',
+              'router_compiles'):
+    assert key in bench, key
+  for path, value in _finite_numbers(bench):
+    assert math.isfinite(value), path
+  assert bench['device']['jax'] and bench['device']['flax'] and bench['hardware']
+  assert bench['matmul_gflops_per_s'] > 0
+
+
+def test_bench_counts_and_ratios(bench):
+  m = tiny_model()
+  e = m.num_exits
+  assert [x['exit'] for x in bench['exits']] == list(range(e))
+  for x in bench['exits']:
+    for b in ('batch1', 'batch'):
+      assert x[b]['iters'] == 2
+      assert 0 < x[b]['median_ms'] <= x[b]['p90_ms']
+    assert x['cost_batch']['gflops'] > x['cost_batch1']['gflops'] > 0
+  # XLA FLOPs grow with the exit's depth (exits are ordered by cost).
+  xla = [x['cost_batch1']['gflops'] for x in bench['exits']]
+  assert xla == sorted(xla)
+  assert len(bench['routing']) == 3
+  hists = [r['exit_histogram'] for r in bench['routing']]
+  for r, h in zip(bench['routing'], hists):
+    assert len(h) == e and sum(h) == BATCH
+    mean = (np.dot(h, m.exit_gflops) / BATCH) + m.predictor_gflops
+    assert r['mean_gflops'] == pytest.approx(mean)
+    assert r['flops_speedup'] == pytest.approx(m.backbone_gflops / mean)
+    assert r['measured_speedup'] == pytest.approx(r['images_per_s'] / r['backbone_images_per_s'])
+  assert hists[0] == [0, 0, BATCH]  # threshold 0: nothing certified -> backbone
+  assert hists[-1] == [BATCH, 0, 0]  # threshold 1 > any sigmoid output: cheapest exit
+  assert len(bench['switch']['per_exit']) == e and len(bench['switch']['routed']) == 3
+  assert bench['switch']['routed'][0]['exit'] == e - 1
+  assert bench['vmap_switch']['gflops'] > bench['vmap_switch']['backbone_gflops']
+  assert bench['router_compiles']['after_warmup'] == 0
+
+
+def test_write_bench(bench, tmp_path):
+  out = os.path.join(tmp_path, 'bench')
+  json_path, md_path = benchmark.write_bench(bench, out)
+  with open(json_path) as f:
+    assert json.load(f)['batch_size'] == BATCH
+  md = open(md_path).read()
+  assert md.startswith('# Benchmark')
+  for heading in ('## Exits', '## Routing', '## lax.switch', 'vmap'):
+    assert heading in md
+  assert md.count('\n| ') >= 2 * tiny_model().num_exits
+
+
+def test_run_benchmark_validates_before_compiling():
+  m = tiny_model()
+  with pytest.raises(ValueError, match='batch_size=8'):
+    benchmark.run_benchmark(m, tiny_labels(4), batch_size=8, thresholds=[0.1])
+  with pytest.raises(ValueError, match='threshold'):
+    benchmark.run_benchmark(m, tiny_labels(4), batch_size=2, thresholds=[-1.0])
+  with pytest.raises(ValueError, match='thresholds is empty'):
+    benchmark.run_benchmark(m, tiny_labels(4), batch_size=2, thresholds=[])
+  with pytest.raises(ValueError, match='bucket sizes'):
+    benchmark.run_benchmark(m, tiny_labels(4), batch_size=3, thresholds=[0.1],
+                            bucketed=bucketed())
