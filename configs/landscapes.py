@@ -28,20 +28,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.backbone = dict(
       name='oasis',
-      ch=16,  # base width; block widths are ch * width_ratios
+      ch=8,  # base width; block widths are ch * width_ratios
       width_ratios=(16, 16, 16, 8, 4, 2, 1),
-      spade_hidden=32,  # SPADE hidden width (128 at ch 64: scale with ch)
+      spade_hidden=16,  # SPADE hidden width (128 at ch 64: scale with ch)
       z_dim=64,
       spectral_norm=True,
       # U-Net discriminator: encoder widths d_ch * d_width_ratios (one x2 down each),
       # last decoder block d_ch wide (OASIS: d_ch 64, ratios (2, 2, 4, 4, 8, 8)).
-      d_ch=16,
+      d_ch=8,
       d_width_ratios=(2, 2, 4, 4, 8, 8),
   )
 
   config.train = dict(
       batch_size=16,  # global batch, sharded over the `data` mesh axis
-      num_steps=600,
+      num_steps=300,
       lr_g=1e-4 * 4,
       lr_d=4e-4 * 4,
       b1=0.0,
@@ -119,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lock()
 
   if arg == 'tiny':
-    config.data.update(resolution=(16, 16), num_train=64, num_validation=16,
+    config.data.update(resolution=(16, 16), num_train=64, num_validation=48,
                        num_test=32, prefetch=1)
     config.backbone.update(ch=2, spade_hidden=4, z_dim=8, d_ch=2,
                            width_ratios=(8, 8, 4, 2, 1),

@@ -1,0 +1,300 @@
+"""TF-free input pipeline: deterministic, resumable, sharded batches.
+
+Training batches come from `batches(source, ...)`. The global batch at step `s`
+is a pure function of `(seed, s)`: epoch `e = s // steps_per_epoch` uses the
+permutation `default_rng([seed, e]).permutation(len(source))`, and step `s`
+takes its slice `[k * G, (k + 1) * G)` with `k = s % steps_per_epoch` and `G`
+the global batch size. Resuming at `start_step` therefore reproduces exactly what
+an uninterrupted run sees, without any iterator state to checkpoint: the step
+number is the state. Each of `process_count` processes loads only its own
+contiguous part `[p * B, (p + 1) * B)` of each global batch, `B = G /
+process_count`, so the parts concatenated in process order are the global
+batch (what a `data`-sharded `jax.Array` built from per-process data expects).
+
+Loading runs `prefetch` batches ahead on one background thread; the thread stops
+when the iterator is exhausted, closed (`it.close()`), or garbage collected.
+
+Batches are dicts of NumPy arrays:
+  labels: int32 [B, H, W] class ids.
+  image: float32 [B, H, W, 3] in [-1, 1].
+  index: int32 [B] indices into the source.
+  mask: bool [B] (eval_batches only) False on padding.
+"""
+import itertools
+import queue
+import threading
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def _check_sharding(batch_size: int, process_index: int,
+                    process_count: int) -> int:
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size} '
+                     f'(config.train.batch_size)')
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index must be in [0, process_count), got '
+                     f'{process_index} of {process_count}')
+  if batch_size % process_count:
+    raise ValueError(
+        f'the global batch size {batch_size} is not divisible by the '
+        f'{process_count} processes: make config.train.batch_size a multiple '
+        f'of jax.process_count()')
+  return batch_size // process_count
+
+
+def steps_per_epoch(num_examples: int, batch_size: int,
+                    drop_remainder: bool = True) -> int:
+  """Global steps in one pass over `num_examples` at global `batch_size`."""
+  if drop_remainder:
+    return num_examples // batch_size
+  return -(-num_examples // batch_size)
+
+
+def batch_indices(step: int, *, num_examples: int, batch_size: int, seed: int,
+                  shuffle: bool = True, drop_remainder: bool = True,
+                  process_index: int = 0, process_count: int = 1
+                  ) -> np.ndarray:
+  """Returns int64 [B]: the source indices this process loads at `step`.
+
+  A pure function of its arguments (see the module docstring). With
+  `drop_remainder=False` the last global batch of an epoch is smaller, and is
+  split over the processes with `np.array_split` (parts may differ by one).
+  """
+  per_process = _check_sharding(batch_size, process_index, process_count)
+  steps = steps_per_epoch(num_examples, batch_size, drop_remainder)
+  if steps < 1:
+    raise ValueError(
+        f'the dataset has {num_examples} examples, fewer than one global batch '
+        f'of {batch_size}: lower config.train.batch_size or add examples '
+        f'(config.data.num_train)')
+  if step < 0:
+    raise ValueError(f'step must be >= 0, got {step}')
+  epoch, k = divmod(int(step), steps)
+  if shuffle:
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  else:
+    order = np.arange(num_examples)
+  batch = order[k * batch_size:(k + 1) * batch_size]
+  if len(batch) == batch_size:
+    return batch[process_index * per_process:(process_index + 1) * per_process]
+  return np.array_split(batch, process_count)[process_index]
+
+
+def load(source: Any, indices: np.ndarray) -> Batch:
+  """Reads `source[i]` for each index and converts to model inputs.
+
+  Args:
+    source: random access, `source[i] -> {'labels': uint8 [H, W], 'image':
+      uint8 [H, W, 3]}` (see tfds_sources.get_source).
+    indices: int [B].
+
+  Returns:
+    {'labels': int32 [B, H, W], 'image': float32 [B, H, W, 3] in [-1, 1],
+     'index': int32 [B]}.
+  """
+  indices = [int(i) for i in indices]
+  getitems = getattr(source, '__getitems__', None)
+  examples = getitems(indices) if getitems else [source[i] for i in indices]
+  labels = np.stack([np.asarray(ex['labels']) for ex in examples])
+  image = np.stack([np.asarray(ex['image']) for ex in examples])
+  return {
+      'labels': labels.astype(np.int32),
+      'image': image.astype(np.float32) * np.float32(1 / 127.5) - 1.0,
+      'index': np.asarray(indices, np.int32),
+  }
+
+
+class _Prefetcher:
+  """Runs an iterator on a daemon thread, `size` items ahead."""
+
+  _DONE = object()
+
+  def __init__(self, items: Iterable[Any], size: int):
+    self._queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(items,),
+                                    name='input_pipeline_prefetch',
+                                    daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def _run(self, items: Iterable[Any]) -> None:
+    try:
+      for item in items:
+        if not self._put(item):
+          return
+    except BaseException as e:  # Handed to the consumer, raised there.
+      self._put(e)
+      return
+    self._put(self._DONE)
+
+  def __iter__(self) -> Iterator[Any]:
+    try:
+      while True:
+        item = self._queue.get()
+        if item is self._DONE:
+          return
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      self.close()
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=10)
+
+
+def _prefetched(items: Iterable[Batch], prefetch: int) -> Iterator[Batch]:
+  if prefetch <= 0:
+    yield from items
+  else:
+    yield from _Prefetcher(items, prefetch)
+
+
+def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
+            shuffle: bool = True, drop_remainder: bool = True,
+            process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+            num_epochs: int | None = None) -> Iterator[Batch]:
+  """Yields training batches from global step `start_step` on.
+
+  Args:
+    source: random access source (tfds_sources.get_source).
+    batch_size: global batch size G (config.train.batch_size).
+    seed: data order seed; epoch e is shuffled with default_rng([seed, e]).
+    start_step: first global step to yield (resume from a checkpoint).
+    shuffle: reshuffle every epoch; False keeps the source order.
+    drop_remainder: drop the incomplete last global batch of each epoch.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    prefetch: batches prepared ahead on a background thread (0: none).
+    num_epochs: stop after this many epochs; None: endless.
+
+  Yields:
+    {'labels': int32 [B, H, W], 'image': float32 [B, H, W, 3] in [-1, 1],
+     'index': int32 [B]} with B = G // process_count.
+
+  Raises:
+    ValueError: bad sizes, or G not divisible by process_count.
+  """
+  num_examples = len(source)
+  _check_sharding(batch_size, process_index, process_count)
+  if not drop_remainder and process_count > 1:
+    raise ValueError('drop_remainder=False would give processes unequal '
+                     'batches; use it with process_count=1')
+  steps = steps_per_epoch(num_examples, batch_size, drop_remainder)
+  if steps < 1:
+    raise ValueError(
+        f'the dataset has {num_examples} examples, fewer than one global batch '
+        f'of {batch_size}: lower config.train.batch_size or add examples')
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}')
+  if num_epochs is None:
+    step_range = itertools.count(start_step)
+  else:
+    step_range = range(start_step, num_epochs * steps)
+
+  def make(step):
+    return load(source, batch_indices(
+        step, num_examples=num_examples, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, drop_remainder=drop_remainder,
+        process_index=process_index, process_count=process_count))
+
+  return _prefetched(map(make, step_range), prefetch)
+
+
+def eval_batches(source: Any, *, batch_size: int, drop_remainder: bool = False,
+                 prefetch: int = 2) -> Iterator[Batch]:
+  """Yields one in-order pass over `source`, padded to static shapes.
+
+  The last batch is padded to `batch_size` by repeating the last example, with
+  `mask` False on the padding, so a jitted eval step compiles once; weight
+  per-example results by `mask`. With `drop_remainder` it is dropped instead.
+
+  Args:
+    source: random access source.
+    batch_size: examples per batch.
+    drop_remainder: drop the incomplete last batch instead of padding it.
+    prefetch: batches prepared ahead on a background thread (0: none).
+
+  Yields:
+    {'labels': int32 [B, H, W], 'image': float32 [B, H, W, 3], 'index': int32
+     [B], 'mask': bool [B]}.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  n = len(source)
+  stop = n - n % batch_size if drop_remainder else n
+
+  def make(start):
+    real = np.arange(start, min(start + batch_size, stop))
+    idx = np.pad(real, (0, batch_size - len(real)), mode='edge')
+    batch = load(source, idx)
+    batch['mask'] = np.arange(batch_size) < len(real)
+    return batch
+
+  return _prefetched(map(make, range(0, stop, batch_size)), prefetch)
+
+
+def check_batch(batch: dict[str, Any], *, num_classes: int,
+                resolution: tuple[int, int]) -> None:
+  """Raises ValueError if a batch does not fit the config.
+
+  Args:
+    batch: {'labels': int32 [B, H, W], 'image': float32 [B, H, W, 3], ...};
+      NumPy or JAX arrays.
+    num_classes: config.data.num_classes.
+    resolution: config.data.resolution (H, W).
+
+  Raises:
+    ValueError: naming the problem and the config key to fix.
+  """
+  for key in ('labels', 'image'):
+    if key not in batch:
+      raise ValueError(f'batch has no {key!r} (keys: {sorted(batch)})')
+  labels, image = np.asarray(batch['labels']), np.asarray(batch['image'])
+  if labels.ndim != 3:
+    raise ValueError(f'labels must be int32 [B, H, W], got shape '
+                     f'{labels.shape}')
+  if labels.dtype != np.int32:
+    raise ValueError(f'labels must be int32 [B, H, W], got dtype '
+                     f'{labels.dtype}')
+  if image.ndim != 4 or image.shape[-1] != 3:
+    raise ValueError(f'image must be float32 [B, H, W, 3], got shape '
+                     f'{image.shape}')
+  if image.dtype != np.float32:
+    raise ValueError(f'image must be float32 [B, H, W, 3], got dtype '
+                     f'{image.dtype}')
+  if image.shape[:3] != labels.shape:
+    raise ValueError(f'image {image.shape} and labels {labels.shape} differ '
+                     f'in [B, H, W]')
+  h, w = (int(v) for v in resolution)
+  if labels.shape[1:] != (h, w):
+    raise ValueError(
+        f'labels are {labels.shape[1]}x{labels.shape[2]} but the config '
+        f'resolution is {h}x{w} (config.data.resolution)')
+  if labels.size:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+      raise ValueError(f'labels has negative class id {low}')
+    if high >= num_classes:
+      raise ValueError(
+          f'labels has class id {high} but the config has {num_classes} '
+          f'classes (config.data.num_classes)')
+  if np.isnan(image).any():
+    raise ValueError(f'image has {int(np.isnan(image).sum())} NaN values')
+  if image.size and (image.min() < -1.0 or image.max() > 1.0):
+    raise ValueError(f'image must be in [-1, 1], got [{image.min()}, '
+                     f'{image.max()}]')

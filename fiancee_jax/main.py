@@ -1,0 +1,30 @@
+"""Entry point: python -m fiancee_jax.main --config=configs/landscapes.py --workdir=DIR."""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fiancee_jax import pipeline
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               'configs', 'landscapes.py')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', _DEFAULT_CONFIG, 'Config file (ml_collections).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and reports go.',
+                               required=True)
+_STAGES = flags.DEFINE_string(
+    'stages', 'backbone,database,exits,predictor,evaluate,benchmark',
+    'Comma-separated stages to run (in pipeline order).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

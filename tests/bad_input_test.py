@@ -1,0 +1,118 @@
+"""Bad input fails early with a message naming the problem (DESIGN: errors name the fix)."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import landscapes
+from fiancee_jax import checkpoint
+from fiancee_jax import config_checks
+from fiancee_jax import metric_logging
+from fiancee_jax import model as model_lib
+from fiancee_jax import pipeline
+from fiancee_jax.training import backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_unknown_config_key_on_the_command_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'fiancee_jax.main', f'--config={REPO}/configs/landscapes.py:tiny',
+       f'--workdir={tmp_path}', '--config.train.nmu_steps=3'],
+      env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, capture_output=True, text=True,
+      timeout=300)
+  assert out.returncode != 0
+  assert 'nmu_steps' in out.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_unknown_variant_and_stage():
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    landscapes.get_config('huge')
+  with pytest.raises(ValueError, match='unknown stage'):
+    config_checks.parse_stages('backbone,trian')
+
+
+def test_unreachable_resolution_is_refused_before_compute(tmp_path):
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.data.resolution = (24, 24)
+  with pytest.raises(ValueError, match='cannot be reached by 4 generator blocks'):
+    pipeline.run(config, str(tmp_path), 'backbone')
+  assert not os.listdir(tmp_path)
+
+
+def test_other_config_errors():
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.train.ema_decay = 1.5
+  with pytest.raises(ValueError, match='config.train.ema_decay'):
+    config_checks.check_config(config)
+
+
+def _model_stub():
+  return model_lib.FianceeModel(
+      exit_model=None, params={}, predictor=None, predictor_params=None,
+      margins=np.zeros(2, np.float32), exit_gflops=(1.0, 2.0, 3.0), predictor_gflops=0.1,
+      num_classes=12, resolution=(16, 16), z_dim=8)
+
+
+@pytest.mark.parametrize('labels, match', [
+    (np.zeros((16, 16), np.int32), 'add a batch axis'),
+    (np.zeros((1, 1, 16, 16), np.int32), r'int32 \[B, H, W\]'),
+    (np.zeros((1, 16, 16), np.float32), 'integer array'),
+    (np.zeros((1, 8, 16), np.int32), 'trained at 16x16'),
+    (np.full((1, 16, 16), 212, np.int32), 'class id 212 but the config has 12 classes'),
+    (np.full((1, 16, 16), -1, np.int32), 'class id -1'),
+])
+def test_label_errors(labels, match):
+  with pytest.raises(ValueError, match=match):
+    _model_stub().check_labels(labels)
+
+
+@pytest.mark.parametrize('t', [-0.1, float('nan'), float('inf'), 'abc', None])
+def test_threshold_errors(t):
+  with pytest.raises(ValueError, match='finite non-negative'):
+    model_lib.check_threshold(t)
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, data_dir,
+                                                                monkeypatch):
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.data.data_dir = data_dir
+    config.train.update(num_steps=8, checkpoint_every=2, sample_every=100)
+  make = backbone.make_train_step
+
+  def poisoned(cfg):
+    step = make(cfg)
+
+    def f(state, batch):
+      new, m = step(state, batch)
+      bad = state.step >= 3  # steps 4.. report NaN
+      m = dict(m, **{'g/loss': jnp.where(bad, jnp.nan, m['g/loss'])})
+      return new, m
+
+    return f
+
+  monkeypatch.setattr(backbone, 'make_train_step', poisoned)
+  with pytest.raises(metric_logging.NonFiniteMetricError, match='g/loss'):
+    backbone.train(config, str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints' / 'backbone'))
+  assert ckpt.latest_step() == 2
+  target = jax.eval_shape(lambda: backbone.init_state(config, jax.random.key(0)))
+  state, _ = ckpt.restore(target)
+  assert int(state.step) == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.g_params))
+  with pytest.raises(checkpoint.CheckpointError, match='stopped at step 2'):
+    backbone.load_backbone(config, str(tmp_path))
+
+
+def test_missing_backbone_checkpoint_names_the_directory(tmp_path):
+  config = landscapes.get_config('tiny')
+  with pytest.raises(checkpoint.CheckpointError, match='no backbone checkpoint in .*backbone'):
+    backbone.load_backbone(config, str(tmp_path))
