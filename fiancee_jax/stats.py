@@ -16,7 +16,6 @@ from fiancee_jax import config_checks
 from fiancee_jax.metrics import flops
 from fiancee_jax.models import factory
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 
 
 def backbone_stats(config: ml_collections.ConfigDict) -> dict:
@@ -115,4 +114,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a script, so importing this module is side-effect free.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   app.run(main)

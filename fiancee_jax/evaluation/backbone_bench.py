@@ -20,9 +20,6 @@ from ml_collections import config_flags
 from fiancee_jax.metrics import latency
 from fiancee_jax.models import factory
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_OUT = flags.DEFINE_string('out', '', 'Where to write the JSON (printed in any case).')
-_ITERS = flags.DEFINE_integer('iters', 10, 'Timed calls.')
 
 
 def run(config: ml_collections.ConfigDict, *, batch_size: int | None = None,
@@ -58,4 +55,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a script, so importing this module is side-effect free.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  _OUT = flags.DEFINE_string('out', '', 'Where to write the JSON (printed in any case).')
+  _ITERS = flags.DEFINE_integer('iters', 10, 'Timed calls.')
   app.run(main)

@@ -134,10 +134,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'report.json.tmp'), 'w') as f:
-      json.dump(report, f, indent=2)
+      json.dump(_finite_or_none(report), f, indent=2, allow_nan=False)
     os.replace(os.path.join(out, 'report.json.tmp'), os.path.join(out, 'report.json'))
     plots.write_all(out, report, pred, true, model, labels, z)
   return report
+
+
+def _finite_or_none(x):
+  """JSON has no inf/NaN: such numbers (e.g. a margin that never lets an exit be taken,
+  or Spearman of a constant prediction) become null."""
+  if isinstance(x, dict):
+    return {k: _finite_or_none(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite_or_none(v) for v in x]
+  if isinstance(x, float) and not np.isfinite(x):
+    return None
+  return x
 
 
 def headline(report: dict) -> dict:
