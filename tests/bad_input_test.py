@@ -40,7 +40,7 @@ def test_unknown_variant_and_stage():
 def test_unreachable_resolution_is_refused_before_compute(tmp_path):
   config = landscapes.get_config('tiny')
   with config.unlocked():
-    config.data.resolution = (24, 24)
+    config.data.resolution = (20, 20)
   with pytest.raises(ValueError, match='cannot be reached by 4 generator blocks'):
     pipeline.run(config, str(tmp_path), 'backbone')
   assert not os.listdir(tmp_path)

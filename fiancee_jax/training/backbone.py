@@ -114,7 +114,11 @@ def make_train_step(config: ml_collections.ConfigDict):
     d_upd, d_opt = tx_d.update(d_grads, state.d_opt, state.d_params)
     d_params = optax.apply_updates(state.d_params, d_upd)
 
-    ema = optax.incremental_update(g_params, state.ema_params, 1.0 - ema_decay)
+    # EMA warm-up (as in TF's ExponentialMovingAverage with num_updates): short CPU runs
+    # would otherwise keep mostly the initial weights.
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    ema = optax.incremental_update(g_params, state.ema_params, 1.0 - decay)
     new_state = state._replace(
         step=state.step + 1, g_params=g_params, g_stats=g_stats, d_params=d_params,
         d_stats=d_stats, g_opt=g_opt, d_opt=d_opt, ema_params=ema)
