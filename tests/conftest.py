@@ -23,3 +23,18 @@ def tiny_config(data_dir):
   with config.unlocked():
     config.data.data_dir = data_dir
   return config
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, data_dir):
+  """(workdir, config) of the whole tiny job, run once per test session (~2-3 min).
+
+  Tests that only read a trained workdir (pipeline contract, Colabs, inference) share it.
+  """
+  from fiancee_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.data.data_dir = data_dir
+  wd = str(tmp_path_factory.mktemp('tiny_run'))
+  pipeline.run(config, wd, 'backbone,database,exits,predictor,evaluate,benchmark')
+  return wd, config

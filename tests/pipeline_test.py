@@ -8,16 +8,13 @@ import pytest
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
 
+# Tests that use the shared `tiny_run` job run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('tiny_run')
+
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory, data_dir):
-  from configs import landscapes  # pylint: disable=g-import-not-at-top
-  config = landscapes.get_config('tiny')
-  with config.unlocked():
-    config.data.data_dir = data_dir
-  wd = str(tmp_path_factory.mktemp('run'))
-  pipeline.run(config, wd, 'backbone,database,exits,predictor,evaluate,benchmark')
-  return wd, config
+def workdir(tiny_run):
+  return tiny_run
 
 
 def test_workdir_contract(workdir):
