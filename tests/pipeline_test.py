@@ -83,3 +83,47 @@ def test_workdir_with_another_config_is_refused(workdir):
     other.backbone.ch = 3
   with pytest.raises(ValueError, match='different config'):
     pipeline.run(other, wd, 'backbone')
+
+
+def test_generate_routes_by_threshold(workdir):
+  import fiancee_jax  # pylint: disable=g-import-not-at-top
+  from fiancee_jax.training import predictor as predictor_training  # pylint: disable=g-import-not-at-top
+  wd, config = workdir
+  model = fiancee_jax.load_model(config, wd)
+  labels = predictor_training.load_labels(config, 'test', 6)
+  strict = fiancee_jax.generate(model, labels, threshold=0.0, seed=1)
+  assert strict['images'].shape == (6, 16, 16, 3)
+  assert np.all(strict['exit_ids'] == model.num_exits - 1)  # only the backbone has distance 0
+  loose = fiancee_jax.generate(model, labels, threshold=1e6, seed=1)
+  finite = np.isfinite(model.margins)
+  if finite[0]:
+    assert np.all(loose['exit_ids'] == 0)
+    assert loose['saved_fraction'] > 0
+  np.testing.assert_allclose(
+      loose['gflops'], np.asarray(model.exit_gflops)[loose['exit_ids']] + model.predictor_gflops,
+      rtol=1e-6)
+  # Same seed, same routing decisions and images.
+  again = fiancee_jax.generate(model, labels, threshold=1e6, seed=1)
+  np.testing.assert_array_equal(again['exit_ids'], loose['exit_ids'])
+  np.testing.assert_allclose(again['images'], loose['images'], atol=1e-6)
+  with pytest.raises(ValueError, match='class id 99'):
+    fiancee_jax.generate(model, np.full((1, 16, 16), 99), threshold=0.1)
+  with pytest.raises(ValueError, match='finite non-negative'):
+    fiancee_jax.generate(model, labels, threshold=-1)
+
+
+def test_predictor_and_database_of_another_model_are_refused(workdir, tmp_path):
+  from fiancee_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fiancee_jax.guidance import build  # pylint: disable=g-import-not-at-top
+  wd, config = workdir
+  other = config.copy_and_resolve_references()
+  with other.unlocked():
+    other.database.key_dim = 3
+  with pytest.raises(ValueError, match='key_dim is 4 in the database but 3'):
+    build.load(other, wd)
+  other = config.copy_and_resolve_references()
+  with other.unlocked():
+    other.predictor.width = 5
+  from fiancee_jax.training import predictor as predictor_training  # pylint: disable=g-import-not-at-top
+  with pytest.raises(checkpoint.CheckpointError, match='does not match the model'):
+    predictor_training.load_predictor(other, wd)

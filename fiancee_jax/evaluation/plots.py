@@ -2,13 +2,10 @@
 import os
 
 import jax
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from fiancee_jax.data import visualize  # noqa: E402
+from fiancee_jax.data import visualize
 
 
 def write_all(out: str, report: dict, pred: np.ndarray, true: np.ndarray, model,
@@ -22,7 +19,8 @@ def write_all(out: str, report: dict, pred: np.ndarray, true: np.ndarray, model,
 
 def distance_vs_gflops(path: str, report: dict) -> None:
   backbone = report['backbone']['gflops']
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  fig = Figure(figsize=(5.5, 4))
+  ax = fig.subplots()
   r = report['routing']
   ax.plot([x['mean_gflops'] for x in r], [x['mean_distance'] for x in r], 'o-',
           label='routed (predictor)')
@@ -42,14 +40,14 @@ def distance_vs_gflops(path: str, report: dict) -> None:
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def exit_histogram(path: str, report: dict) -> None:
   r = report['routing']
   hist = np.asarray([x['exit_histogram'] for x in r], float)
   hist = hist / hist.sum(axis=1, keepdims=True)
-  fig, ax = plt.subplots(figsize=(5.5, 3.5))
+  fig = Figure(figsize=(5.5, 3.5))
+  ax = fig.subplots()
   bottom = np.zeros(len(r))
   labels = [f'{x["threshold"]:.3f}' for x in r]
   for k in range(hist.shape[1]):
@@ -62,12 +60,12 @@ def exit_histogram(path: str, report: dict) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def predicted_vs_true(path: str, pred: np.ndarray, true: np.ndarray, distance: str) -> None:
   e = true.shape[1]
-  fig, axes = plt.subplots(1, e, figsize=(3.2 * e, 3.2), squeeze=False)
+  fig = Figure(figsize=(3.2 * e, 3.2))
+  axes = fig.subplots(1, e, squeeze=False)
   for k in range(e):
     ax = axes[0, k]
     ax.scatter(true[:, k], pred[:, k], s=4, alpha=0.5)
@@ -78,7 +76,6 @@ def predicted_vs_true(path: str, pred: np.ndarray, true: np.ndarray, distance: s
     ax.set_ylabel('predicted')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def sample_grid(path: str, report: dict, model, labels: np.ndarray, z, num: int = 8) -> None:
