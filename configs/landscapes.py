@@ -77,11 +77,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Exit branches, distilled from the frozen backbone (EMA weights).
   config.exits = dict(
       attach_after=(3, 4),  # backbone blocks after which exits attach
-      width_mult=0.25,  # light blocks: widths and SPADE hidden x width_mult
+      width_mult=0.5,  # light blocks: widths and SPADE hidden x width_mult
       guided=True,  # feed the guiding database to the exits
       train_unguided=True,  # also train the same exits without guidance (ablation)
       batch_size=16,
-      num_steps=600,
+      num_steps=500,
       lr=1e-3,
       b1=0.5,
       b2=0.999,
@@ -109,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Routing: thresholds on the distance, calibration of the decision margins.
   config.router = dict(
       target_met=0.95,  # share of samples that must meet the threshold (calibration)
-      calibration='bonferroni',  # routing/calibration.py: 'bonferroni' | 'max_score' | 'per_exit' | 'none'
+      calibration='max_score',  # routing/calibration.py: 'bonferroni' | 'max_score' | 'per_exit' | 'none'
       thresholds=(),  # () = 12 thresholds spread over the measured distances
       num_eval=512,  # test inputs in the report (<= config.data.num_test)
   )

@@ -34,8 +34,19 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = workdir_lib.load_model(config, workdir)
   n = min(config.router.num_eval, config.data.num_test)
   labels, _, true = predictor.split_distances(config, workdir, 'test', n)
-  thresholds = (list(config.router.thresholds) if config.router.thresholds
-                else [float(t) for t in report.default_thresholds(true, num=4)])
+  report_path = os.path.join(workdir, 'report', 'report.json')
+  if config.router.thresholds:
+    thresholds = list(config.router.thresholds)
+  elif os.path.exists(report_path):  # the evaluate stage's sweep, with its operating point
+    with open(report_path) as f:
+      rep = json.load(f)
+    rows = rep['routing']
+    thresholds = {rows[i]['threshold'] for i in range(0, len(rows), max(1, len(rows) // 4))}
+    if rep['headline'].get('threshold') is not None:
+      thresholds.add(rep['headline']['threshold'])
+    thresholds = sorted(thresholds)
+  else:
+    thresholds = [float(t) for t in report.default_thresholds(true, num=4)]
   b = config.benchmark
   bench = benchmark.run_benchmark(model, labels, batch_size=b.batch_size,
                                   thresholds=thresholds, warmup=b.warmup, iters=b.iters,

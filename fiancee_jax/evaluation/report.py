@@ -67,10 +67,15 @@ def routing_table(pred: np.ndarray, true: np.ndarray, margins: np.ndarray,
   return rows
 
 
-def default_thresholds(true: np.ndarray, num: int = 12) -> np.ndarray:
-  """Spread from the 5th percentile of the latest exit to the 95th of the earliest."""
+def default_thresholds(true: np.ndarray, scores: np.ndarray | None = None,
+                       num: int = 12) -> np.ndarray:
+  """From the 5th percentile of the latest exit's distance up to where routing sends
+  (almost) everything to the earliest exit: the 95th percentile of its true distance and
+  of its routing score (prediction + margin), whichever is larger."""
   lo = float(np.percentile(true[:, -1], 5))
   hi = float(np.percentile(true[:, 0], 95))
+  if scores is not None and np.all(np.isfinite(scores[:, 0])):
+    hi = max(hi, float(np.percentile(scores[:, 0], 95)))
   return np.linspace(lo, max(hi, lo + 1e-6), num)
 
 
@@ -96,7 +101,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     no_guide = predictor_training.split_distances(config, workdir, 'test', n, 'unguided')[2]
   pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, jnp.asarray(labels)))
   thresholds = (np.asarray(config.router.thresholds, np.float32) if config.router.thresholds
-                else default_thresholds(true))
+                else default_thresholds(true, pred + model.margins[None]))
   exit_gflops = np.asarray(model.exit_gflops)
   routing = routing_table(pred, true, model.margins, exit_gflops, model.predictor_gflops,
                           thresholds)

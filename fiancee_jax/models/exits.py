@@ -2,7 +2,8 @@
 
 A staged backbone (a linen module) provides `conditioning(*inputs)`, `stem(cond)`,
 `block(i, h, cond, train=...)`, `head(h)`, `num_blocks` and a `light_factory` with
-`block_width(j, mult)`, `block(j, mult, name)` and `head(name)`. An exit attached after
+`block_width(j, mult)`, `block(j, mult, name)`, `head(name)` and `condition(cond)` (the
+part of the conditioning light blocks see). An exit attached after
 block i is a 1x1 projection of the block-i features (concatenated with the guiding map,
 if guided) followed by light versions of blocks i+1..K-1 and its own image head. The
 guiding map is also appended to the conditioning the light blocks see, so that it
@@ -49,6 +50,7 @@ class ExitBranch(nn.Module):
     """h: [B, h, w, C_i]; cond: [B, H, W, S]; guide: [B, H, W, G] or None -> [B, H, W, 3]."""
     width = self.factory.block_width(self.attach_after, self.width_mult)
     x = nn.Conv(width, (1, 1), name='proj')(h)
+    cond = self.factory.condition(cond)
     if self.guided:
       if guide is None:
         raise ValueError(f'exit after block {self.attach_after} is guided but got no guide')

@@ -63,10 +63,20 @@ class OasisLightFactory:
   widths: tuple[int, ...]
   spade_hidden: int
   spectral_norm: bool = True
+  num_classes: int | None = None  # when set, light blocks see only the label channels
 
   @property
   def num_blocks(self) -> int:
     return len(self.widths) - 1
+
+  def condition(self, cond: jax.Array) -> jax.Array:
+    """The conditioning light blocks see: the one-hot labels without the z channels.
+
+    z is already in the features an exit starts from; dropping its 64 broadcast channels
+    makes SPADE's shared conv (most of a block's FLOPs) ~5x cheaper, which buys wider
+    light blocks for the same cost.
+    """
+    return cond if self.num_classes is None else cond[..., :self.num_classes]
 
   def block_width(self, j: int, width_mult: float) -> int:
     """Output width of light block j."""
@@ -100,7 +110,8 @@ class OasisGenerator(nn.Module):
 
   @property
   def light_factory(self) -> OasisLightFactory:
-    return OasisLightFactory(self.widths, self.spade_hidden, self.spectral_norm)
+    return OasisLightFactory(self.widths, self.spade_hidden, self.spectral_norm,
+                             self.num_classes)
 
   def setup(self):
     widths = self.widths
