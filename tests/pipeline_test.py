@@ -127,3 +127,11 @@ def test_predictor_and_database_of_another_model_are_refused(workdir, tmp_path):
   from fiancee_jax.training import predictor as predictor_training  # pylint: disable=g-import-not-at-top
   with pytest.raises(checkpoint.CheckpointError, match='does not match the model'):
     predictor_training.load_predictor(other, wd)
+
+
+def test_results_markdown_renders_from_the_run(workdir):
+  from fiancee_jax.evaluation import results_md  # pylint: disable=g-import-not-at-top
+  wd, _ = workdir
+  md = results_md.render(wd, None)
+  assert '| exit | attach after block |' in md and 'vmap of a per-sample switch' in md
+  assert 'Wall time per stage' in md

@@ -1,0 +1,143 @@
+"""Markdown tables of a finished run, for the README's results section.
+
+  python -m fiancee_jax.evaluation.results_md --workdir=runs/default \
+      --backbone_bench=runs/backbone_bench.json > results.md
+
+Reads workdir/report/report.json, workdir/report/bench.json, workdir/timings.jsonl and
+the output of `fiancee_jax.evaluation.backbone_bench`; prints markdown. Nothing is typed
+by hand: every figure in the README's results section comes from here.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+
+
+def _fmt(x, digits=3):
+  if x is None:
+    return 'n/a'
+  if isinstance(x, float):
+    return f'{x:.{digits}f}'
+  return str(x)
+
+
+def stage_times(workdir: str) -> dict[str, float]:
+  """Wall seconds per stage: the last complete run of each stage in timings.jsonl."""
+  out = {}
+  path = os.path.join(workdir, 'timings.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        out[row['stage']] = row['seconds']
+  return out
+
+
+def render(workdir: str, backbone_bench: dict | None) -> str:
+  with open(os.path.join(workdir, 'report', 'report.json')) as f:
+    r = json.load(f)
+  bench = None
+  if os.path.exists(os.path.join(workdir, 'report', 'bench.json')):
+    with open(os.path.join(workdir, 'report', 'bench.json')) as f:
+      bench = json.load(f)
+  lines = []
+  b = r['backbone']
+  lines.append(f"Distance: **{r['distance']}** (to the backbone's output), {r['num_eval']} "
+               f"test inputs at {r['resolution'][0]}x{r['resolution'][1]}.")
+  lines.append('')
+  lines.append('| exit | attach after block | GFLOPs | share of backbone | params | mean distance '
+               '(guided) | mean distance (no guidance) |')
+  lines.append('|---|---|---|---|---|---|---|')
+  for e in r['exits']:
+    lines.append(f"| {e['exit']} | {e['attach_after']} | {_fmt(e['gflops'], 4)} | "
+                 f"{e['gflops'] / b['gflops']:.1%} | {e['params']} | {_fmt(e['mean_distance'])} "
+                 f"| {_fmt(e['mean_distance_no_guidance'])} |")
+  lines.append(f"| backbone | - | {_fmt(b['gflops'], 4)} | 100% | {b['params']} | 0 | 0 |")
+  lines.append('')
+  p, d = r['predictor'], r['database']
+  lines.append(f"Predictor: {_fmt(p['gflops'], 4)} GFLOPs ({p['gflops'] / b['gflops']:.2%} of the "
+               f"backbone), MAE {_fmt(p['mae'])}, Spearman per exit "
+               + ', '.join(_fmt(x['spearman'], 2) for x in p['per_exit']) + '. '
+               f"Database: {d['entries']} entries, {d['bytes'] / 1e6:.2f} MB, lookup "
+               f"{_fmt(d['lookup_gflops'], 4)} GFLOPs ({d['lookup_gflops'] / b['gflops']:.2%}).")
+  lines.append('')
+  c = r['calibration']
+  lines.append(f"Routing on the test split (calibration: {c['method']}, target share "
+               f"{c['target_met']}, margins " + ', '.join(_fmt(m) for m in c['margins']) + '):')
+  lines.append('')
+  lines.append('| threshold | met | saved | oracle saved | best static saved | exit histogram |')
+  lines.append('|---|---|---|---|---|---|')
+  for row in r['routing']:
+    lines.append(f"| {_fmt(row['threshold'])} | {_fmt(row['met_fraction'])} | "
+                 f"{_fmt(row['saved_fraction'])} | {_fmt(row['oracle_saved_fraction'])} | "
+                 f"{_fmt(row['best_static_saved_fraction'])} | "
+                 f"{' / '.join(str(x) for x in row['exit_histogram'])} |")
+  h = r['headline']
+  lines.append('')
+  if h.get('threshold') is not None:
+    lines.append(f"Operating point (most savings with met >= {h['target_met']}): threshold "
+                 f"{_fmt(h['threshold'])}, met {_fmt(h['met_fraction'])}, saved "
+                 f"{_fmt(h['saved_fraction'])} (oracle {_fmt(h['oracle_saved_fraction'])}, best "
+                 f"static exit {_fmt(h['best_static_saved_fraction'])}).")
+  if bench is not None:
+    lines.append('')
+    lines.append('Benchmark (`report/bench.md` has the full tables):')
+    lines.append('')
+    lines.append(_bench_summary(bench))
+  times = stage_times(workdir)
+  if times:
+    lines.append('')
+    lines.append('Wall time per stage (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in times.items())
+                 + '.')
+  if backbone_bench:
+    lines.append('')
+    bb = backbone_bench
+    lines.append(f"Backbone forward at batch {bb['batch_size']}: {bb['backbone_gflop_per_s']:.1f} "
+                 f"GFLOP/s = {bb['ratio']:.0%} of the {bb['matmul_gflop_per_s']:.1f} GFLOP/s a "
+                 f"2048^2 `jnp.dot` reached in the same run ({bb['hardware']}).")
+  return '\n'.join(lines)
+
+
+def _bench_summary(bench: dict) -> str:
+  """Headline tables of bench.json (keys as written by evaluation/benchmark.py)."""
+  out = [f"Hardware: {bench['hardware']}; matmul {bench['matmul_gflops_per_s']:.0f} GFLOP/s "
+         f"in the same run; batch {bench['batch_size']}.", '',
+         '| exit | GFLOPs | batch 1 median (p90) ms | batch median (p90) ms | images/s |',
+         '|---|---|---|---|---|']
+  for e in bench['exits']:
+    name = 'backbone' if e.get('is_backbone') else str(e['exit'])
+    out.append(f"| {name} | {e['gflops']:.4f} | {e['batch1']['median_ms']:.2f} "
+               f"({e['batch1']['p90_ms']:.2f}) | {e['batch']['median_ms']:.2f} "
+               f"({e['batch']['p90_ms']:.2f}) | {e['images_per_s']:.0f} |")
+  out += ['', '| threshold | routed images/s | backbone images/s | measured speedup | '
+          'FLOPs-predicted speedup | measured / predicted | exit histogram |',
+          '|---|---|---|---|---|---|---|']
+  for r in bench['routing']:
+    out.append(f"| {r['threshold']:.3f} | {r['images_per_s']:.0f} | {r['backbone_images_per_s']:.0f} "
+               f"| {r['measured_speedup']:.2f} | {r['flops_speedup']:.2f} | "
+               f"{r['measured_speedup'] / r['flops_speedup']:.2f} | "
+               f"{' / '.join(str(x) for x in r['exit_histogram'])} |")
+  sw = bench['switch']['per_exit']
+  v = bench['vmap_switch']
+  out += ['', 'Batch-1 `lax.switch` over calling the exit directly: '
+          + ', '.join(f"exit {x['exit']} x{x['overhead_ratio']:.2f}" for x in sw)
+          + f". vmap of a per-sample switch: {v['ratio_to_backbone']:.2f}x the backbone's time "
+          f"({v['gflops']:.3f} vs {v['backbone_gflops']:.3f} GFLOPs: every exit runs for every "
+          'sample).']
+  return '\n'.join(out)
+
+
+def main(argv):
+  del argv
+  bb = None
+  if _BB.value:
+    with open(_BB.value) as f:
+      bb = json.load(f)
+  print(render(_WORKDIR.value, bb))
+
+
+if __name__ == '__main__':
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished workdir.', required=True)
+  _BB = flags.DEFINE_string('backbone_bench', '', 'JSON written by backbone_bench --out.')
+  app.run(main)
