@@ -5,6 +5,8 @@ update against the current discriminator, then a discriminator update on the sam
 images (N+1 cross-entropy + LabelMix), then the generator EMA. Resumable: the state
 (including the RNG and the step, which is also the data position) is checkpointed.
 """
+import functools
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -242,11 +244,18 @@ def _sample_batch(config, source) -> dict[str, np.ndarray]:
           'image': np.stack([e['image'] for e in ex]), 'z': np.asarray(z)}
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_generate(config_json: str):
+  """One compiled sampler per config (so periodic sample grids do not recompile)."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  return jax.jit(lambda p, s, l, z: generate(config, p, s, l, z))
+
+
 def _write_samples(config, workdir, params, stats, samples, step, writer) -> None:
   """samples/backbone_{step}.png: label map | generated | real."""
   if jax.process_index() != 0:
     return
-  fake = jax.jit(lambda p, s, l, z: generate(config, p, s, l, z))(
+  fake = _jitted_generate(config.to_json_best_effort())(
       params, stats, samples['labels'], samples['z'])
   fake = np.asarray((np.asarray(fake) + 1) * 127.5).clip(0, 255).astype(np.uint8)
   cols = [visualize.label_map_to_rgb(samples['labels']), fake, samples['image']]

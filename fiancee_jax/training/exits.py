@@ -6,6 +6,8 @@ variant and (for the ablation) the unguided one, is trained to reproduce the tea
 for the same label map and z: L1 + the configured perceptual distance + an optional
 OASIS adversarial term against the frozen discriminator.
 """
+import functools
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -196,14 +198,20 @@ def load_exits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, lis
               for p, s in zip(state.params[v], state.stats[v])] for v in state.params}
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_all_exits(config_json: str, guided: bool):
+  """One compiled pass over all exits per config (sample grids do not recompile)."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  return jax.jit(factory.make_exit_model(config, guided=guided).all_exits)
+
+
 def write_samples(config, workdir, bb, db, state: ExitsState, samples, step: int) -> None:
   """samples/exits_{step}.png: label | backbone | exit 0 | exit 1 | ... (guided variant)."""
   if jax.process_index() != 0:
     return
   v = variants(config)[0]
-  model = factory.make_exit_model(config, guided=(v == 'guided'))
   ev = [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
-  images, teacher = jax.jit(model.all_exits)(
+  images, teacher = _jitted_all_exits(config.to_json_best_effort(), v == 'guided')(
       {'backbone': bb, 'exits': ev, 'database': db}, samples['labels'], samples['z'])
   to_u8 = lambda x: np.asarray((np.asarray(x) + 1) * 127.5).clip(0, 255).astype(np.uint8)
   cols = [visualize.label_map_to_rgb(samples['labels']), to_u8(teacher)]
