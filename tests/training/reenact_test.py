@@ -1,0 +1,119 @@
+"""Tests of the reenactment trainer on the tiny avatars config (one compile shared by all)."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import avatars as avatars_config
+from fiancee_jax import checkpoint
+from fiancee_jax import metric_logging
+from fiancee_jax.training import reenact as reenact_training
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  config = avatars_config.get_config('tiny')
+  with config.unlocked():
+    config.data.data_dir = str(tmp_path_factory.mktemp('avatars_tfds'))
+    # One batch is the whole training set, so losses of successive steps are comparable.
+    config.data.update(num_train=8, num_validation=4, num_test=4)
+    config.train.update(num_steps=6, checkpoint_every=2, log_every=1, sample_every=100,
+                        num_eval=4, num_sample_images=4)
+    # The trainer's mechanics do not depend on the distance; MS-SSIM's gradient would
+    # double the compile time of the step.
+    config.distance.name = 'l1'
+  return config
+
+
+class _Interrupted(Exception):
+  pass
+
+
+@pytest.fixture(scope='module')
+def runs(config, tmp_path_factory):
+  """(uninterrupted workdir, interrupted-and-resumed workdir, error before resuming)."""
+  full = str(tmp_path_factory.mktemp('full'))
+  reenact_training.train(config, full)
+
+  killed = str(tmp_path_factory.mktemp('killed'))
+  real_batches = reenact_training.avatars_tfds.batches
+
+  def dying_batches(*args, **kwargs):
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == 3:  # after the checkpoint of step 2, during step 4
+        raise _Interrupted()
+      yield batch
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(reenact_training.avatars_tfds, 'batches', dying_batches)
+    with pytest.raises(_Interrupted):
+      reenact_training.train(config, killed)
+  with pytest.raises(checkpoint.CheckpointError, match='stopped at step 2 of 6') as unfinished:
+    reenact_training.load_backbone(config, killed)
+  state = reenact_training.train(config, killed)
+  assert int(state.step) == 6
+  return full, killed, unfinished
+
+
+def test_a_few_steps_lower_the_loss(runs):
+  records = [r for r in metric_logging.read_metrics(runs[0], 'backbone') if 'g/l1' in r]
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert records[-1]['g/l1'] < records[0]['g/l1']
+  assert records[-1]['g/loss'] < records[0]['g/loss']
+  final = [r for r in metric_logging.read_metrics(runs[0], 'backbone') if 'val/l1' in r][-1]
+  assert final['step'] == 6
+  assert {'val/l1', 'val/copy_source/l1', 'val/copy_driver/l1'} <= set(final)
+  assert os.path.exists(os.path.join(runs[0], 'samples', 'backbone_000006.png'))
+
+
+def test_resume_after_interruption_gives_the_same_parameters(config, runs):
+  full, killed, _ = runs
+  a = jax.device_get(reenact_training.load_backbone(config, full))
+  b = jax.device_get(reenact_training.load_backbone(config, killed))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  assert jax.tree.leaves(a[0]['batch_stats'])  # spectral-norm sigmas of the EMA weights
+
+
+def test_load_backbone_without_a_run_says_what_to_do(config, tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match='run --stages=backbone'):
+    reenact_training.load_backbone(config, str(tmp_path))
+
+
+def test_identity_loss_rewards_codes_of_the_motion_only():
+  motion = jax.random.normal(jax.random.key(0), (8, 6))
+  identity = jax.random.normal(jax.random.key(1), (8, 6))
+  fn = jax.jit(reenact_training.identity_loss, static_argnums=2)
+  loss = lambda a, b: float(fn(a, b, 0.1))
+  # Codes that see only the motion match their swap: the loss is near 0.
+  assert loss(motion, motion) < 0.05
+  # Codes dominated by identity (the swap has another one) do not: ~log(8).
+  assert loss(motion + 5 * identity, motion + 5 * identity[::-1]) > 1.0
+  # Codes that ignore everything (a constant) cannot tell the examples apart: log(8).
+  const = jnp.ones((8, 6))
+  np.testing.assert_allclose(loss(const, const), np.log(8), rtol=1e-5)
+  g = jax.grad(lambda x: reenact_training.identity_loss(x, motion, 0.1))(motion + identity)
+  assert np.isfinite(np.asarray(g)).all() and np.abs(g).sum() > 0
+
+
+def test_wrong_dataset_is_refused(config):
+  bad = avatars_config.get_config('tiny')
+  with bad.unlocked():
+    bad.data.name = 'landscapes'
+  with pytest.raises(ValueError, match="trains on 'avatars'"):
+    reenact_training.data_source(bad, 'train')
+  with pytest.raises(ValueError, match='unknown split'):
+    reenact_training.data_source(config, 'val')
+
+
+def test_train_step_rejects_bad_batches(config):
+  step = reenact_training.make_train_step(config)
+  state = jax.eval_shape(lambda: reenact_training.init_state(config, jax.random.key(0)))
+  good = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+  for bad, match in ((jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8), '127.5'),
+                     (jax.ShapeDtypeStruct((8, 32, 32), jnp.float32), r'\[B, H, W, 3\]')):
+    batch = {'source': bad, 'driver': good, 'target': good, 'swap': good}
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(step, state, batch)
