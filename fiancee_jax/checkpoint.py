@@ -590,3 +590,25 @@ def load_pytree(path: str, target: PyTree | None = None) -> tuple[PyTree, dict[s
         if _path_str(p) in impls else x,
         restored[_STATE])
   return tree, dict(restored[_METADATA] or {})
+
+
+def restore_finished(directory: str, target: PyTree, *, stage: str,
+                     total_steps: int) -> tuple[PyTree, dict]:
+  """Restores the final checkpoint of a finished stage (what later stages build on).
+
+  Raises:
+    CheckpointError: naming `directory` when there is no checkpoint, or when the stage
+      stopped before its last step (with the step it reached and the command to finish).
+  """
+  ckpt = Checkpointer(directory)
+  try:
+    if ckpt.latest_step() is None:
+      raise CheckpointError(f'no {stage} checkpoint in {directory}; run --stages={stage} first')
+    state, meta = ckpt.restore(target)
+    if not meta.get('finished'):
+      raise CheckpointError(
+          f'the {stage} stage in {directory} stopped at step {ckpt.restored_step} of '
+          f'{total_steps}; finish it with --stages={stage}')
+  finally:
+    ckpt.close()
+  return state, meta

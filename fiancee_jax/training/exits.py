@@ -181,19 +181,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
 
 def load_exits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict]]:
   """Trained exit variables per variant: {'guided': [vars_k], 'unguided': [...]}."""
-  directory = os.path.join(workdir, 'checkpoints', STAGE)
-  ckpt = checkpoint.Checkpointer(directory)
-  if ckpt.latest_step() is None:
-    raise checkpoint.CheckpointError(f'no exits checkpoint in {directory}; run --stages=exits')
   bb, _ = backbone_training.load_backbone(config, workdir)
   db = database_build.load(config, workdir) if config.exits.guided else None
   target = jax.eval_shape(lambda: init_state(config, jax.random.key(0), bb, db))
-  state, meta = ckpt.restore(target)
-  ckpt.close()
-  if not meta.get('finished'):
-    raise checkpoint.CheckpointError(
-        f'exit training in {directory} stopped at step {int(state.step)} of '
-        f'{config.exits.num_steps}; finish it with --stages=exits')
+  state, _ = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
+                                         stage=STAGE, total_steps=config.exits.num_steps)
   return {v: [{'params': p, 'batch_stats': s}
               for p, s in zip(state.params[v], state.stats[v])] for v in state.params}
 

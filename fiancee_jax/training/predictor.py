@@ -174,20 +174,12 @@ def calibrate(config, workdir, params) -> np.ndarray:
 
 def load_predictor(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, np.ndarray]:
   """(predictor variables, calibration margins [E - 1]) of `workdir`."""
-  directory = os.path.join(workdir, 'checkpoints', STAGE)
-  ckpt = checkpoint.Checkpointer(directory)
-  if ckpt.latest_step() is None:
-    raise checkpoint.CheckpointError(f'no predictor checkpoint in {directory}; '
-                                     'run --stages=predictor')
   model = factory.make_predictor(config)
   h, w = config.data.resolution
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w), jnp.int32))
   tx = optimizers.adam(config.predictor.lr, 0.9, 0.999)
   target = jax.eval_shape(lambda p: PredictorState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                           params)
-  state, meta = ckpt.restore(target)
-  ckpt.close()
-  if not meta.get('finished'):
-    raise checkpoint.CheckpointError(f'predictor training in {directory} is not finished; '
-                                     'run --stages=predictor')
+  state, meta = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
+                                            stage=STAGE, total_steps=config.predictor.num_steps)
   return state.params, np.asarray(meta['margins'], np.float32)

@@ -359,17 +359,8 @@ def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict
   Raises:
     checkpoint.CheckpointError: no finished backbone checkpoint (names the directory).
   """
-  directory = os.path.join(workdir, 'checkpoints', STAGE)
-  ckpt = checkpoint.Checkpointer(directory)
-  if ckpt.latest_step() is None:
-    raise checkpoint.CheckpointError(
-        f'no backbone checkpoint in {directory}; run --stages=backbone first')
   target = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
-  state, meta = ckpt.restore(target)
-  ckpt.close()
-  if not meta.get('finished'):
-    raise checkpoint.CheckpointError(
-        f'the backbone in {directory} stopped at step {int(state.step)} of '
-        f'{config.train.num_steps}; finish it with --stages=backbone')
+  state, _ = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
+                                         stage=STAGE, total_steps=config.train.num_steps)
   return ({'params': state.ema_params, 'batch_stats': state.ema_stats},
           {'params': state.d_params, 'batch_stats': state.d_stats})
