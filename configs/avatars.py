@@ -1,10 +1,12 @@
 """Embedded procedural avatars at 64x64: one-shot reenactment (MegaPortraits-style) on the CPU.
 
   python -c "from configs import avatars; from fiancee_jax.training import reenact; \
-      reenact.train(avatars.get_config(), 'runs/avatars')"          # backbone, ~15 min
+      reenact.train(avatars.get_config(), 'runs/avatars')"     # backbone: ~15 min, 2 cores
 
 (`python -m fiancee_jax.main --config=configs/avatars.py` once the pipeline dispatches on
-config.backbone.name.) Building the dataset takes ~30 s on 2 cores the first time.
+config.backbone.name.) 1500 steps at 1.5-2.5 steps/s on 2 shared CPU cores; the first run
+also builds the dataset (~1 min). Measured: 3000 steps (33 min) reach 1 - MS-SSIM 0.25 to
+the cross-reenactment ground truth vs 0.32 for copying the source (test split, 256 pairs).
 
 Variants: `configs/avatars.py:tiny` (32x32, a few steps; what the tests use).
 """
