@@ -12,29 +12,33 @@ import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Until the repository is public, the install cell points at a placeholder: replace OWNER.
-REPO_URL = 'https://github.com/OWNER/fiancee-jax'
-REPO_RAW = 'https://raw.githubusercontent.com/OWNER/fiancee-jax/main'
-
-SETUP = f'''\
-# Setup. On Colab: install fiancee-jax and its pinned requirements (pyproject.toml declares no
-# dependencies, requirements.txt pins them). Locally: nothing, run from a checkout installed with
-#   pip install -r requirements.txt -e .
+SETUP = '''\
+# Setup. On Colab: clone fiancee-jax and install it with its pinned requirements (pyproject.toml
+# declares no dependencies, requirements.txt pins them). The project has no public URL yet:
+# set REPO_URL to the git URL you cloned it from (your fork or mirror). Locally: nothing, run
+# from a checkout installed with `pip install -r requirements.txt -e .`.
 import os
 import sys
 
-REPO_URL = '{REPO_URL}'  # placeholder until the repository is public
-REPO_RAW = '{REPO_RAW}'
+REPO_URL = ''  # @param {type:"string"}
 IN_COLAB = 'google.colab' in sys.modules
 if IN_COLAB:
-  !pip install -q -r {{REPO_RAW}}/requirements.txt git+{{REPO_URL}}'''
+  if not REPO_URL:
+    raise ValueError('set REPO_URL (the form field above) to the git URL of fiancee-jax')
+  if not os.path.exists('fiancee-jax'):
+    !git clone -q --depth 1 {REPO_URL} fiancee-jax
+  %cd fiancee-jax
+  !pip install -q -r requirements.txt -e .
+  sys.path.insert(0, os.getcwd())'''
 
 CONFIG = '''\
-# Quick mode: the `tiny` config (16x16 label maps) trains every stage in a few minutes on a CPU
-# runtime. QUICK = False selects the 64x64 default config (a much longer run; see
-# configs/landscapes.py).
-# FIANCEE_WORKDIR names a finished job to load instead of training (CI sets it, and
-# FIANCEE_DATA_DIR to the TFDS data_dir that job used).
+# BACKBONE: 'landscapes' (OASIS, label map -> image) or 'avatars' (MegaPortraits-style face
+# reenactment: source face + driver face -> the source with the driver's motion).
+# Quick mode: the `tiny` config trains every stage in a few minutes on a CPU runtime.
+# QUICK = False selects the 64x64 default config (a much longer run; see configs/).
+# FIANCEE_WORKDIR names a finished job to load instead of training (CI sets it, with
+# FIANCEE_CONFIG and FIANCEE_DATA_DIR, the TFDS data_dir that job used).
+BACKBONE = 'landscapes'  # @param ["landscapes", "avatars"]
 QUICK = True  # @param {type:"boolean"}
 
 import json
@@ -46,15 +50,19 @@ import numpy as np
 from IPython.display import Markdown, display
 
 import fiancee_jax
+from configs import avatars
 from configs import landscapes
 from fiancee_jax import pipeline
+from fiancee_jax import tasks
 
-config = landscapes.get_config('tiny' if QUICK else None)
+BACKBONE = os.environ.get('FIANCEE_CONFIG', BACKBONE)
+config = {'landscapes': landscapes, 'avatars': avatars}[BACKBONE].get_config(
+    'tiny' if QUICK else None)
 if os.environ.get('FIANCEE_DATA_DIR'):
   with config.unlocked():
     config.data.data_dir = os.environ['FIANCEE_DATA_DIR']
 WORKDIR = os.environ.get('FIANCEE_WORKDIR') or os.path.abspath(
-    'runs/colab_tiny' if QUICK else 'runs/colab_default')
+    f"runs/colab_{BACKBONE}_{'tiny' if QUICK else 'default'}")
 print('jax', jax.__version__, jax.devices())
 print('workdir', WORKDIR)
 
@@ -82,8 +90,9 @@ with open(os.path.join(WORKDIR, 'report', 'report.json')) as f:
   report = json.load(f)
 with open(os.path.join(WORKDIR, 'report', 'bench.json')) as f:
   bench = json.load(f)
-print(f'{model.num_exits} exits (the last is the backbone), distance: {model.distance}, '
-      f'resolution {model.resolution[0]}x{model.resolution[1]}')'''
+print(f'{model.task.name}: {model.num_exits} exits (the last is the backbone), distance: '
+      f'{model.distance}, resolution {model.resolution[0]}x{model.resolution[1]}, data '
+      f'{model.task.data_keys}')'''
 
 
 def _demo_cells():
@@ -94,15 +103,17 @@ def _demo_cells():
 
 [FIANCEE](https://arxiv.org/abs/2304.10306) (Karpikova et al., CVPR 2023) makes a trained
 generator cheaper on easy inputs. Lightweight **exit branches** finish the image from an
-intermediate stage of the backbone (OASIS: label map -> image), a **guiding database** of
-backbone output patches lifts their quality, and a small **predictor** estimates, from the label
-map alone, how far each exit's image will be from the full backbone's. At inference you set a
-distance threshold; every input takes the cheapest exit predicted to meet it.
+intermediate stage of the backbone, a **guiding database** of backbone output patches lifts
+their quality, and a small **predictor** estimates, from the input alone, how far each exit's
+image will be from the full backbone's. At inference you set a distance threshold; every input
+takes the cheapest exit predicted to meet it. Two backbones: OASIS (label map -> image, on
+procedural landscapes) and a MegaPortraits-style face reenactment model (source + driver ->
+image, on procedural avatars; exits on its 2D decoder G2D). Pick one with `BACKBONE`.
 
-This notebook trains the whole job on the embedded procedural landscapes dataset (nothing to
-download), then shows:
+This notebook trains the whole job on an embedded procedural dataset (nothing to download),
+then shows:
 
-1. one label map through every exit, with each exit's GFLOPs;
+1. one input through every exit, with each exit's GFLOPs;
 2. a threshold slider that routes a batch and shows the exits taken and the compute saved;
 3. the distance-vs-GFLOPs curve of the evaluation report;
 4. the compiled latency of every exit and of routed batches from the benchmark.
@@ -114,7 +125,7 @@ into how compiled exits turn into latency.'''),
       md('''\
 ## Train or load
 
-`pipeline.run` is what `python -m fiancee_jax.main` calls: backbone (OASIS, adversarial),
+`pipeline.run` is what `python -m fiancee_jax.main` calls: backbone (adversarial),
 guiding database, exit branches (distilled from the frozen backbone), predictor (regresses each
 exit's measured distance), evaluate (`report/report.json`) and benchmark (`report/bench.json`).
 The tiny config is too small to make good images; it shows the mechanics, not the quality.
@@ -138,36 +149,38 @@ p, db = report['predictor'], report['database']
 print(f"predictor: {p['gflops']:.3g} GFLOPs, MAE {p['mae']:.3f}; database: {db['entries']} "
       f"entries, lookup {db['lookup_gflops']:.3g} GFLOPs (counted in every guided exit)")'''),
       md('''\
-## One label map, every exit
+## One input, every exit
 
-Each exit is its own jitted function `path_k(params, labels, z)`: the exit index is static, so
+Each exit is its own jitted function `path_k(params, *inputs)` (inputs `(labels, z)` for OASIS,
+`(source, driver)` for reenactment): the exit index is static, so
 each one compiles to its own, smaller executable. Under each image: the predictor's distance
 estimate plus its calibration margin (what the router compares with the threshold).'''),
       code('''\
 from fiancee_jax.data import visualize
-from fiancee_jax.training import predictor as predictor_training
-
-labels = predictor_training.load_labels(config, 'test', 4)  # int32 [4, H, W]
-inputs = model.make_inputs(labels, jax.random.key(0))  # (labels, z), one z per image
+data = tasks.load_data(config, 'test', 4)  # (labels,) or (source, driver)
+inputs = model.make_inputs(data, jax.random.key(0))  # adds one z per image for OASIS
 images = [np.asarray(jax.jit(path)(model.params, *inputs)) for path in model.paths()]
-predicted = (np.asarray(jax.jit(model.predict_fn())(model.predictor_params, labels))
+predicted = (np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
              + model.margins)  # [4, E - 1]
+pictures = model.task.columns(data)  # uint8 [4, H, W, 3] per data array
 
-n, num_exits = len(labels), model.num_exits
-fig, axes = plt.subplots(n, num_exits + 1, figsize=(2.2 * (num_exits + 1), 2.3 * n),
+n, num_exits, c = len(data[0]), model.num_exits, len(pictures)
+fig, axes = plt.subplots(n, num_exits + c, figsize=(2.2 * (num_exits + c), 2.3 * n),
                          squeeze=False)
 for i in range(n):
-  axes[i, 0].imshow(visualize.label_map_to_rgb(labels[i], model.num_classes))
+  for j in range(c):
+    axes[i, j].imshow(pictures[j][i])
   for k in range(num_exits):
-    ax = axes[i, k + 1]
+    ax = axes[i, k + c]
     ax.imshow(visualize.images_to_uint8(images[k][i]))
     if k < num_exits - 1:
       ax.set_xlabel(f'predicted {predicted[i, k]:.3f}', fontsize=8)
 for k in range(num_exits):
   name = 'backbone' if k == num_exits - 1 else f'exit {k}'
-  axes[0, k + 1].set_title(f'{name}\\n{model.exit_gflops[k]:.3g} GFLOPs '
+  axes[0, k + c].set_title(f'{name}\\n{model.exit_gflops[k]:.3g} GFLOPs '
                            f'({model.exit_gflops[k] / model.backbone_gflops:.0%})', fontsize=9)
-axes[0, 0].set_title('label map', fontsize=9)
+for j, key in enumerate(model.task.data_keys):
+  axes[0, j].set_title(key, fontsize=9)
 for ax in axes.ravel():
   ax.set_xticks([])
   ax.set_yticks([])
@@ -176,7 +189,7 @@ show(fig)'''),
       md('''\
 ## Route a batch with a threshold
 
-`fiancee_jax.generate(model, labels, threshold=t)` runs the predictor, sends each sample to the
+`fiancee_jax.generate(model, data, threshold=t)` runs the predictor, sends each sample to the
 cheapest exit with `predicted + margin <= t` (else the backbone), and runs each group through
 that exit's compiled path (bucketed batches: no `vmap` of a `switch`, no recompiles).
 `show_routing` is the slider's callback; it is called once directly below, so the cell works
@@ -184,7 +197,7 @@ without a widget front end too.'''),
       code('''\
 import ipywidgets as widgets
 
-batch_labels = predictor_training.load_labels(config, 'test', 8)
+batch_data = tasks.load_data(config, 'test', 8)
 report_thresholds = [row['threshold'] for row in report['routing']]
 t_max = max(report_thresholds)
 # Start at the lowest threshold of the report at which some test inputs took an early exit.
@@ -193,15 +206,16 @@ default_threshold = next((row['threshold'] for row in report['routing']
 
 
 def show_routing(threshold):
-  """Routes `batch_labels` at `threshold`; shows exits taken, images and compute saved."""
-  out = fiancee_jax.generate(model, batch_labels, threshold=threshold, seed=0)
-  n = len(batch_labels)
-  fig, axes = plt.subplots(2, n, figsize=(1.7 * n, 4.1), squeeze=False)
+  """Routes `batch_data` at `threshold`; shows exits taken, images and compute saved."""
+  out = fiancee_jax.generate(model, batch_data, threshold=threshold, seed=0)
+  rows = model.task.columns(batch_data) + [visualize.images_to_uint8(out['images'])]
+  n, r = len(batch_data[0]), len(rows)
+  fig, axes = plt.subplots(r, n, figsize=(1.7 * n, 2.05 * r), squeeze=False)
   for i in range(n):
     k = int(out['exit_ids'][i])
-    axes[0, i].imshow(visualize.label_map_to_rgb(batch_labels[i], model.num_classes))
-    axes[1, i].imshow(visualize.images_to_uint8(out['images'][i]))
-    axes[1, i].set_xlabel('backbone' if k == model.num_exits - 1 else f'exit {k}', fontsize=9)
+    for j in range(r):
+      axes[j, i].imshow(rows[j][i])
+    axes[-1, i].set_xlabel('backbone' if k == model.num_exits - 1 else f'exit {k}', fontsize=9)
   for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
@@ -268,6 +282,29 @@ for r in routing:
               f"{r['best_static_saved_fraction']:.0%} | "
               f"{' / '.join(map(str, r['exit_histogram']))} |")
 display(Markdown('\\n'.join(rows)))'''),
+      md('''\
+## Against the ground truth (reenactment)
+
+Procedural avatars give cross-reenactment a ground truth: the source's identity rendered with
+the driver's motion. The evaluate stage measures every exit, the backbone and the routed output
+against it, next to two baselines that need no model: copying the source and copying the
+driver. (Label-map synthesis has no single right image, so there the report measures distances
+to the backbone only.)'''),
+      code('''\
+if 'ground_truth' in report:
+  gt = report['ground_truth']
+  rows = [f"| output | {gt['distance']} to truth | L1 to truth |", '|---|---|---|']
+  for e in gt['exits']:
+    name = 'backbone' if e['exit'] == len(gt['exits']) - 1 else f"exit {e['exit']}"
+    rows.append(f"| {name} | {e['distance']:.3f} | {e['l1']:.3f} |")
+  for name in ('copy_source', 'copy_driver'):
+    rows.append(f"| {name.replace('_', ' ')} | {gt[name]['distance']:.3f} | "
+                f"{gt[name]['l1']:.3f} |")
+  display(Markdown('\\n'.join(rows)))
+  print(f"backbone closer to the truth than copying the source on "
+        f"{gt['backbone_better_than_copy_source_fraction']:.0%} of {gt['num_eval']} pairs")
+else:
+  print(f'{model.task.name}: no ground truth for an output; distances are to the backbone')'''),
       md('''\
 ## Latency (bench.json)
 
@@ -340,7 +377,6 @@ import jax.numpy as jnp
 
 from fiancee_jax.metrics import latency
 from fiancee_jax.routing import router
-from fiancee_jax.training import predictor as predictor_training
 
 # Quick mode times few calls; raise ITERS for numbers you want to quote.
 WARMUP, ITERS = (2, 5) if QUICK else (5, 50)
@@ -351,19 +387,19 @@ matmul_n = 512 if QUICK else 2048
 print(f'float32 matmul {matmul_n}x{matmul_n}: '
       f'{latency.matmul_gflops(matmul_n, iters=ITERS, warmup=WARMUP):.1f} GFLOP/s')
 
-labels_np = predictor_training.load_labels(config, 'test', BATCH)  # int32 [BATCH, H, W]
-labels_np, z_np = model.make_inputs(labels_np, jax.random.key(config.seed))
-labels_np, z_np = np.asarray(labels_np), np.asarray(z_np, np.float32)
+# The exit paths' inputs: (labels, z) for OASIS, (source, driver) for reenactment.
+inputs_np = tuple(np.asarray(x) for x in model.make_inputs(
+    tasks.load_data(config, 'test', BATCH), jax.random.key(config.seed)))
 # Device-resident copies, so executables are timed without host-to-device transfers.
-labels_d, z_d = jax.device_put((labels_np, z_np))
-one_d, z1_d = jax.device_put((labels_np[:1], z_np[:1]))
+inputs_d = jax.device_put(inputs_np)
+one_d = jax.device_put(tuple(x[:1] for x in inputs_np))
 params = model.params
 E = model.num_exits
 exit_names = [f'exit {k}' for k in range(E - 1)] + ['backbone']'''),
       md('''\
 ## Every exit, compiled ahead of time
 
-`latency.compile_aot(path_k, params, labels, z)` lowers and compiles exit `k`'s path for one
+`latency.compile_aot(path_k, params, *inputs)` lowers and compiles exit `k`'s path for one
 batch shape; nothing runs. `cost_and_memory` reads the executable's `cost_analysis()` (FLOPs,
 bytes accessed) and `memory_analysis()` (argument, output and temporary buffers, generated
 code), and the size of its optimized HLO text.'''),
@@ -371,7 +407,7 @@ code), and the size of its optimized HLO text.'''),
 compiled = {}  # (exit, batch) -> jax.stages.Compiled
 costs = {}
 for k, path in enumerate(model.paths()):
-  for b, args in ((1, (one_d, z1_d)), (BATCH, (labels_d, z_d))):
+  for b, args in ((1, one_d), (BATCH, inputs_d)):
     start = time.perf_counter()
     compiled[k, b] = latency.compile_aot(path, params, *args)
     costs[k, b] = dict(latency.cost_and_memory(compiled[k, b]),
@@ -420,7 +456,7 @@ points would sit on the dashed line through the backbone; at small sizes a fixed
       code('''\
 timings = {}
 for (k, b), c in compiled.items():
-  args = (params, one_d, z1_d) if b == 1 else (params, labels_d, z_d)
+  args = (params, *one_d) if b == 1 else (params, *inputs_d)
   timings[k, b] = latency.time_compiled(c, *args, warmup=WARMUP, iters=ITERS)
 
 rows = ['| exit | GFLOPs | batch 1 ms (p90) | batch %d ms (p90) | images/s at batch %d |'
@@ -458,8 +494,8 @@ own executable (the overhead of the conditional), and XLA's cost analysis of the
 reports the most expensive branch, not the one taken.'''),
       code('''\
 switch = router.SwitchRouter(model)
-dispatch = switch.compiled_dispatch()  # (params, exit_id int32 [], labels, z) -> image
-routed = switch.compiled_routed()  # (params, predictor params, margins, threshold, labels, z)
+dispatch = switch.compiled_dispatch()  # (params, exit_id int32 [], *inputs) -> image
+routed = switch.compiled_routed()  # (params, predictor params, margins, threshold, *inputs)
 switch_cost = latency.cost_and_memory(dispatch)
 print(f"cost_analysis of the switch: {switch_cost['gflops']:.4g} GFLOPs "
       f"(largest branch: {max(costs[k, 1]['gflops'] for k in range(E)):.4g}, "
@@ -467,7 +503,7 @@ print(f"cost_analysis of the switch: {switch_cost['gflops']:.4g} GFLOPs "
 
 switch_ms, direct_ms = [], []
 for k in range(E):
-  ts = latency.time_compiled(dispatch, params, jax.device_put(np.int32(k)), one_d, z1_d,
+  ts = latency.time_compiled(dispatch, params, jax.device_put(np.int32(k)), *one_d,
                              warmup=WARMUP, iters=ITERS)
   switch_ms.append(ts['median_ms'])
   direct_ms.append(timings[k, 1]['median_ms'])
@@ -478,8 +514,7 @@ if QUICK and len(thresholds) > 4:  # the lowest, two in between and the highest
   thresholds = [thresholds[i] for i in np.linspace(0, len(thresholds) - 1, 4).astype(int)]
 routed_rows = []
 for t in thresholds:
-  args = (params, model.predictor_params, margins_d, jax.device_put(np.float32(t)), one_d,
-          z1_d)
+  args = (params, model.predictor_params, margins_d, jax.device_put(np.float32(t)), *one_d)
   k = int(routed(*args)[1])
   tr = latency.time_compiled(routed, *args, warmup=WARMUP, iters=ITERS)
   routed_rows.append((t, k, tr['median_ms']))
@@ -522,9 +557,9 @@ print(f'warm-up: {num_compiles} executables (buckets {bucketed.bucket_sizes}) in
 backbone_ms = timings[E - 1, BATCH]['median_ms']
 bucket_rows = []
 for t in thresholds:
-  res = bucketed(labels_np, z_np, t)
+  res = bucketed(inputs_np, t)
   plan = bucketed.plan(res.exit_ids)
-  tb = latency.time_fn(bucketed, labels_np, z_np, t, warmup=WARMUP, iters=ITERS)
+  tb = latency.time_fn(bucketed, inputs_np, t, warmup=WARMUP, iters=ITERS)
   mean_gflops = float(np.mean(res.gflops))
   bucket_rows.append(dict(
       threshold=t, ms=tb['median_ms'], p90_ms=tb['p90_ms'],
@@ -556,18 +591,18 @@ vmapped switch still runs them all (and takes the same time for any assignment).
 vmap_fn = router.vmap_switch_fn(model)
 cheapest = np.zeros(BATCH, np.int32)  # every sample to exit 0
 mixed = np.arange(BATCH, dtype=np.int32) % E  # every exit used
-vm = latency.compile_aot(vmap_fn, params, cheapest, labels_d, z_d)
+vm = latency.compile_aot(vmap_fn, params, cheapest, *inputs_d)
 vm_cost = latency.cost_and_memory(vm)
 
-t_vm = {name: latency.time_compiled(vm, params, jax.device_put(ids), labels_d, z_d,
+t_vm = {name: latency.time_compiled(vm, params, jax.device_put(ids), *inputs_d,
                                     warmup=WARMUP, iters=ITERS)['median_ms']
         for name, ids in (('cheapest', cheapest), ('mixed', mixed))}
-t_bucket = {name: latency.time_fn(bucketed.run_exits, ids, labels_np, z_np, warmup=WARMUP,
+t_bucket = {name: latency.time_fn(bucketed.run_exits, ids, inputs_np, warmup=WARMUP,
                                   iters=ITERS)['median_ms']
             for name, ids in (('cheapest', cheapest), ('mixed', mixed))}
 
-same = np.max(np.abs(np.asarray(vm(params, jax.device_put(mixed), labels_d, z_d))
-                     - bucketed.run_exits(mixed, labels_np, z_np)))
+same = np.max(np.abs(np.asarray(vm(params, jax.device_put(mixed), *inputs_d))
+                     - bucketed.run_exits(mixed, inputs_np)))
 sum_gflops = sum(costs[k, BATCH]['gflops'] for k in range(E))
 print(f"XLA GFLOPs at batch {BATCH}: vmap(switch) {vm_cost['gflops']:.4g} (all exits run; "
       f"their own executables add up to {sum_gflops:.4g}, each with its copy of the shared "

@@ -58,7 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Image distance between an exit's output and the backbone's: 'auto' = LPIPS (alex) if
   # lpips_weights names a converted .npz (scripts/convert_lpips_weights.py), else 1-MS-SSIM.
-  config.distance = dict(name='auto', lpips_weights='')
+  # fid_weights: a converted FID Inception .npz (scripts/convert_fid_weights.py); when set,
+  # the evaluate stage also reports FID of the backbone and of every exit against the test
+  # split's real images.
+  config.distance = dict(name='auto', lpips_weights='', fid_weights='')
 
   # Guiding database (guidance/database.py explains keys and values).
   config.database = dict(

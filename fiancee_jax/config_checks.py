@@ -1,6 +1,10 @@
 """Checks a config before any compute; errors name the key and the fix."""
+import os
+
 import ml_collections
 
+from fiancee_jax import tasks
+from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
 
 KNOWN_STAGES = ('backbone', 'database', 'exits', 'predictor', 'evaluate', 'benchmark')
@@ -12,6 +16,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   res = tuple(d.resolution)
   if len(res) != 2 or not all(isinstance(r, int) and 16 <= r <= 1024 for r in res):
     raise ValueError(f'config.data.resolution must be (H, W) with 16 <= H, W <= 1024, got {res}')
+  task = tasks.get_task(config)  # raises for an unknown config.backbone.name
+  for key in ('lpips_weights', 'fid_weights'):
+    path = config.distance.get(key, '')
+    if path and not os.path.isfile(path):
+      raise ValueError(f'config.distance.{key}={path!r} is not a file; convert the weights '
+                       f'with scripts/convert_{key.split("_")[0]}_weights.py (README, "LPIPS '
+                       'and FID weights") or leave it empty')
+  _check_train(t)
+  if task.name == 'reenactment':
+    factory.make_generator(config).latent_size(res)  # raises if G2D cannot decode to res
+    if config.exits.adversarial_weight > 0:
+      raise ValueError('config.exits.adversarial_weight must be 0 for the reenactment '
+                       'backbone: the adversarial exit loss uses the OASIS discriminator, '
+                       'which needs label maps')
+    return
   if d.num_classes < 2:
     raise ValueError(f'config.data.num_classes must be >= 2, got {d.num_classes}')
   oasis.lowest_resolution(res, len(b.width_ratios) - 1)
@@ -20,6 +39,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'resolution {res} cannot be halved {levels} times by the discriminator '
         f'(len(config.backbone.d_width_ratios)={levels}); use fewer levels')
+
+
+def _check_train(t: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'num_steps', 'log_every', 'sample_every', 'checkpoint_every',
               'keep_checkpoints', 'ema_stats_batches'):
     if t[key] < 1:

@@ -1,17 +1,18 @@
 """A trained FIANCEE model: backbone + exits + database + predictor, and their costs.
 
 This is the object that routing, evaluation, the benchmark, the CLI and the Colabs share.
-Inputs are a tuple of arrays (`(labels, z)` for OASIS); `make_inputs` builds them.
+Exit paths take a tuple of inputs (`(labels, z)` for OASIS, `(source, driver)` for the
+reenactment backbone); `make_inputs` builds them from the data (tasks.py).
 """
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from fiancee_jax import tasks
 from fiancee_jax.models import exits as exits_lib
 
 
@@ -22,15 +23,14 @@ class FianceeModel:
   Attributes:
     exit_model: static description of backbone + exits (see models/exits.py).
     params: {'backbone': variables, 'exits': [variables], 'database': arrays or None}.
-    predictor: linen module, predictor.apply(predictor_params, labels) -> [B, E - 1].
+    predictor: linen module, predictor.apply(predictor_params, *data) -> [B, E - 1].
     predictor_params: its variables.
     margins: float32 [E - 1] calibration margins added to predictions before routing.
     exit_gflops: GFLOPs per exit path at batch 1 (database lookup included), E values,
       the last being the backbone.
     predictor_gflops: GFLOPs of the predictor at batch 1.
-    num_classes: label ids must be in [0, num_classes).
-    resolution: (H, W) of label maps.
-    z_dim: noise width.
+    task: what the backbone consumes (tasks.Synthesis or tasks.Reenactment): the data a
+      user passes, and the inputs of the exit paths (data, plus z if the generator has noise).
     distance: name of the distance the predictor predicts (e.g. '1-msssim').
   """
   exit_model: exits_lib.ExitModel
@@ -40,9 +40,7 @@ class FianceeModel:
   margins: np.ndarray
   exit_gflops: tuple[float, ...]
   predictor_gflops: float
-  num_classes: int
-  resolution: tuple[int, int]
-  z_dim: int
+  task: tasks.Task
   distance: str = ''
 
   @property
@@ -53,42 +51,38 @@ class FianceeModel:
   def backbone_gflops(self) -> float:
     return self.exit_gflops[-1]
 
-  def make_inputs(self, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(labels int32 [B, H, W], z float32 [B, z_dim]) with one z per image from `key`."""
-    z = jax.random.normal(key, (labels.shape[0], self.z_dim))
-    return labels, z
+  @property
+  def resolution(self) -> tuple[int, int]:
+    return tuple(self.task.resolution)
+
+  def make_inputs(self, data: Any, key: jax.Array) -> tuple[jax.Array, ...]:
+    """Exit-path inputs from data: (labels, z) with one z per image from `key` for
+    label-map synthesis; (source, driver) unchanged for reenactment."""
+    return tasks.make_inputs(self.task, tasks.as_tuple(data), key)
+
+  def check_data(self, data: Any) -> tuple[np.ndarray, ...]:
+    """Validates a batch of data on the host before any compute (see tasks.py)."""
+    return self.task.check_data(data)
+
+  def check_inputs(self, inputs: Any) -> tuple[np.ndarray, ...]:
+    """Validates exit-path inputs (data, then z if any) on the host before any compute."""
+    return tasks.check_inputs(self.task, inputs)
 
   def paths(self) -> list[Callable[..., jax.Array]]:
     """[path_0, ..., path_{E-1}], each path_k(params, *inputs) -> images [B, H, W, 3]."""
     return [self.exit_model.exit_path(k) for k in range(self.num_exits)]
 
-  def predict_fn(self) -> Callable[[Any, jax.Array], jax.Array]:
-    """predict(predictor_params, labels) -> predicted distances float32 [B, E - 1]."""
-    predictor = self.predictor
+  def predict_fn(self) -> Callable[..., jax.Array]:
+    """predict(predictor_params, *inputs) -> predicted distances float32 [B, E - 1].
 
-    def predict(pp, labels):
-      return predictor.apply(pp, labels)
+    The predictor sees the data part of the inputs (never the noise).
+    """
+    predictor, n = self.predictor, tasks.num_data(self.task)
+
+    def predict(pp, *inputs):
+      return predictor.apply(pp, *inputs[:n])
 
     return predict
-
-  def check_labels(self, labels: Any) -> np.ndarray:
-    """Validates a label batch on the host before any compute; returns int32 [B, H, W]."""
-    arr = np.asarray(labels)
-    if arr.ndim == 2:
-      raise ValueError(f'labels must be int32 [B, H, W], got a single map of shape '
-                       f'{arr.shape}; add a batch axis (labels[None])')
-    if arr.ndim != 3:
-      raise ValueError(f'labels must be int32 [B, H, W], got shape {arr.shape}')
-    if not np.issubdtype(arr.dtype, np.integer):
-      raise ValueError(f'labels must be an integer array (class ids), got dtype {arr.dtype}')
-    if tuple(arr.shape[1:]) != tuple(self.resolution):
-      raise ValueError(f'labels are {arr.shape[1]}x{arr.shape[2]} but the model was trained '
-                       f'at {self.resolution[0]}x{self.resolution[1]} (config.data.resolution)')
-    if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
-      bad = int(arr.max()) if arr.max() >= self.num_classes else int(arr.min())
-      raise ValueError(f'labels has class id {bad} but the config has {self.num_classes} '
-                       'classes (config.data.num_classes)')
-    return arr.astype(np.int32)
 
 
 def check_threshold(threshold: Any) -> float:

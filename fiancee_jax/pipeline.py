@@ -33,7 +33,8 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from fiancee_jax.training import predictor
   model = workdir_lib.load_model(config, workdir)
   n = min(config.router.num_eval, config.data.num_test)
-  labels, _, true = predictor.split_distances(config, workdir, 'test', n)
+  inputs, true = predictor.split_distances(config, workdir, 'test', n)
+  data = inputs[:len(model.task.data_keys)]
   report_path = os.path.join(workdir, 'report', 'report.json')
   if config.router.thresholds:
     thresholds = list(config.router.thresholds)
@@ -48,7 +49,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     thresholds = [float(t) for t in report.default_thresholds(true, num=4)]
   b = config.benchmark
-  bench = benchmark.run_benchmark(model, labels, batch_size=b.batch_size,
+  bench = benchmark.run_benchmark(model, data, batch_size=b.batch_size,
                                   thresholds=thresholds, warmup=b.warmup, iters=b.iters,
                                   seed=config.seed)
   if jax.process_index() == 0:

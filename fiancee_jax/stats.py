@@ -13,6 +13,7 @@ from absl import app
 from ml_collections import config_flags
 
 from fiancee_jax import config_checks
+from fiancee_jax import tasks
 from fiancee_jax.metrics import flops
 from fiancee_jax.models import factory
 
@@ -21,18 +22,15 @@ from fiancee_jax.models import factory
 def backbone_stats(config: ml_collections.ConfigDict) -> dict:
   """{'params': int, 'gflops': float} of the generator forward at batch 1."""
   g = factory.make_generator(config)
-  h, w = config.data.resolution
-  labels = jax.ShapeDtypeStruct((1, h, w), jnp.int32)
-  z = jax.ShapeDtypeStruct((1, config.backbone.z_dim), jnp.float32)
-  variables = jax.eval_shape(g.init, jax.random.key(0), labels, z)
-  gf = flops.gflops(lambda v, l, z: g.apply(v, l, z), variables, labels, z)
+  inputs = _abstract_inputs(config)
+  variables = jax.eval_shape(g.init, jax.random.key(0), *inputs)
+  gf = flops.gflops(lambda v, *x: g.apply(v, *x), variables, *inputs)
   return {'params': flops.param_count(variables['params']), 'gflops': gf}
 
 
-def _abstract_inputs(config):
-  h, w = config.data.resolution
-  return (jax.ShapeDtypeStruct((1, h, w), jnp.int32),
-          jax.ShapeDtypeStruct((1, config.backbone.z_dim), jnp.float32))
+def _abstract_inputs(config) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """The exit paths' inputs at batch 1 (tasks.py)."""
+  return tasks.input_specs(tasks.get_task(config), 1)
 
 
 def abstract_database(config: ml_collections.ConfigDict) -> dict:
@@ -52,8 +50,8 @@ def lookup_gflops(config: ml_collections.ConfigDict) -> float:
   g = factory.make_generator(config)
   bb = jax.eval_shape(g.init, jax.random.key(0), *_abstract_inputs(config))
   _, _, outs = jax.eval_shape(
-      lambda v, l, z: factory.make_exit_model(config, guided=False).prefix(
-          v, (l, z), spec.key_block), bb, *_abstract_inputs(config))
+      lambda v, *x: factory.make_exit_model(config, guided=False).prefix(
+          v, x, spec.key_block), bb, *_abstract_inputs(config))
   lookup = database.make_lookup(spec)
   return flops.gflops(lambda db, f: lookup(db, f, tuple(config.data.resolution)),
                       abstract_database(config), outs[spec.key_block])
@@ -67,7 +65,7 @@ def exit_stats(config: ml_collections.ConfigDict, *, guided: bool | None = None)
   inputs = _abstract_inputs(config)
   bb = jax.eval_shape(model.backbone.init, jax.random.key(0), *inputs)
   db = abstract_database(config) if guided else None
-  ex = jax.eval_shape(lambda b, d, l, z: model.init_exits(jax.random.key(0), b, d, l, z),
+  ex = jax.eval_shape(lambda b, d, *x: model.init_exits(jax.random.key(0), b, d, *x),
                       bb, db, *inputs)
   params = {'backbone': bb, 'exits': ex, 'database': db}
   out = []
@@ -85,18 +83,24 @@ def exit_stats(config: ml_collections.ConfigDict, *, guided: bool | None = None)
 
 def predictor_stats(config: ml_collections.ConfigDict) -> dict:
   model = factory.make_predictor(config)
-  labels = _abstract_inputs(config)[0]
-  params = jax.eval_shape(model.init, jax.random.key(0), labels)
+  data = tasks.get_task(config).data_specs(1)
+  params = jax.eval_shape(model.init, jax.random.key(0), *data)
   return {'params': flops.param_count(params['params']),
-          'gflops': flops.gflops(model.apply, params, labels)}
+          'gflops': flops.gflops(model.apply, params, *data)}
 
 
 def compute_stats(config: ml_collections.ConfigDict) -> dict:
   """All costs of the config's models: backbone, exits, predictor, database lookup."""
   config_checks.check_config(config)
   spec = factory.database_spec(config)
+  backbone = backbone_stats(config)
+  if config.backbone.name == 'reenact':  # exits replace G2D only: say what share it is
+    from fiancee_jax.models import reenact  # pylint: disable=g-import-not-at-top
+    r = reenact.reenact_stats(config)
+    backbone['g2d'] = {'params': r['g2d_params'], 'gflops': r['g2d_gflops'],
+                       'gflops_fraction': r['g2d_gflops'] / r['gflops']}
   return {
-      'backbone': backbone_stats(config),
+      'backbone': backbone,
       'exits': exit_stats(config),
       'predictor': predictor_stats(config),
       'database': {'entries': spec.num_entries,

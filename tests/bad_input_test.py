@@ -14,6 +14,7 @@ from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import model as model_lib
 from fiancee_jax import pipeline
+from fiancee_jax import tasks
 from fiancee_jax.training import backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def _model_stub():
   return model_lib.FianceeModel(
       exit_model=None, params={}, predictor=None, predictor_params=None,
       margins=np.zeros(2, np.float32), exit_gflops=(1.0, 2.0, 3.0), predictor_gflops=0.1,
-      num_classes=12, resolution=(16, 16), z_dim=8)
+      task=tasks.Synthesis(num_classes=12, resolution=(16, 16), z_dim=8))
 
 
 @pytest.mark.parametrize('labels, match', [
@@ -71,7 +72,41 @@ def _model_stub():
 ])
 def test_label_errors(labels, match):
   with pytest.raises(ValueError, match=match):
-    _model_stub().check_labels(labels)
+    _model_stub().check_data(labels)
+
+
+def _reenact_stub():
+  return model_lib.FianceeModel(
+      exit_model=None, params={}, predictor=None, predictor_params=None,
+      margins=np.zeros(2, np.float32), exit_gflops=(1.0, 2.0, 3.0), predictor_gflops=0.1,
+      task=tasks.Reenactment(resolution=(32, 32)))
+
+
+_IMG = np.zeros((2, 32, 32, 3), np.float32)
+
+
+@pytest.mark.parametrize('data, match', [
+    (_IMG, r'takes \(source, driver\)'),
+    ((_IMG[0], _IMG[0]), 'add a batch axis'),
+    ((_IMG, _IMG[..., :1]), r'driver must be float32 \[B, H, W, 3\]'),
+    ((_IMG.astype(np.uint8), _IMG), 'dtype uint8; convert'),
+    ((_IMG[:, :16], _IMG[:, :16]), 'trained at 32x32'),
+    ((_IMG, _IMG[:1]), 'must have the same shape'),
+    ((_IMG, np.full_like(_IMG, np.nan)), 'driver has .* non-finite'),
+    ((_IMG + 2.0, _IMG), r'source must be in \[-1, 1\]'),
+])
+def test_reenactment_data_errors(data, match):
+  with pytest.raises(ValueError, match=match):
+    _reenact_stub().check_data(data)
+
+
+def test_reenactment_inputs_have_no_noise():
+  m = _reenact_stub()
+  inputs = m.make_inputs((_IMG, _IMG), jax.random.key(0))
+  assert len(inputs) == 2
+  assert len(m.check_inputs(inputs)) == 2
+  with pytest.raises(ValueError, match=r'inputs must be the tuple \(source, driver\)'):
+    m.check_inputs(inputs + (np.zeros((2, 8)),))
 
 
 @pytest.mark.parametrize('t', [-0.1, float('nan'), float('inf'), 'abc', None])

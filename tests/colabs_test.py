@@ -23,11 +23,16 @@ NOTEBOOKS = ('fiancee_demo.ipynb', 'compiled_exit_latency.ipynb')
 
 # What each notebook must have shown: (text found in some output, minimum number of PNG figures).
 EXPECTED = {
-    'fiancee_demo.ipynb': (('loading the finished job', 'compute saved',
-                            'routed images/s', 'samples per exit'), 3),
-    'compiled_exit_latency.ipynb': (('HLO lines', 'cost_analysis of the switch', 'warm-up:',
-                                     'vmap of lax.switch'), 4),
+    ('fiancee_demo.ipynb', 'landscapes'): (('loading the finished job', 'compute saved',
+                                            'routed images/s', 'samples per exit',
+                                            'no ground truth'), 3),
+    ('fiancee_demo.ipynb', 'avatars'): (('reenactment: 3 exits', 'compute saved',
+                                         'routed images/s', 'samples per exit',
+                                         'closer to the truth than copying the source'), 3),
+    ('compiled_exit_latency.ipynb', 'landscapes'): (('HLO lines', 'cost_analysis of the switch',
+                                                     'warm-up:', 'vmap of lax.switch'), 4),
 }
+_RUNS = {'landscapes': 'tiny_run', 'avatars': 'tiny_avatars_run'}
 
 
 def _load_builder():
@@ -89,12 +94,13 @@ def _outputs_text(nb) -> tuple[str, int]:
   return '\n'.join(texts), pngs
 
 
-@pytest.mark.xdist_group('tiny_run')
-@pytest.mark.parametrize('name', NOTEBOOKS)
-def test_notebook_runs_top_to_bottom(name, tiny_run, kernel_spec_manager):
-  workdir, config = tiny_run
+@pytest.mark.parametrize('name, backbone', [
+    pytest.param(n, b, marks=pytest.mark.xdist_group(_RUNS[b])) for n, b in EXPECTED])
+def test_notebook_runs_top_to_bottom(name, backbone, request, kernel_spec_manager):
+  workdir, config = request.getfixturevalue(_RUNS[backbone])
   nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
   env = dict(os.environ, FIANCEE_WORKDIR=workdir, FIANCEE_DATA_DIR=config.data.data_dir,
+             FIANCEE_CONFIG=backbone,
              PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')]
                                                   if p]),
              JAX_PLATFORMS='cpu')
@@ -108,7 +114,7 @@ def test_notebook_runs_top_to_bottom(name, tiny_run, kernel_spec_manager):
   print(f'{name}: executed in {seconds:.1f} s')
 
   text, pngs = _outputs_text(nb)
-  markers, min_pngs = EXPECTED[name]
+  markers, min_pngs = EXPECTED[name, backbone]
   for marker in markers:
     assert marker in text, f'{name}: no output mentions {marker!r}'
   assert pngs >= min_pngs, f'{name}: {pngs} figures, expected at least {min_pngs}'

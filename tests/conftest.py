@@ -38,3 +38,16 @@ def tiny_run(tmp_path_factory, data_dir):
   wd = str(tmp_path_factory.mktemp('tiny_run'))
   pipeline.run(config, wd, 'backbone,database,exits,predictor,evaluate,benchmark')
   return wd, config
+
+
+@pytest.fixture(scope='session')
+def tiny_avatars_run(tmp_path_factory, data_dir):
+  """(workdir, config) of the whole tiny reenactment job (avatars), run once per session."""
+  from configs import avatars  # pylint: disable=g-import-not-at-top
+  from fiancee_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = avatars.get_config('tiny')
+  with config.unlocked():
+    config.data.data_dir = data_dir
+  wd = str(tmp_path_factory.mktemp('tiny_avatars_run'))
+  pipeline.run(config, wd, 'backbone,database,exits,predictor,evaluate,benchmark')
+  return wd, config

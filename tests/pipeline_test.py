@@ -7,6 +7,7 @@ import pytest
 
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
+from fiancee_jax import tasks
 
 # Tests that use the shared `tiny_run` job run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group('tiny_run')
@@ -87,10 +88,9 @@ def test_workdir_with_another_config_is_refused(workdir):
 
 def test_generate_routes_by_threshold(workdir):
   import fiancee_jax  # pylint: disable=g-import-not-at-top
-  from fiancee_jax.training import predictor as predictor_training  # pylint: disable=g-import-not-at-top
   wd, config = workdir
   model = fiancee_jax.load_model(config, wd)
-  labels = predictor_training.load_labels(config, 'test', 6)
+  labels = tasks.load_data(config, 'test', 6)[0]
   strict = fiancee_jax.generate(model, labels, threshold=0.0, seed=1)
   assert strict['images'].shape == (6, 16, 16, 3)
   assert np.all(strict['exit_ids'] == model.num_exits - 1)  # only the backbone has distance 0

@@ -33,7 +33,7 @@ def _timing(stats: dict[str, float]) -> dict[str, float]:
   return {k: stats[k] for k in _TIMING_KEYS}
 
 
-def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_size: int = 64,
+def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int = 64,
                   thresholds: Sequence[float], warmup: int = 3, iters: int = 20,
                   seed: int = 0, matmul_n: int = 2048,
                   bucketed: router_lib.BucketedRouter | None = None,
@@ -42,8 +42,9 @@ def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_si
 
   Args:
     model: a FianceeModel with a predictor and margins.
-    labels: int [N, H, W] test label maps; the first `batch_size` form the timed batch and
-      the first one the batch-1 input.
+    data: test data (model.task): int [N, H, W] label maps, or (source, driver) float32
+      [N, H, W, 3]; the first `batch_size` form the timed batch and the first one the
+      batch-1 input.
     batch_size: batch for throughput numbers (the router's largest bucket).
     thresholds: distance budgets to route at.
     warmup: untimed calls before each measurement.
@@ -60,15 +61,15 @@ def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_si
     'predictor', 'exits', 'backbone', 'routing', 'switch', 'vmap_switch', 'router_compiles'.
 
   Raises:
-    ValueError: bad labels, thresholds or sizes (before anything is compiled).
+    ValueError: bad data, thresholds or sizes (before anything is compiled).
   """
-  labels = model.check_labels(labels)
+  data = model.check_data(data)
   thresholds = [model_lib.check_threshold(t) for t in thresholds]
   if not thresholds:
     raise ValueError('thresholds is empty; pass at least one distance budget')
-  if batch_size < 1 or labels.shape[0] < batch_size:
-    raise ValueError(f'batch_size={batch_size} needs at least that many test label maps, got '
-                     f'{labels.shape[0]}; lower batch_size or pass more labels')
+  if batch_size < 1 or data[0].shape[0] < batch_size:
+    raise ValueError(f'batch_size={batch_size} needs at least that many test samples, got '
+                     f'{data[0].shape[0]}; lower batch_size or pass more data')
   if iters < 1 or warmup < 0:
     raise ValueError(f'need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}')
   for name, r in (('bucketed', bucketed), ('switch', switch)):
@@ -78,9 +79,9 @@ def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_si
     raise ValueError(f'batch_size={batch_size} is not one of the bucketed router\'s bucket sizes '
                      f'{bucketed.bucket_sizes}; add it or pass bucketed=None')
   e = model.num_exits
-  batch, z = model.make_inputs(labels[:batch_size], jax.random.key(seed))
-  batch, z = np.asarray(batch), np.asarray(z, np.float32)
-  one, z1 = batch[:1], z[:1]
+  batch = tuple(np.asarray(x) for x in model.make_inputs(
+      tuple(x[:batch_size] for x in data), jax.random.key(seed)))
+  one = tuple(x[:1] for x in batch)
   params = model.params
   timeit = lambda fn, *a: latency.time_fn(fn, *a, warmup=warmup, iters=iters)  # noqa: E731
 
@@ -110,13 +111,13 @@ def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_si
   # Per exit: batch 1 (the switch router's direct path) and batch_size (the router's bucket),
   # on device-resident inputs: this is the executables' latency. (The routed numbers below
   # start from host arrays, as a served request does.)
-  one_d, z1_d, batch_d, z_d = jax.device_put((one, z1, batch, z))
+  one_d, batch_d = jax.device_put((one, batch))
   exits = []
   for k in range(e):
     c1 = switch.compiled_direct(k)
     cb = bucketed.compiled_exit(k, batch_size)
-    t1 = latency.time_compiled(c1, params, one_d, z1_d, warmup=warmup, iters=iters)
-    tb = latency.time_compiled(cb, params, batch_d, z_d, warmup=warmup, iters=iters)
+    t1 = latency.time_compiled(c1, params, *one_d, warmup=warmup, iters=iters)
+    tb = latency.time_compiled(cb, params, *batch_d, warmup=warmup, iters=iters)
     exits.append({
         'exit': k,
         'attach_after': (int(model.exit_model.attach_after[k]) if k < e - 1 else None),
@@ -138,17 +139,18 @@ def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_si
   margins = np.asarray(model.margins, np.float32)
   dev_margins, dev_t0 = jax.device_put((margins, np.float32(thresholds[0])))
   pb = {}
-  for name, b, lab in (('batch1', 1, one_d), ('batch', batch_size, batch_d)):
+  nd = len(model.task.data_keys)
+  for name, b, x in (('batch1', 1, one_d), ('batch', batch_size, batch_d)):
     cp = bucketed.compiled_predict(b)
     pb[name] = _timing(latency.time_compiled(cp, model.predictor_params, dev_margins, dev_t0,
-                                             lab, warmup=warmup, iters=iters))
+                                             *x[:nd], warmup=warmup, iters=iters))
   out['predictor'] = {'gflops': float(model.predictor_gflops), **pb}
 
   # Routed throughput at each threshold, end to end.
   routing = []
   for t in thresholds:
-    res = bucketed(batch, z, t)
-    stats = timeit(lambda t=t: bucketed(batch, z, t))
+    res = bucketed(batch, t)
+    stats = timeit(lambda t=t: bucketed(batch, t))
     ips = batch_size / (stats['median_ms'] * 1e-3)
     mean_gflops = float(np.mean(res.gflops))
     plan = bucketed.plan(res.exit_ids)
@@ -170,17 +172,16 @@ def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_si
   # Batch 1: switch overhead per exit, and the routed executable vs its chosen exit. All three
   # are timed as bare executables on device-resident arguments, so Python wrappers and
   # host-to-device copies do not enter the ratios.
-  lab1, zz1 = one_d, z1_d
   dispatch, routed_exe = switch.compiled_dispatch(), switch.compiled_routed()
   per_exit = []
   for k in range(e):
-    ts = timeit(dispatch, params, jax.device_put(np.int32(k)), lab1, zz1)
-    td = timeit(switch.compiled_direct(k), params, lab1, zz1)
+    ts = timeit(dispatch, params, jax.device_put(np.int32(k)), *one_d)
+    td = timeit(switch.compiled_direct(k), params, *one_d)
     per_exit.append({'exit': k, 'switch_ms': ts['median_ms'], 'direct_ms': td['median_ms'],
                      'overhead_ratio': ts['median_ms'] / td['median_ms']})
   routed1 = []
   for t in thresholds:
-    args = (params, model.predictor_params, dev_margins, jax.device_put(np.float32(t)), lab1, zz1)
+    args = (params, model.predictor_params, dev_margins, jax.device_put(np.float32(t)), *one_d)
     k = int(routed_exe(*args)[1])
     tr = timeit(routed_exe, *args)
     routed1.append({'threshold': t, 'exit': k, 'routed_ms': tr['median_ms'],
@@ -192,9 +193,9 @@ def run_benchmark(model: model_lib.FianceeModel, labels: np.ndarray, *, batch_si
                            "direct_ms: the exit's own path; all at batch 1"}
 
   # The counter-example: vmap of a per-sample switch at batch_size (every exit runs).
-  vm_ids = np.asarray(bucketed.predict_and_route(batch, thresholds[0])[0], np.int32)
-  vm = latency.compile_aot(router_lib.vmap_switch_fn(model), params, vm_ids, batch, z)
-  tv = latency.time_compiled(vm, params, jax.device_put(vm_ids), batch_d, z_d, warmup=warmup,
+  vm_ids = np.asarray(bucketed.predict_and_route(batch[:nd], thresholds[0])[0], np.int32)
+  vm = latency.compile_aot(router_lib.vmap_switch_fn(model), params, vm_ids, *batch)
+  tv = latency.time_compiled(vm, params, jax.device_put(vm_ids), *batch_d, warmup=warmup,
                              iters=iters)
   vm_cost = latency.cost_and_memory(vm)
   out['vmap_switch'] = {

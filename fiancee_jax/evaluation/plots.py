@@ -9,12 +9,12 @@ from fiancee_jax.data import visualize
 
 
 def write_all(out: str, report: dict, pred: np.ndarray, true: np.ndarray, model,
-              labels: np.ndarray, z) -> None:
+              inputs: tuple[np.ndarray, ...], target: np.ndarray | None = None) -> None:
   """distance_vs_gflops.png, exit_histogram.png, predicted_vs_true.png, samples.png."""
   distance_vs_gflops(os.path.join(out, 'distance_vs_gflops.png'), report)
   exit_histogram(os.path.join(out, 'exit_histogram.png'), report)
   predicted_vs_true(os.path.join(out, 'predicted_vs_true.png'), pred, true, report['distance'])
-  sample_grid(os.path.join(out, 'samples.png'), report, model, labels, z)
+  sample_grid(os.path.join(out, 'samples.png'), report, model, inputs, target)
 
 
 def distance_vs_gflops(path: str, report: dict) -> None:
@@ -78,22 +78,26 @@ def predicted_vs_true(path: str, pred: np.ndarray, true: np.ndarray, distance: s
   fig.savefig(path, dpi=120)
 
 
-def sample_grid(path: str, report: dict, model, labels: np.ndarray, z, num: int = 8) -> None:
-  """label | exit 0 | ... | backbone, the routed choice at the headline threshold framed."""
+def sample_grid(path: str, report: dict, model, inputs: tuple[np.ndarray, ...],
+                target: np.ndarray | None = None, num: int = 8) -> None:
+  """data | exit 0 | ... | backbone [| ground truth], the routed choice at the headline
+  threshold framed in red."""
   from fiancee_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
-  num = min(num, len(labels))
-  lb, zb = labels[:num], z[:num]
+  num = min(num, len(inputs[0]))
+  inputs = tuple(x[:num] for x in inputs)
   paths = model.paths()
-  outs = [np.asarray(jax.jit(p)(model.params, lb, zb)) for p in paths]
+  outs = [np.asarray(jax.jit(p)(model.params, *inputs)) for p in paths]
   t = report['headline'].get('threshold')
   if t is None:
     t = report['routing'][len(report['routing']) // 2]['threshold']
-  pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, lb))
+  pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
   ids = report_lib.route_ids(pred, t, model.margins)
-  cols = [visualize.label_map_to_rgb(lb)]
+  cols = model.task.columns(inputs[:len(model.task.data_keys)])
   for k, o in enumerate(outs):
     img = ((o + 1) * 127.5).clip(0, 255).astype(np.uint8)
     chosen = ids == k
     img[chosen, :2] = img[chosen, -2:] = img[chosen, :, :2] = img[chosen, :, -2:] = (255, 0, 0)
     cols.append(img)
+  if target is not None:
+    cols.append(visualize.images_to_uint8(target[:num]))
   visualize.save_grid(cols, path)

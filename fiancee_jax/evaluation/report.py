@@ -16,6 +16,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from fiancee_jax import stats
+from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import plots
 from fiancee_jax.guidance import database as database_lib
@@ -90,16 +91,26 @@ def predictor_quality(pred: np.ndarray, true: np.ndarray) -> dict:
           'per_exit': per_exit}
 
 
+def _fid_feature_fn(config: ml_collections.ConfigDict):
+  """The Inception feature function of config.distance.fid_weights, or None if unset."""
+  path = config.distance.get('fid_weights', '')
+  if not path:
+    return None
+  from fiancee_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+  return fid.make_feature_fn(fid.load_params(path))
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes workdir/report/report.json and the plots; returns the report."""
   n = min(config.router.num_eval, config.data.num_test)
+  fid_fn = _fid_feature_fn(config)  # a bad weights file fails here, before any compute
   variants = exits_training.variants(config)
   model = workdir_lib.load_model(config, workdir)
-  labels, z, true = predictor_training.split_distances(config, workdir, 'test', n, variants[0])
+  inputs, true = predictor_training.split_distances(config, workdir, 'test', n, variants[0])
   no_guide = None
   if 'unguided' in variants and variants[0] == 'guided':
-    no_guide = predictor_training.split_distances(config, workdir, 'test', n, 'unguided')[2]
-  pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, jnp.asarray(labels)))
+    no_guide = predictor_training.split_distances(config, workdir, 'test', n, 'unguided')[1]
+  pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
   thresholds = (np.asarray(config.router.thresholds, np.float32) if config.router.thresholds
                 else default_thresholds(true, pred + model.margins[None]))
   exit_gflops = np.asarray(model.exit_gflops)
@@ -134,6 +145,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'routing': routing,
       'routing_uncalibrated': uncalibrated,
   }
+  split = tasks.load_split(config, 'test', n)
+  target = split.get('target')
+  if target is not None or fid_fn is not None:
+    outputs = exit_outputs(model, inputs, config.predictor.measure_batch)
+    if target is not None:
+      report['ground_truth'] = truth_table(config, model, inputs, outputs, target, pred,
+                                           routing)
+    if fid_fn is not None:
+      report['fid'] = fid_table(fid_fn, outputs, split['image'] if target is None else target)
   report['headline'] = headline(report)
   out = os.path.join(workdir, 'report')
   if jax.process_index() == 0:
@@ -141,8 +161,90 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(out, 'report.json.tmp'), 'w') as f:
       json.dump(_finite_or_none(report), f, indent=2, allow_nan=False)
     os.replace(os.path.join(out, 'report.json.tmp'), os.path.join(out, 'report.json'))
-    plots.write_all(out, report, pred, true, model, labels, z)
+    plots.write_all(out, report, pred, true, model, inputs, target)
   return report
+
+
+def exit_outputs(model, inputs: tuple[np.ndarray, ...], batch: int) -> list[np.ndarray]:
+  """Every exit's images on N inputs, the backbone last: E arrays float32 [N, H, W, 3]."""
+
+  @jax.jit
+  def f(*x):
+    images, teacher = model.exit_model.all_exits(model.params, *x)
+    return images + [teacher]
+
+  n = len(inputs[0])
+  outs = []
+  for s in range(0, n, batch):
+    x = tuple(v[s:s + batch] for v in inputs)
+    pad = batch - len(x[0])
+    if pad:  # one compiled shape
+      x = tuple(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for v in x)
+    outs.append([np.asarray(o)[:batch - pad] for o in f(*x)])
+  return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+
+
+def truth_table(config: ml_collections.ConfigDict, model, inputs: tuple[np.ndarray, ...],
+                outputs: list[np.ndarray], target: np.ndarray, pred: np.ndarray,
+                routing: list[dict]) -> dict:
+  """Distances to the ground truth (reenactment cross pairs): every exit, the backbone, the
+  routed output at each threshold, and the copy-the-source / copy-the-driver baselines.
+
+  Args:
+    inputs: the exit paths' inputs of the N test examples; inputs[0] is the source and
+      inputs[1] the driver image, float32 [N, H, W, 3].
+    outputs: `exit_outputs` of those inputs (E arrays [N, H, W, 3], the backbone last).
+    target: float32 [N, H, W, 3] ground truth (identity of the source, motion of the driver).
+    pred: [N, E - 1] predicted distances (routing at each threshold of `routing`).
+  """
+  dist = jax.jit(exits_training.get_distance(config).fn)
+  b = config.predictor.measure_batch
+
+  def score(images):  # per-sample distance and L1 to the truth, [N] each
+    d = np.concatenate([np.asarray(dist(images[s:s + b], target[s:s + b]))
+                        for s in range(0, len(target), b)])
+    return d, np.abs(images - target).mean(axis=(1, 2, 3))
+
+  scored = [score(o) for o in outputs]
+  d = np.stack([x[0] for x in scored], -1)  # [N, E]
+  l1 = np.stack([x[1] for x in scored], -1)
+  copies = {name: score(images) for name, images in (('copy_source', inputs[0]),
+                                                      ('copy_driver', inputs[1]))}
+  rows = np.arange(len(target))
+  routed = []
+  for r in routing:
+    ids = route_ids(pred, r['threshold'], model.margins)
+    routed.append({'threshold': r['threshold'], 'distance': float(d[rows, ids].mean()),
+                   'l1': float(l1[rows, ids].mean())})
+  out = {
+      'distance': model.distance,
+      'num_eval': int(len(target)),
+      'exits': [{'exit': k, 'distance': float(d[:, k].mean()), 'l1': float(l1[:, k].mean())}
+                for k in range(d.shape[1])],  # the backbone last
+      **{name: {'distance': float(v[0].mean()), 'l1': float(v[1].mean())}
+         for name, v in copies.items()},
+      'backbone_better_than_copy_source_fraction': float(
+          (d[:, -1] < copies['copy_source'][0]).mean()),
+      'routed': routed,
+  }
+  return out
+
+
+def fid_table(feature_fn, outputs: list[np.ndarray], reals: np.ndarray,
+              batch: int = 50) -> dict:
+  """FID of every exit's images (the backbone last) against `reals` [N, H, W, 3] in [-1, 1].
+
+  feature_fn: images [B, H, W, 3] -> features [B, D] (metrics/fid.py's Inception pool3).
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from fiancee_jax.metrics import fid
+  mu, sigma = fid.statistics(fid.compute_features(feature_fn, reals, batch=batch))
+  scores = []
+  for k, images in enumerate(outputs):
+    m, s = fid.statistics(fid.compute_features(feature_fn, images, batch=batch))
+    scores.append({'exit': k, 'fid': fid.frechet_distance(m, s, mu, sigma)})
+  return {'num_images': int(len(reals)), 'exits': scores,
+          'note': 'FID with few images is biased upwards; compare exits, not papers'}
 
 
 def _finite_or_none(x):

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fiancee_jax import checkpoint
+from fiancee_jax import tasks
 from fiancee_jax.guidance import database
 from fiancee_jax.models import factory
 from fiancee_jax.training import backbone as backbone_training
@@ -28,24 +28,23 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return database.load(path, spec)
   bb, _ = backbone_training.load_backbone(config, workdir)
   model = factory.make_exit_model(config, guided=False)
-  source = backbone_training.data_source(config, 'train')
-  n = min(config.database.num_images, len(source))
+  task = tasks.get_task(config)
+  data = tasks.load_data(config, 'train', config.database.num_images)
+  n = len(data[0])
   bs = config.exits.batch_size
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   @jax.jit
-  def features(labels, z):
-    h, cond, outs = model.prefix(bb, (labels, z), model.backbone.num_blocks - 1)
+  def features(*inputs):
+    h, cond, outs = model.prefix(bb, inputs, model.backbone.num_blocks - 1)
     teacher = model.backbone.apply(bb, h, method='head')
     pooled = database.pool(outs[spec.key_block], spec.grid)
     return pooled.reshape(-1, pooled.shape[-1]), database.patches_of(spec, teacher)
 
   feats, values = [], []
   for start in range(0, n, bs):
-    idx = range(start, min(n, start + bs))
-    labels = jnp.asarray(np.stack([source[i]['labels'] for i in idx]).astype(np.int32))
-    z = jax.random.normal(jax.random.fold_in(key, start), (len(idx), config.backbone.z_dim))
-    f, v = features(labels, z)
+    chunk = tuple(jnp.asarray(x[start:start + bs]) for x in data)
+    f, v = features(*tasks.make_inputs(task, chunk, jax.random.fold_in(key, start)))
     feats.append(np.asarray(f))
     values.append(np.asarray(v))
   db = database.fit(spec, np.concatenate(feats), np.concatenate(values),

@@ -1,22 +1,30 @@
-"""Builds the models named by a config; the only place that reads config.backbone."""
+"""Builds the models named by a config; dispatches on config.backbone.name."""
 import ml_collections
+from flax import linen as nn
 
+from fiancee_jax import tasks
 from fiancee_jax.models import exits
 from fiancee_jax.models import oasis
 from fiancee_jax.models import predictor
+from fiancee_jax.models import reenact
 
 
-def make_generator(config: ml_collections.ConfigDict) -> oasis.OasisGenerator:
+def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
+  """The staged backbone: OasisGenerator ('oasis') or ReenactGenerator ('reenact')."""
   b = config.backbone
-  if b.name != 'oasis':
-    raise ValueError(f"config.backbone.name={b.name!r} is not a label-map backbone ('oasis')")
+  tasks.get_task(config)  # names the known backbones if b.name is unknown
+  if b.name == 'reenact':
+    return reenact.make_generator(config)
   return oasis.OasisGenerator(
       num_classes=config.data.num_classes, ch=b.ch, width_ratios=tuple(b.width_ratios),
       spade_hidden=b.spade_hidden, z_dim=b.z_dim, spectral_norm=b.spectral_norm)
 
 
-def make_discriminator(config: ml_collections.ConfigDict) -> oasis.OasisDiscriminator:
+def make_discriminator(config: ml_collections.ConfigDict) -> nn.Module:
+  """OASIS's U-Net discriminator, or the reenactment backbone's patch discriminator."""
   b = config.backbone
+  if b.name == 'reenact':
+    return reenact.make_discriminator(config)
   return oasis.OasisDiscriminator(
       num_classes=config.data.num_classes,
       widths=tuple(b.d_ch * r for r in b.d_width_ratios), out_width=b.d_ch,
@@ -34,7 +42,8 @@ def database_spec(config: ml_collections.ConfigDict):
   return database.DatabaseSpec(
       resolution=tuple(config.data.resolution), grid=tuple(db.grid), key_block=db.key_block,
       feature_width=g.widths[db.key_block + 1], key_dim=db.key_dim,
-      num_entries=db.num_entries, num_classes=config.data.num_classes, metric=db.metric,
+      num_entries=db.num_entries, num_classes=config.data.get('num_classes', 0),
+      metric=db.metric,
       top_k=db.top_k, temperature=db.temperature, chunk=db.chunk)
 
 
@@ -48,8 +57,10 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool) -> exits
       key_block=config.database.key_block, lookup=lookup)
 
 
-def make_predictor(config: ml_collections.ConfigDict) -> predictor.Predictor:
-  """Predictor of the distances of the config's branch exits."""
-  return predictor.Predictor(
-      num_classes=config.data.num_classes, num_outputs=len(config.exits.attach_after),
-      width=config.predictor.width, pool=config.predictor.pool)
+def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:
+  """Predictor of the distances of the config's branch exits; apply(params, *data)."""
+  p, n = config.predictor, len(config.exits.attach_after)
+  if tasks.get_task(config).name == 'reenactment':
+    return predictor.PairPredictor(num_outputs=n, width=p.width, pool=p.pool)
+  return predictor.Predictor(num_classes=config.data.num_classes, num_outputs=n,
+                             width=p.width, pool=p.pool)

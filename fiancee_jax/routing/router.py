@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiancee_jax import model as model_lib
+from fiancee_jax import tasks
 from fiancee_jax.metrics import flops as flops_lib
 
 
@@ -66,10 +67,12 @@ def _check_predictor(model: model_lib.FianceeModel) -> None:
                      '(--stages=predictor) or call an exit path directly (model.paths()[k])')
 
 
-def _abstract_inputs(model: model_lib.FianceeModel, b: int) -> tuple[Any, Any]:
-  h, w = model.resolution
-  return (jax.ShapeDtypeStruct((b, h, w), jnp.int32),
-          jax.ShapeDtypeStruct((b, model.z_dim), jnp.float32))
+def _abstract_inputs(model: model_lib.FianceeModel, b: int) -> tuple[Any, ...]:
+  return tasks.input_specs(model.task, b)
+
+
+def _abstract_data(model: model_lib.FianceeModel, b: int) -> tuple[Any, ...]:
+  return model.task.data_specs(b)
 
 
 def _margins(model: model_lib.FianceeModel) -> np.ndarray:
@@ -81,14 +84,8 @@ def _margins(model: model_lib.FianceeModel) -> np.ndarray:
   return m
 
 
-def _check_batch(model: model_lib.FianceeModel, labels: Any, z: Any) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
-  labels = model.check_labels(labels)
-  z = np.asarray(z, np.float32)
-  if z.shape != (labels.shape[0], model.z_dim):
-    raise ValueError(f'z must be float32 [B, z_dim] = [{labels.shape[0]}, {model.z_dim}], got '
-                     f'shape {z.shape}; build inputs with model.make_inputs(labels, key)')
-  return labels, z
+def _check_batch(model: model_lib.FianceeModel, inputs: Any) -> tuple[np.ndarray, ...]:
+  return model.check_inputs(inputs)
 
 
 def sample_gflops(model: model_lib.FianceeModel, exit_ids: np.ndarray) -> np.ndarray:
@@ -112,13 +109,13 @@ class SwitchRouter:
     paths = model.paths()
     predict = model.predict_fn()
 
-    def routed(params, pp, margins, threshold, labels, z):
-      pred = predict(pp, labels)  # [1, E - 1]
+    def routed(params, pp, margins, threshold, *inputs):
+      pred = predict(pp, *inputs)  # [1, E - 1]
       k = route(pred, threshold, margins)[0]  # scalar: a conditional, not a select
-      return jax.lax.switch(k, paths, params, labels, z), k
+      return jax.lax.switch(k, paths, params, *inputs), k
 
-    def dispatch(params, k, labels, z):
-      return jax.lax.switch(k, paths, params, labels, z)
+    def dispatch(params, k, *inputs):
+      return jax.lax.switch(k, paths, params, *inputs)
 
     self._routed_fn, self._dispatch_fn, self._paths = routed, dispatch, paths
     self._routed = self._dispatch = None
@@ -129,7 +126,7 @@ class SwitchRouter:
     return jax.jit(fn).lower(*args).compile()
 
   def compiled_routed(self) -> jax.stages.Compiled:
-    """The executable (params, predictor_params, margins, threshold, labels, z) -> (image, k)."""
+    """The executable (params, predictor_params, margins, threshold, *inputs) -> (image, k)."""
     if self._routed is None:
       m = self.model
       self._routed = self._compile(
@@ -139,7 +136,7 @@ class SwitchRouter:
     return self._routed
 
   def compiled_dispatch(self) -> jax.stages.Compiled:
-    """The switch alone, index given: (params, exit_id int32 [], labels, z) -> image."""
+    """The switch alone, index given: (params, exit_id int32 [], *inputs) -> image."""
     if self._dispatch is None:
       m = self.model
       self._dispatch = self._compile(self._dispatch_fn, flops_lib.abstract(m.params),
@@ -148,7 +145,7 @@ class SwitchRouter:
     return self._dispatch
 
   def compiled_direct(self, k: int) -> jax.stages.Compiled:
-    """Exit k's own path at batch 1: (params, labels, z) -> image."""
+    """Exit k's own path at batch 1: (params, *inputs) -> image."""
     if not 0 <= k < self.model.num_exits:
       raise ValueError(f'exit {k} does not exist (0..{self.model.num_exits - 1})')
     if k not in self._direct:
@@ -164,44 +161,47 @@ class SwitchRouter:
       self.compiled_direct(k)
     return self.num_compiles
 
-  def __call__(self, labels: Any, z: Any, threshold: float) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, inputs: Sequence[Any], threshold: float) -> tuple[jax.Array, jax.Array]:
     """Routes one sample.
 
     Args:
-      labels: int32 [1, H, W]; z: float32 [1, z_dim]; threshold: distance budget.
+      inputs: the exit paths' inputs at batch 1 (model.make_inputs): (labels int32
+        [1, H, W], z float32 [1, z_dim]) or (source, driver) float32 [1, H, W, 3].
+      threshold: distance budget.
 
     Returns:
       (image float32 [1, H, W, 3], exit_id int32 []) as device arrays (not synchronised).
     """
-    labels, z = self._check_one(labels, z)
+    inputs = self._check_one(inputs)
     threshold = model_lib.check_threshold(threshold)
     m = self.model
     return self.compiled_routed()(m.params, m.predictor_params, _margins(m),
-                                  np.float32(threshold), labels, z)
+                                  np.float32(threshold), *inputs)
 
-  def dispatch(self, exit_id: int, labels: Any, z: Any) -> jax.Array:
+  def dispatch(self, exit_id: int, inputs: Sequence[Any]) -> jax.Array:
     """Runs exit `exit_id` through the switch executable (index as a runtime scalar)."""
-    labels, z = self._check_one(labels, z)
-    return self.compiled_dispatch()(self.model.params, np.int32(exit_id), labels, z)
+    inputs = self._check_one(inputs)
+    return self.compiled_dispatch()(self.model.params, np.int32(exit_id), *inputs)
 
-  def direct(self, k: int) -> Callable[[Any, Any], jax.Array]:
-    """fn(labels [1, H, W], z [1, z_dim]) -> image [1, H, W, 3] running exit k's path only."""
+  def direct(self, k: int) -> Callable[..., jax.Array]:
+    """fn(*inputs at batch 1) -> image [1, H, W, 3] running exit k's path only."""
     compiled = self.compiled_direct(k)
     model = self.model
 
-    def run(labels, z):
-      return compiled(model.params, labels, z)
+    def run(*inputs):
+      return compiled(model.params, *inputs)
 
     run.__name__ = f'direct_exit_{k}'
     return run
 
-  def _check_one(self, labels: Any, z: Any) -> tuple[Any, Any]:
-    if np.shape(labels)[:1] != (1,):
-      raise ValueError(f'SwitchRouter serves a batch of one (labels [1, H, W]), got labels of '
-                       f'shape {np.shape(labels)}; use BucketedRouter for batches')
-    if isinstance(labels, jax.Array) and isinstance(z, jax.Array):
-      return labels, z  # already on the device; the executable checks shapes and dtypes
-    return _check_batch(self.model, labels, z)
+  def _check_one(self, inputs: Any) -> tuple[Any, ...]:
+    inputs = tasks.as_tuple(inputs)
+    if inputs and np.shape(inputs[0])[:1] != (1,):
+      raise ValueError(f'SwitchRouter serves a batch of one ([1, ...] inputs), got a first '
+                       f'input of shape {np.shape(inputs[0])}; use BucketedRouter for batches')
+    if inputs and all(isinstance(x, jax.Array) for x in inputs):
+      return inputs  # already on the device; the executable checks shapes and dtypes
+    return _check_batch(self.model, inputs)
 
 
 def default_buckets(max_bucket: int = 64) -> tuple[int, ...]:
@@ -244,8 +244,8 @@ class BucketedRouter:
     self._paths = model.paths()
     predict = model.predict_fn()
 
-    def predict_and_route(pp, margins, threshold, labels):
-      pred = predict(pp, labels).astype(jnp.float32)
+    def predict_and_route(pp, margins, threshold, *data):
+      pred = predict(pp, *data).astype(jnp.float32)
       return route(pred, threshold, margins), pred
 
     self._predict_fn = predict_and_route
@@ -266,20 +266,20 @@ class BucketedRouter:
     key = (kind, k, b)
     if key not in self._cache:
       m = self.model
-      labels, z = _abstract_inputs(m, b)
       if kind == 'predict':
         lowered = jax.jit(self._predict_fn).lower(
             flops_lib.abstract(m.predictor_params),
             jax.ShapeDtypeStruct((m.num_exits - 1,), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.float32), labels)
+            jax.ShapeDtypeStruct((), jnp.float32), *_abstract_data(m, b))
       else:
-        lowered = jax.jit(self._paths[k]).lower(flops_lib.abstract(m.params), labels, z)
+        lowered = jax.jit(self._paths[k]).lower(flops_lib.abstract(m.params),
+                                                *_abstract_inputs(m, b))
       self._cache[key] = lowered.compile()
       self.num_compiles += 1
     return self._cache[key]
 
   def compiled_exit(self, k: int, b: int) -> jax.stages.Compiled:
-    """Exit k's path at bucket size b: (params, labels [b, H, W], z [b, z_dim]) -> images."""
+    """Exit k's path at bucket size b: (params, *inputs at batch b) -> images."""
     if not 0 <= k < self.model.num_exits:
       raise ValueError(f'exit {k} does not exist (0..{self.model.num_exits - 1})')
     if b not in self.bucket_sizes:
@@ -287,7 +287,7 @@ class BucketedRouter:
     return self._compiled('exit', k, b)
 
   def compiled_predict(self, b: int) -> jax.stages.Compiled:
-    """(predictor_params, margins, threshold, labels [b, H, W]) -> (exit_ids [b], pred)."""
+    """(predictor_params, margins, threshold, *data at batch b) -> (exit_ids [b], pred)."""
     if b not in self.bucket_sizes:
       raise ValueError(f'batch {b} is not a bucket size {self.bucket_sizes}')
     return self._compiled('predict', -1, b)
@@ -319,21 +319,22 @@ class BucketedRouter:
         calls.append((k, b, padded, min(self.max_bucket, len(idx) - start)))
     return calls
 
-  def predict_and_route(self, labels: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Exit ids int32 [B] and predictions float32 [B, E - 1] for a batch of label maps."""
-    return self._predict_and_route(self.model.check_labels(labels),
+  def predict_and_route(self, data: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exit ids int32 [B] and predictions float32 [B, E - 1] for a batch of data (the
+    inputs without noise: label maps, or (source, driver))."""
+    return self._predict_and_route(self.model.check_data(data),
                                    model_lib.check_threshold(threshold))
 
-  def _predict_and_route(self, labels: np.ndarray,
+  def _predict_and_route(self, data: tuple[np.ndarray, ...],
                          threshold: float) -> tuple[np.ndarray, np.ndarray]:
     m = self.model
     threshold = np.float32(threshold)
     margins = _margins(m)
-    n = labels.shape[0]
+    n = data[0].shape[0]
     pending = []
     for b, padded in self._chunks(np.arange(n)):
       pending.append(self.compiled_predict(b)(m.predictor_params, margins, threshold,
-                                              labels[padded]))
+                                              *(x[padded] for x in data)))
     ids = np.empty(n, np.int32)
     pred = np.empty((n, m.num_exits - 1), np.float32)
     for start, (k, p) in zip(range(0, n, self.max_bucket), pending):
@@ -342,43 +343,45 @@ class BucketedRouter:
       pred[start:stop] = np.asarray(p)[:stop - start]
     return ids, pred
 
-  def run_exits(self, exit_ids: Any, labels: Any, z: Any) -> np.ndarray:
+  def run_exits(self, exit_ids: Any, inputs: Sequence[Any]) -> np.ndarray:
     """Images float32 [B, H, W, 3] with sample i produced by exit exit_ids[i]."""
-    labels, z = _check_batch(self.model, labels, z)
+    inputs = _check_batch(self.model, inputs)
     exit_ids = np.asarray(exit_ids)
-    e = self.model.num_exits
-    if exit_ids.shape != labels.shape[:1] or exit_ids.size and (
+    e, n = self.model.num_exits, inputs[0].shape[0]
+    if exit_ids.shape != (n,) or exit_ids.size and (
         exit_ids.min() < 0 or exit_ids.max() >= e):
-      raise ValueError(f'exit_ids must be int [B] = [{labels.shape[0]}] with values in '
+      raise ValueError(f'exit_ids must be int [B] = [{n}] with values in '
                        f'[0, {e}), got shape {exit_ids.shape} with values '
                        f'{np.unique(exit_ids)[:8].tolist()}')
-    return self._run_exits(exit_ids, labels, z)
+    return self._run_exits(exit_ids, inputs)
 
-  def _run_exits(self, exit_ids: np.ndarray, labels: np.ndarray, z: np.ndarray) -> np.ndarray:
+  def _run_exits(self, exit_ids: np.ndarray, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
     params = self.model.params
     # Dispatch every chunk before reading any result, so the device works while the host
     # slices the next chunk (JAX dispatch is asynchronous).
-    pending = [(padded[:n], self.compiled_exit(k, b)(params, labels[padded], z[padded]))
+    pending = [(padded[:n], self.compiled_exit(k, b)(params, *(x[padded] for x in inputs)))
                for k, b, padded, n in self.plan(exit_ids)]
     h, w = self.model.resolution
-    images = np.empty((labels.shape[0], h, w, 3), np.float32)
+    images = np.empty((inputs[0].shape[0], h, w, 3), np.float32)
     for idx, out in pending:
       images[idx] = np.asarray(out)[:len(idx)]
     return images
 
-  def __call__(self, labels: Any, z: Any, threshold: float) -> Routed:
+  def __call__(self, inputs: Sequence[Any], threshold: float) -> Routed:
     """Routes a batch.
 
     Args:
-      labels: int32 [B, H, W]; z: float32 [B, z_dim]; threshold: distance budget.
+      inputs: the exit paths' inputs (model.make_inputs): (labels int32 [B, H, W], z float32
+        [B, z_dim]) or (source, driver) float32 [B, H, W, 3].
+      threshold: distance budget.
 
     Returns:
       Routed(images float32 [B, H, W, 3], exit_ids int32 [B], gflops float64 [B]).
     """
     threshold = model_lib.check_threshold(threshold)
-    labels, z = _check_batch(self.model, labels, z)
-    exit_ids, _ = self._predict_and_route(labels, threshold)
-    images = self._run_exits(exit_ids, labels, z)
+    inputs = _check_batch(self.model, inputs)
+    exit_ids, _ = self._predict_and_route(tasks.data_of(self.model.task, inputs), threshold)
+    images = self._run_exits(exit_ids, inputs)
     return Routed(images, exit_ids, sample_gflops(self.model, exit_ids))
 
 
@@ -389,12 +392,14 @@ def vmap_switch_fn(model: model_lib.FianceeModel) -> Callable[..., jax.Array]:
   sample and the cost is the sum of all exits, whatever the routing. Do not route this way.
 
   Returns:
-    fn(params, exit_ids int32 [B], labels int32 [B, H, W], z float32 [B, z_dim]) -> images
-    float32 [B, H, W, 3].
+    fn(params, exit_ids int32 [B], *inputs at batch B) -> images float32 [B, H, W, 3].
   """
   paths = model.paths()
 
-  def one(params, k, labels, z):
-    return jax.lax.switch(k, paths, params, labels[None], z[None])[0]
+  def one(params, k, *inputs):
+    return jax.lax.switch(k, paths, params, *(x[None] for x in inputs))[0]
 
-  return jax.vmap(one, in_axes=(None, 0, 0, 0))
+  def fn(params, exit_ids, *inputs):
+    return jax.vmap(one, in_axes=(None, 0) + (0,) * len(inputs))(params, exit_ids, *inputs)
+
+  return fn

@@ -20,8 +20,8 @@ from absl import logging
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
+from fiancee_jax import tasks
 from fiancee_jax.data import input_pipeline
-from fiancee_jax.data import tfds_sources
 from fiancee_jax.data import visualize
 from fiancee_jax.losses import oasis as oasis_losses
 from fiancee_jax.models import factory
@@ -45,11 +45,7 @@ class BackboneState(NamedTuple):
 
 def data_source(config: ml_collections.ConfigDict, split: str):
   """The dataset split named by config.data, at config.data.resolution."""
-  d = config.data
-  return tfds_sources.get_source(
-      name=d.name, split=split, resolution=tuple(d.resolution), num_classes=d.num_classes,
-      seed=d.seed, num_train=d.num_train, num_validation=d.num_validation,
-      num_test=d.num_test, data_dir=d.data_dir)
+  return tasks.data_source(config, split)
 
 
 def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> BackboneState:
@@ -157,7 +153,14 @@ def generate(config: ml_collections.ConfigDict, params: Any, stats: Any,
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> BackboneState:
-  """Runs (or resumes) the backbone stage; returns the final state."""
+  """Runs (or resumes) the backbone stage; returns the final state.
+
+  The reenactment backbone has its own trainer (training/reenact.py) with the same
+  checkpoint, resume and logging conventions.
+  """
+  if config.backbone.name == 'reenact':
+    from fiancee_jax.training import reenact  # pylint: disable=g-import-not-at-top
+    return reenact.train(config, workdir)
   tc = config.train
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.batch_size, mesh, 'config.train.batch_size')
@@ -271,6 +274,9 @@ def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict
   Raises:
     checkpoint.CheckpointError: no finished backbone checkpoint (names the directory).
   """
+  if config.backbone.name == 'reenact':
+    from fiancee_jax.training import reenact  # pylint: disable=g-import-not-at-top
+    return reenact.load_backbone(config, workdir)
   target = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
   state, _ = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
                                          stage=STAGE, total_steps=config.train.num_steps)

@@ -21,7 +21,7 @@ from absl import logging
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
-from fiancee_jax.data import input_pipeline
+from fiancee_jax import tasks
 from fiancee_jax.data import visualize
 from fiancee_jax.guidance import build as database_build
 from fiancee_jax.losses import oasis as oasis_losses
@@ -55,13 +55,12 @@ def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
 
 
 def init_state(config, key, bb, db) -> ExitsState:
-  h, w = config.data.resolution
-  labels = jnp.zeros((1, h, w), jnp.int32)
-  z = jnp.zeros((1, config.backbone.z_dim))
+  inputs = [jnp.zeros(s.shape, s.dtype)
+            for s in tasks.input_specs(tasks.get_task(config), 1)]
   params, stats = {}, {}
   for v in variants(config):
     model = factory.make_exit_model(config, guided=(v == 'guided'))
-    ev = model.init_exits(jax.random.fold_in(key, len(params)), bb, db, labels, z)
+    ev = model.init_exits(jax.random.fold_in(key, len(params)), bb, db, *inputs)
     params[v] = [e['params'] for e in ev]
     stats[v] = [e['batch_stats'] for e in ev]
   tx = _optimizer(config)
@@ -82,14 +81,15 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict, db
   dist = get_distance(config)
   disc = factory.make_discriminator(config)
   tx = _optimizer(config)
-  z_dim, num_classes = config.backbone.z_dim, config.data.num_classes
+  task = tasks.get_task(config)
+  num_classes = config.data.get('num_classes', 0)
 
   def step(state: ExitsState, batch):
-    labels = batch['labels']
-    z = jax.random.normal(jax.random.fold_in(state.rng, state.step), (labels.shape[0], z_dim))
+    data = tuple(batch[k] for k in task.data_keys)
+    inputs = tasks.make_inputs(task, data, jax.random.fold_in(state.rng, state.step))
     # One frozen backbone pass (with the database lookup) serves every variant.
     any_model = models[variants(config)[0]]
-    h, cond, outs = any_model.prefix(bb, (labels, z), any_model.backbone.num_blocks - 1)
+    h, cond, outs = any_model.prefix(bb, inputs, any_model.backbone.num_blocks - 1)
     teacher = any_model.backbone.apply(bb, h, method='head')
     guide = (models['guided'].guide({'database': db}, outs, cond.shape[1:3])
              if 'guided' in models else None)
@@ -108,7 +108,7 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict, db
           loss = e.l1_weight * l1 + e.perceptual_weight * dk
           if e.adversarial_weight > 0:
             logits = disc.apply(dvars, img)
-            adv = oasis_losses.n1_cross_entropy(logits, labels, for_real=True,
+            adv = oasis_losses.n1_cross_entropy(logits, batch['labels'], for_real=True,
                                                 num_classes=num_classes)
             loss = loss + e.adversarial_weight * adv
             meas[f'exit{k}{suffix}/adv'] = adv
@@ -135,8 +135,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
   bb, dvars = backbone_training.load_backbone(config, workdir)
   db = database_build.load(config, workdir) if config.exits.guided else None
   bb, dvars, db = parallel.replicate((bb, dvars, db), mesh)
-  train_src = backbone_training.data_source(config, 'train')
-  val_src = backbone_training.data_source(config, 'validation')
+  train_src = tasks.data_source(config, 'train')
+  task = tasks.get_task(config)
 
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   state = jax.jit(lambda k: init_state(config, k, bb, db), out_shardings=repl)(key)
@@ -151,18 +151,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
   start = int(state.step)
   step_fn = jax.jit(make_train_step(config, bb, dvars, db), in_shardings=(repl, data_sh),
                     out_shardings=(repl, repl), donate_argnums=0)
-  samples = backbone_training._sample_batch(config, val_src)  # pylint: disable=protected-access
-  batches = input_pipeline.batches(
-      train_src, batch_size=e.batch_size, seed=config.seed + 3, start_step=start,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch=config.data.prefetch)
+  samples = sample_inputs(config)
+  batches = tasks.train_batches(config, train_src, batch_size=e.batch_size,
+                                seed=config.seed + 3, start_step=start)
   with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=e.num_steps) as writer:
     for step in range(start, e.num_steps):
       batch = next(batches)
       if step == start:
-        input_pipeline.check_batch(batch, num_classes=config.data.num_classes,
-                                   resolution=tuple(config.data.resolution))
-      state, m = step_fn(state, parallel.shard_batch({'labels': batch['labels']}, mesh))
+        tasks.check_batch(config, batch)
+      state, m = step_fn(state, parallel.shard_batch({k: batch[k] for k in task.data_keys},
+                                                     mesh))
       m = metric_logging.check_finite(jax.device_get(m), step + 1, stage=STAGE)
       if (step + 1) % e.log_every == 0 or step + 1 == e.num_steps:
         writer.write_scalars(step + 1, m)
@@ -197,16 +195,24 @@ def _jitted_all_exits(config_json: str, guided: bool):
   return jax.jit(factory.make_exit_model(config, guided=guided).all_exits)
 
 
+def sample_inputs(config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{'data', 'inputs'} of the first validation examples that sample grids show."""
+  task = tasks.get_task(config)
+  data = tasks.load_data(config, 'validation', config.train.num_sample_images)
+  inputs = tasks.make_inputs(task, data, jax.random.key(config.seed + 7))
+  return {'data': data, 'inputs': tuple(np.asarray(x) for x in inputs)}
+
+
 def write_samples(config, workdir, bb, db, state: ExitsState, samples, step: int) -> None:
-  """samples/exits_{step}.png: label | backbone | exit 0 | exit 1 | ... (guided variant)."""
+  """samples/exits_{step}.png: data | backbone | exit 0 | exit 1 | ... (guided variant)."""
   if jax.process_index() != 0:
     return
   v = variants(config)[0]
   ev = [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
   images, teacher = _jitted_all_exits(config.to_json_best_effort(), v == 'guided')(
-      {'backbone': bb, 'exits': ev, 'database': db}, samples['labels'], samples['z'])
-  to_u8 = lambda x: np.asarray((np.asarray(x) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-  cols = [visualize.label_map_to_rgb(samples['labels']), to_u8(teacher)]
-  cols += [to_u8(img) for img in images]
+      {'backbone': bb, 'exits': ev, 'database': db}, *samples['inputs'])
+  to_u8 = visualize.images_to_uint8
+  cols = tasks.get_task(config).columns(samples['data']) + [to_u8(np.asarray(teacher))]
+  cols += [to_u8(np.asarray(img)) for img in images]
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   visualize.save_grid(cols, os.path.join(workdir, 'samples', f'{STAGE}_{step:06d}.png'))

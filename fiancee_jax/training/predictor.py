@@ -16,6 +16,7 @@ from absl import logging
 
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
+from fiancee_jax import tasks
 from fiancee_jax.guidance import build as database_build
 from fiancee_jax.models import exits as exits_lib
 from fiancee_jax.models import factory
@@ -34,39 +35,52 @@ class PredictorState(NamedTuple):
   opt: optax.OptState
 
 
-def fixed_z(config: ml_collections.ConfigDict, split: str, indices: np.ndarray) -> jax.Array:
-  """One z per dataset index of `split`: float32 [len(indices), z_dim], reproducible."""
+def fixed_z(config: ml_collections.ConfigDict, split: str,
+            indices: np.ndarray) -> np.ndarray | None:
+  """One z per dataset index of `split`: float32 [len(indices), z_dim], reproducible; None
+  for a noise-free backbone."""
+  z_dim = tasks.get_task(config).noise_dim
+  if not z_dim:
+    return None
   key = jax.random.fold_in(jax.random.key(config.seed), _SPLIT_STREAM[split])
-  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
-                                              (config.backbone.z_dim,)))(jnp.asarray(indices))
+  return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (z_dim,)))(
+      jnp.asarray(indices)))
 
 
-def load_labels(config: ml_collections.ConfigDict, split: str, n: int) -> np.ndarray:
-  """The first n label maps of `split`: int32 [n, H, W]."""
-  source = backbone_training.data_source(config, split)
-  n = min(n, len(source))
-  return np.stack([source[i]['labels'] for i in range(n)]).astype(np.int32)
+def load_inputs(config: ml_collections.ConfigDict, split: str, n: int) -> tuple[np.ndarray, ...]:
+  """Exit-path inputs of the first n examples of `split`: the data plus a fixed z per index."""
+  data = tasks.load_data(config, split, n)
+  z = fixed_z(config, split, np.arange(len(data[0])))
+  return tasks.with_noise(tasks.get_task(config), data, z)
 
 
 def measure_distances(config: ml_collections.ConfigDict, model: exits_lib.ExitModel,
-                      params: dict, labels: np.ndarray, z: jax.Array,
-                      batch: int) -> np.ndarray:
-  """Distance of every branch's output to the backbone's: float32 [N, E - 1]."""
+                      params: dict, inputs: tuple[np.ndarray, ...], batch: int,
+                      reference: np.ndarray | None = None) -> np.ndarray:
+  """Distance of every exit's output to the backbone's: float32 [N, E - 1].
+
+  With `reference` (float32 [N, H, W, 3], e.g. the ground truth), the distance of every exit
+  and of the backbone to it instead: float32 [N, E].
+  """
   dist = exits_training.get_distance(config)
 
   @jax.jit
-  def f(labels, z):
-    images, teacher = model.all_exits(params, labels, z)
-    return jnp.stack([dist.fn(img, teacher) for img in images], axis=-1)
+  def f(ref, *inputs):
+    images, teacher = model.all_exits(params, *inputs)
+    if ref is None:
+      return jnp.stack([dist.fn(img, teacher) for img in images], axis=-1)
+    return jnp.stack([dist.fn(img, ref) for img in images + [teacher]], axis=-1)
 
+  def chunk(x, s):
+    x = np.asarray(x[s:s + batch])
+    pad = batch - len(x)
+    return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x  # one compiled shape
+
+  n = len(inputs[0])
   out = []
-  for s in range(0, len(labels), batch):
-    lb, zb = labels[s:s + batch], z[s:s + batch]
-    pad = batch - len(lb)
-    if pad:  # keep one compiled shape
-      lb = np.concatenate([lb, np.repeat(lb[-1:], pad, 0)])
-      zb = jnp.concatenate([zb, jnp.repeat(zb[-1:], pad, 0)])
-    out.append(np.asarray(f(jnp.asarray(lb), zb))[:batch - pad])
+  for s in range(0, n, batch):
+    ref = None if reference is None else chunk(reference, s)
+    out.append(np.asarray(f(ref, *(chunk(x, s) for x in inputs)))[:min(batch, n - s)])
   return np.concatenate(out).astype(np.float32)
 
 
@@ -81,27 +95,30 @@ def trained_exit_params(config, workdir, variant: str) -> dict:
 
 
 def split_distances(config, workdir, split: str, n: int, variant: str | None = None):
-  """(labels [n, H, W], z [n, z_dim], distances [n, E - 1]) of a split, cached on disk."""
+  """(inputs, distances float32 [n, E - 1]) of a split's first n examples, cached on disk.
+
+  inputs: the exit paths' inputs (load_inputs), e.g. (labels [n, H, W], z [n, z_dim]).
+  """
   variant = variant or exits_training.variants(config)[0]
-  labels = load_labels(config, split, n)
-  z = fixed_z(config, split, np.arange(len(labels)))
+  inputs = load_inputs(config, split, n)
+  n = len(inputs[0])
   cache = os.path.join(workdir, 'checkpoints', STAGE, f'distances_{split}_{variant}.npz')
   if os.path.exists(cache):
     with np.load(cache) as f:
-      if f['distances'].shape[0] == len(labels):
-        return labels, z, f['distances']
+      if f['distances'].shape[0] == n:
+        return inputs, f['distances']
   model = factory.make_exit_model(config, guided=(variant == 'guided'))
   params = trained_exit_params(config, workdir, variant)
-  d = measure_distances(config, model, params, labels, z, config.predictor.measure_batch)
+  d = measure_distances(config, model, params, inputs, config.predictor.measure_batch)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache + '.tmp.npz'
     np.savez(tmp, distances=d)
     os.replace(tmp, cache)
-  return labels, z, d
+  return inputs, d
 
 
-def make_train_step(config, labels: jax.Array, targets: jax.Array):
+def make_train_step(config, data: tuple[jax.Array, ...], targets: jax.Array):
   """step(state) -> (state, measurements): a random minibatch per step (key = step)."""
   p = config.predictor
   model = factory.make_predictor(config)
@@ -110,10 +127,10 @@ def make_train_step(config, labels: jax.Array, targets: jax.Array):
 
   def step(state: PredictorState):
     idx = jax.random.randint(jax.random.fold_in(key, state.step), (p.batch_size,), 0,
-                             labels.shape[0])
+                             targets.shape[0])
 
     def loss_fn(params):
-      pred = model.apply(params, labels[idx])
+      pred = model.apply(params, *(x[idx] for x in data))
       err = pred - targets[idx]
       return jnp.mean(jnp.abs(err)) if p.loss == 'l1' else jnp.mean(err ** 2)
 
@@ -131,11 +148,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if p.loss not in ('l1', 'mse'):
     raise ValueError(f"config.predictor.loss={p.loss!r}: use 'l1' or 'mse'")
   directory = os.path.join(workdir, 'checkpoints', STAGE)
-  labels, _, targets = split_distances(config, workdir, 'train', p.num_train)
-  labels, targets = jnp.asarray(labels), jnp.asarray(targets)
+  inputs, targets = split_distances(config, workdir, 'train', p.num_train)
+  data = tuple(jnp.asarray(x) for x in tasks.data_of(tasks.get_task(config), inputs))
+  targets = jnp.asarray(targets)
   model = factory.make_predictor(config)
-  step_fn, tx = make_train_step(config, labels, targets)
-  params = model.init(jax.random.fold_in(jax.random.key(config.seed), 5), labels[:1])
+  step_fn, tx = make_train_step(config, data, targets)
+  params = model.init(jax.random.fold_in(jax.random.key(config.seed), 5),
+                      *(x[:1] for x in data))
   state = PredictorState(jnp.zeros((), jnp.int32), params, tx.init(params))
   ckpt = checkpoint.Checkpointer(directory, max_to_keep=2,
                                  save_every=max(1, p.num_steps // 3))
@@ -164,8 +183,9 @@ def calibrate(config, workdir, params) -> np.ndarray:
   num_branches = len(config.exits.attach_after)
   if config.router.calibration == 'none':
     return np.zeros(num_branches, np.float32)
-  labels, _, true = split_distances(config, workdir, 'validation', config.data.num_validation)
-  pred = np.asarray(jax.jit(factory.make_predictor(config).apply)(params, jnp.asarray(labels)))
+  inputs, true = split_distances(config, workdir, 'validation', config.data.num_validation)
+  data = tasks.data_of(tasks.get_task(config), inputs)
+  pred = np.asarray(jax.jit(factory.make_predictor(config).apply)(params, *data))
   margins = calibration.calibrate(pred, true, target=config.router.target_met,
                                   method=config.router.calibration)
   logging.info('predictor: calibration margins %s', margins)
@@ -175,8 +195,8 @@ def calibrate(config, workdir, params) -> np.ndarray:
 def load_predictor(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, np.ndarray]:
   """(predictor variables, calibration margins [E - 1]) of `workdir`."""
   model = factory.make_predictor(config)
-  h, w = config.data.resolution
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w), jnp.int32))
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          *tasks.get_task(config).data_specs(1))
   tx = optimizers.adam(config.predictor.lr, 0.9, 0.999)
   target = jax.eval_shape(lambda p: PredictorState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                           params)

@@ -10,6 +10,7 @@ from flax import linen as nn
 from configs import landscapes
 from fiancee_jax import inference
 from fiancee_jax import model as model_lib
+from fiancee_jax import tasks
 from fiancee_jax.metrics import latency
 from fiancee_jax.models import exits as exits_lib
 from fiancee_jax.models import factory
@@ -68,7 +69,8 @@ def tiny_model() -> model_lib.FianceeModel:
       exit_model=em, params=params, predictor=pred, predictor_params=pp,
       margins=np.zeros(em.num_exits - 1, np.float32),
       exit_gflops=(1.0, 2.0, 4.0), predictor_gflops=0.25,
-      num_classes=config.data.num_classes, resolution=(h, w), z_dim=config.backbone.z_dim,
+      task=tasks.Synthesis(num_classes=config.data.num_classes, resolution=(h, w),
+                           z_dim=config.backbone.z_dim),
       distance='test')
 
 
@@ -147,11 +149,11 @@ def test_switch_router_equals_direct_paths():
   labels, z = tiny_labels(1), tiny_z(1)
   for k in range(m.num_exits):
     direct = np.asarray(sw.direct(k)(labels, z))
-    np.testing.assert_allclose(np.asarray(sw.dispatch(k, labels, z)), direct, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sw.dispatch(k, (labels, z))), direct, atol=1e-6)
   # The routed executable takes the exit the rule picks and returns that exit's image.
   pred = np.asarray(m.predict_fn()(m.predictor_params, labels))
   for t in (0.0, float(pred[0].min()), 1.0):
-    image, k = sw(labels, z, t)
+    image, k = sw((labels, z), t)
     assert int(k) == _route_reference(pred, t, m.margins)[0]
     np.testing.assert_allclose(np.asarray(image), np.asarray(sw.direct(int(k))(labels, z)),
                                atol=1e-6)
@@ -162,7 +164,7 @@ def test_switch_router_equals_direct_paths():
 
 def test_switch_router_rejects_batches():
   with pytest.raises(ValueError, match='batch of one'):
-    switch()(tiny_labels(2), tiny_z(2), 0.1)
+    switch()((tiny_labels(2), tiny_z(2)), 0.1)
 
 
 def test_switch_is_a_conditional_not_a_select():
@@ -187,7 +189,7 @@ def test_bucketed_router_matches_per_exit_reference_and_never_recompiles():
   seen = set()
   with latency.RecompileGuard(what='bucketed router'):
     for t in (0.0, float(np.median(pred[:, 0])), float(np.median(pred)), 1.0):
-      images, ids, gflops = r(labels, z, t)
+      images, ids, gflops = r((labels, z), t)
       np.testing.assert_array_equal(ids, _route_reference(pred, t, m.margins))
       expected = np.stack([full[k][i] for i, k in enumerate(ids)])
       np.testing.assert_allclose(images, expected, atol=1e-5)
@@ -203,9 +205,9 @@ def test_bucketed_router_chunks_and_pads_without_recompiling():
   ids = np.array([0, 2, 2, 1, 0, 0, 0, 0, 0, 0, 2], np.int32)
   before = r.num_compiles
   with latency.RecompileGuard(what='bucketed router'):
-    images = r.run_exits(ids, labels, z)
+    images = r.run_exits(ids, (labels, z))
     for n in (1, 3, 5):
-      r(labels[:n], z[:n], 0.3)
+      r((labels[:n], z[:n]), 0.3)
   assert r.num_compiles == before
   plan = r.plan(ids)
   assert sorted((k, b, n) for k, b, _, n in plan) == [(0, 4, 3), (0, 4, 4), (1, 1, 1),
@@ -222,9 +224,9 @@ def test_bucketed_router_validates():
   with pytest.raises(ValueError, match='strictly increasing'):
     router.BucketedRouter(m, (4, 2))
   with pytest.raises(ValueError, match='class id 12'):
-    bucketed()(np.full((2, 16, 16), 12, np.int32), tiny_z(2), 0.1)
+    bucketed()((np.full((2, 16, 16), 12, np.int32), tiny_z(2)), 0.1)
   with pytest.raises(ValueError, match='z must be'):
-    bucketed()(tiny_labels(2), tiny_z(3), 0.1)
+    bucketed()((tiny_labels(2), tiny_z(3)), 0.1)
   no_pred = model_lib.FianceeModel(**{**m.__dict__, 'predictor': None})
   with pytest.raises(ValueError, match='no predictor'):
     router.BucketedRouter(no_pred)
@@ -236,7 +238,7 @@ def test_vmap_switch_matches_routed_images_and_runs_every_branch():
   ids = np.array([2, 0, 1, 0], np.int32)
   compiled = latency.compile_aot(router.vmap_switch_fn(m), m.params, ids, labels, z)
   np.testing.assert_allclose(np.asarray(compiled(m.params, ids, labels, z)),
-                             r.run_exits(ids, labels, z), atol=1e-5)
+                             r.run_exits(ids, (labels, z)), atol=1e-5)
   vm = latency.cost_and_memory(compiled)['gflops']
   per_exit = [latency.cost_and_memory(r.compiled_exit(k, 4))['gflops'] for k in range(3)]
   assert vm > 1.1 * per_exit[-1]  # more than the backbone: the branches run too

@@ -1,0 +1,274 @@
+"""What a backbone consumes: the one place that knows label maps from face pairs.
+
+The exit machinery (exits, database, predictor, router, report, benchmark) is generic over
+two kinds of tuples:
+
+- *data*: what a dataset or a user supplies, and what the predictor sees.
+- *inputs*: what every exit path takes, `path_k(params, *inputs)`: the data plus the
+  generator's noise when it has one.
+
+Tasks:
+
+- `Synthesis` (OASIS): data `(labels int32 [B, H, W],)`, inputs `(labels, z float32
+  [B, z_dim])`.
+- `Reenactment` (MegaPortraits-style): data = inputs = `(source, driver)`, float32
+  [B, H, W, 3] in [-1, 1]. Cross pairs of the avatars test split also carry the ground
+  truth (identity of the source, motion of the driver) as `target`.
+
+`get_task(config)` dispatches on `config.backbone.name`.
+"""
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+Data = tuple[np.ndarray, ...]
+
+
+def as_tuple(data: Any) -> tuple[Any, ...]:
+  return tuple(data) if isinstance(data, (tuple, list)) else (data,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Synthesis:
+  """Label map (+ noise z) -> image."""
+  num_classes: int
+  resolution: tuple[int, int]
+  z_dim: int
+  name: ClassVar[str] = 'synthesis'
+  data_keys: ClassVar[tuple[str, ...]] = ('labels',)
+
+  @property
+  def noise_dim(self) -> int:
+    return self.z_dim
+
+  def data_specs(self, b: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return (jax.ShapeDtypeStruct((b, *self.resolution), jnp.int32),)
+
+  def check_data(self, data: Any) -> Data:
+    """Validates label maps on the host, before any compute; returns (int32 [B, H, W],).
+
+    Accepts the array itself or a 1-tuple.
+    """
+    data = as_tuple(data)
+    if len(data) != 1:
+      raise ValueError(f'label-map synthesis takes one array (labels int32 [B, H, W]), got '
+                       f'{len(data)} arrays')
+    arr = np.asarray(data[0])
+    if arr.ndim == 2:
+      raise ValueError(f'labels must be int32 [B, H, W], got a single map of shape '
+                       f'{arr.shape}; add a batch axis (labels[None])')
+    if arr.ndim != 3:
+      raise ValueError(f'labels must be int32 [B, H, W], got shape {arr.shape}')
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f'labels must be an integer array (class ids), got dtype {arr.dtype}')
+    if tuple(arr.shape[1:]) != tuple(self.resolution):
+      raise ValueError(f'labels are {arr.shape[1]}x{arr.shape[2]} but the model was trained '
+                       f'at {self.resolution[0]}x{self.resolution[1]} (config.data.resolution)')
+    if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
+      bad = int(arr.max()) if arr.max() >= self.num_classes else int(arr.min())
+      raise ValueError(f'labels has class id {bad} but the config has {self.num_classes} '
+                       'classes (config.data.num_classes)')
+    return (arr.astype(np.int32),)
+
+  def columns(self, data: Data) -> list[np.ndarray]:
+    """uint8 [B, H, W, 3] pictures of the data, for sample grids."""
+    from fiancee_jax.data import visualize  # pylint: disable=g-import-not-at-top
+    return [visualize.label_map_to_rgb(np.asarray(data[0]), self.num_classes)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reenactment:
+  """Source face + driver face -> the source's identity with the driver's motion."""
+  resolution: tuple[int, int]
+  name: ClassVar[str] = 'reenactment'
+  data_keys: ClassVar[tuple[str, ...]] = ('source', 'driver')
+
+  @property
+  def noise_dim(self) -> int:
+    return 0
+
+  def data_specs(self, b: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    s = jax.ShapeDtypeStruct((b, *self.resolution, 3), jnp.float32)
+    return (s, s)
+
+  def check_data(self, data: Any) -> Data:
+    """Validates (source, driver) on the host, before any compute; float32 [B, H, W, 3]."""
+    data = as_tuple(data)
+    if len(data) != 2:
+      raise ValueError(f'reenactment takes (source, driver), two float32 [B, H, W, 3] '
+                       f'arrays in [-1, 1], got {len(data)} arrays')
+    out = []
+    for name, x in zip(self.data_keys, data):
+      arr = np.asarray(x)
+      if arr.ndim == 3:
+        raise ValueError(f'{name} must be float32 [B, H, W, 3], got a single image of shape '
+                         f'{arr.shape}; add a batch axis ({name}[None])')
+      if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f'{name} must be float32 [B, H, W, 3] in [-1, 1], got shape '
+                         f'{arr.shape}')
+      if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f'{name} must be float32 [B, H, W, 3] in [-1, 1], got dtype '
+                         f'{arr.dtype}; convert uint8 images with x / 127.5 - 1')
+      if tuple(arr.shape[1:3]) != tuple(self.resolution):
+        raise ValueError(f'{name} is {arr.shape[1]}x{arr.shape[2]} but the model was trained '
+                         f'at {self.resolution[0]}x{self.resolution[1]} '
+                         '(config.data.resolution)')
+      if not np.isfinite(arr).all():
+        raise ValueError(f'{name} has {int((~np.isfinite(arr)).sum())} non-finite values')
+      if arr.size and (arr.min() < -1.0 - 1e-6 or arr.max() > 1.0 + 1e-6):
+        raise ValueError(f'{name} must be in [-1, 1], got [{arr.min():.3f}, '
+                         f'{arr.max():.3f}]; convert uint8 images with x / 127.5 - 1')
+      out.append(arr.astype(np.float32))
+    if out[0].shape != out[1].shape:
+      raise ValueError(f'source {out[0].shape} and driver {out[1].shape} must have the same '
+                       'shape')
+    return tuple(out)
+
+  def columns(self, data: Data) -> list[np.ndarray]:
+    from fiancee_jax.data import visualize  # pylint: disable=g-import-not-at-top
+    return [visualize.images_to_uint8(np.asarray(x)) for x in data]
+
+
+Task = Synthesis | Reenactment
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+  """The task of config.backbone.name ('oasis' or 'reenact')."""
+  name = config.backbone.name
+  res = tuple(int(v) for v in config.data.resolution)
+  if name == 'oasis':
+    return Synthesis(num_classes=config.data.num_classes, resolution=res,
+                     z_dim=config.backbone.z_dim)
+  if name == 'reenact':
+    return Reenactment(resolution=res)
+  raise ValueError(f"config.backbone.name={name!r}: known backbones are 'oasis' (label-map "
+                   "synthesis) and 'reenact' (face reenactment)")
+
+
+# -- Inputs: data plus noise. --
+
+
+def num_data(task: Task) -> int:
+  return len(task.data_keys)
+
+
+def input_specs(task: Task, b: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """ShapeDtypeStructs of the exit paths' inputs at batch b."""
+  noise = (jax.ShapeDtypeStruct((b, task.noise_dim), jnp.float32),) if task.noise_dim else ()
+  return task.data_specs(b) + noise
+
+
+def with_noise(task: Task, data: Sequence[Any], z: Any | None) -> tuple[Any, ...]:
+  """The exit paths' inputs: data, plus z [B, noise_dim] when the generator takes noise."""
+  data = tuple(data)
+  return data + (z,) if task.noise_dim else data
+
+
+def make_inputs(task: Task, data: Sequence[Any], key: jax.Array) -> tuple[Any, ...]:
+  """Inputs with one z per sample drawn from `key` (data unchanged when noise-free)."""
+  data = tuple(data)
+  b = np.shape(data[0])[0]
+  z = jax.random.normal(key, (b, task.noise_dim)) if task.noise_dim else None
+  return with_noise(task, data, z)
+
+
+def data_of(task: Task, inputs: Sequence[Any]) -> tuple[Any, ...]:
+  """The data part of the inputs (what the predictor sees)."""
+  return tuple(inputs)[:num_data(task)]
+
+
+def check_inputs(task: Task, inputs: Any) -> tuple[np.ndarray, ...]:
+  """Validates exit-path inputs on the host: the data, then z [B, noise_dim]."""
+  inputs = as_tuple(inputs)
+  n = num_data(task) + (1 if task.noise_dim else 0)
+  if len(inputs) != n:
+    what = ', '.join(task.data_keys + (('z',) if task.noise_dim else ()))
+    raise ValueError(f'inputs must be the tuple ({what}), got {len(inputs)} arrays; build '
+                     'them with model.make_inputs(data, key)')
+  data = task.check_data(inputs[:num_data(task)])
+  if not task.noise_dim:
+    return data
+  z = np.asarray(inputs[-1], np.float32)
+  if z.shape != (data[0].shape[0], task.noise_dim):
+    raise ValueError(f'z must be float32 [B, z_dim] = [{data[0].shape[0]}, {task.noise_dim}], '
+                     f'got shape {z.shape}; build inputs with model.make_inputs(data, key)')
+  return data + (z,)
+
+
+# -- Datasets. --
+
+
+def data_source(config: ml_collections.ConfigDict, split: str):
+  """Random-access source of the config's dataset split (len(source), source[i] -> dict)."""
+  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if get_task(config).name == 'reenactment':
+    from fiancee_jax.data import avatars_tfds
+    if d.name != 'avatars':
+      raise ValueError(f"config.data.name={d.name!r}: the reenactment backbone needs source/"
+                       "driver pairs ('avatars')")
+    return avatars_tfds.get_avatars_source(
+        split=split, resolution=tuple(d.resolution), seed=d.seed, num_train=d.num_train,
+        num_validation=d.num_validation, num_test=d.num_test, data_dir=d.data_dir)
+  from fiancee_jax.data import tfds_sources
+  return tfds_sources.get_source(
+      name=d.name, split=split, resolution=tuple(d.resolution), num_classes=d.num_classes,
+      seed=d.seed, num_train=d.num_train, num_validation=d.num_validation,
+      num_test=d.num_test, data_dir=d.data_dir)
+
+
+def load_split(config: ml_collections.ConfigDict, split: str, n: int) -> dict[str, np.ndarray]:
+  """The first n examples of `split`: the task's data keys, plus 'target' (float32
+  [n, H, W, 3] in [-1, 1]) when the split has ground truth for the backbone's output
+  (reenactment cross pairs), or 'image' (the dataset's real image of a label map)."""
+  task = get_task(config)
+  source = data_source(config, split)
+  n = min(n, len(source))
+  idx = np.arange(n)
+  if task.name == 'reenactment':
+    from fiancee_jax.data import avatars_tfds  # pylint: disable=g-import-not-at-top
+    batch = avatars_tfds.load(source, idx)
+    out = {k: batch[k] for k in task.data_keys}
+    if n and batch['cross'].all():
+      out['target'] = batch['target']
+    return out
+  from fiancee_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  batch = input_pipeline.load(source, idx)
+  return {'labels': batch['labels'], 'image': batch['image']}
+
+
+def load_data(config: ml_collections.ConfigDict, split: str, n: int) -> Data:
+  """The data tuple of the first n examples of `split`."""
+  loaded = load_split(config, split, n)
+  return tuple(loaded[k] for k in get_task(config).data_keys)
+
+
+def train_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size: int,
+                  seed: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """Deterministic training batches (step s of `seed` is always the same) of the data keys."""
+  # pylint: disable=g-import-not-at-top
+  kw = dict(batch_size=batch_size, seed=seed, start_step=start_step,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            prefetch=config.data.prefetch)
+  if get_task(config).name == 'reenactment':
+    from fiancee_jax.data import avatars_tfds
+    return avatars_tfds.batches(source, **kw)
+  from fiancee_jax.data import input_pipeline
+  return input_pipeline.batches(source, **kw)
+
+
+def check_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> None:
+  """Raises ValueError naming the problem if a training batch does not fit the config."""
+  # pylint: disable=g-import-not-at-top
+  if get_task(config).name == 'reenactment':
+    from fiancee_jax.data import avatars_tfds
+    avatars_tfds.check_batch(batch, resolution=tuple(config.data.resolution))
+  else:
+    from fiancee_jax.data import input_pipeline
+    input_pipeline.check_batch(batch, num_classes=config.data.num_classes,
+                               resolution=tuple(config.data.resolution))
