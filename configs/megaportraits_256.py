@@ -25,7 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         enc_widths=(64, 128, 256), volume_depth=16, volume_channels=96, app_blocks_3d=2,
         g3d_blocks=4, id_dim=512, expr_dim=50, motion_widths=(32, 64, 128, 256, 256),
         motion_input=128, warp_width=16, g2d_width=512, num_res_blocks=8,
-        up_widths=(256, 128, 64), up_factors=(1, 2, 2), d_widths=(64, 128, 256, 512))
+        up_widths=(256, 128, 64), up_factors=(1, 2, 2), d_widths=(64, 128, 256, 512),
+        # The paper's G2D: no source skip, a normalised image head (the small avatars
+        # default needs both changes to keep flat colours at its widths).
+        source_skip=False, head_norm=True)
     config.train.update(batch_size=16, num_steps=200_000, lr_g=2e-4, lr_d=2e-4,
                         ema_decay=0.9999, log_every=100, sample_every=5000,
                         checkpoint_every=5000)

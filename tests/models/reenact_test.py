@@ -1,8 +1,12 @@
 """Tests of the reenactment backbone: warps, staged interface, generic exits, paper sizes."""
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from configs import avatars as avatars_config
 from configs import megaportraits_256
@@ -58,19 +62,21 @@ def outputs(setup):
   return out, staged(fresh, source, driver)
 
 
-def test_trilinear_sample_matches_a_numpy_reference():
+@pytest.mark.parametrize('padding', reenact.PADDINGS)
+def test_trilinear_sample_matches_a_numpy_reference(padding):
   rng = np.random.default_rng(0)
   vol = rng.normal(size=(2, 3, 4, 5, 2)).astype(np.float32)
+  sample = jax.jit(functools.partial(reenact.trilinear_sample, padding=padding))
   # On the voxel grid it is the identity (align_corners=True).
   grid = jnp.broadcast_to(reenact.volume_grid(3, 4, 5), (2, 3, 4, 5, 3))
-  np.testing.assert_allclose(jax.jit(reenact.trilinear_sample)(jnp.asarray(vol), grid), vol,
-                             atol=1e-5)
+  np.testing.assert_allclose(sample(jnp.asarray(vol), grid), vol, atol=1e-5)
   pts = rng.uniform(-1.3, 1.3, size=(2, 7, 3)).astype(np.float32)
-  sample = jax.jit(reenact.trilinear_sample)
   got = np.asarray(sample(jnp.asarray(vol), jnp.asarray(pts)))
   for b in range(2):
     for n in range(7):
       pos = [(pts[b, n, k] + 1) / 2 * (s - 1) for k, s in enumerate((5, 4, 3))]
+      if padding == 'border':
+        pos = [min(max(p, 0), s - 1) for p, s in zip(pos, (5, 4, 3))]
       want = np.zeros(2)
       for corner in np.ndindex(2, 2, 2):
         idx = [int(np.floor(p)) + c for p, c in zip(pos, corner)]
@@ -78,9 +84,42 @@ def test_trilinear_sample_matches_a_numpy_reference():
         if 0 <= idx[0] < 5 and 0 <= idx[1] < 4 and 0 <= idx[2] < 3:  # zeros outside
           want += w * vol[b, idx[2], idx[1], idx[0]]
       np.testing.assert_allclose(got[b, n], want, atol=1e-5)
-  grad = jax.jit(jax.grad(lambda c: reenact.trilinear_sample(jnp.asarray(vol), c).sum()))(
-      jnp.asarray(pts))
+  grad = jax.jit(jax.grad(lambda c: sample(jnp.asarray(vol), c).sum()))(jnp.asarray(pts))
   assert np.isfinite(np.asarray(grad)).all() and np.abs(grad).sum() > 0
+
+
+def test_border_padding_continues_the_edges():
+  # A volume whose bottom row (y = +1) is 1 and everything else 0: a warp that moves the
+  # content up reads below the volume. Border padding reads the edge (1, no dark stripe);
+  # zeros fade to 0 one voxel past the edge centre.
+  vol = jnp.zeros((1, 2, 4, 4, 1)).at[:, :, -1].set(1.0)
+  below = jnp.array([[[0.0, 1.0 + 2 / 3 * t, 0.0] for t in (0.0, 0.5, 1.0, 3.0)]])
+  border = reenact.trilinear_sample(vol, below, 'border')[0, :, 0]
+  zeros = reenact.trilinear_sample(vol, below, 'zeros')[0, :, 0]
+  np.testing.assert_allclose(border, [1, 1, 1, 1], atol=1e-6)
+  np.testing.assert_allclose(zeros, [1, 0.5, 0, 0], atol=1e-6)
+  # Corners and every side: outside points read the nearest voxel.
+  rng = np.random.default_rng(1)
+  vol = jnp.asarray(rng.normal(size=(1, 3, 4, 5, 2)).astype(np.float32))
+  far = jnp.array([[[-3.0, -2.0, -5.0], [4.0, 1.5, 2.0], [0.0, -1.0, 9.0]]])
+  got = reenact.trilinear_sample(vol, far, 'border')[0]
+  np.testing.assert_allclose(got, vol[0, [0, 2, 2], [0, 3, 0], [0, 4, 2]], atol=1e-6)
+  # The coordinate gradient of a clamped axis is 0, of the others finite.
+  grad = jax.grad(lambda c: reenact.trilinear_sample(vol, c, 'border').sum())(
+      jnp.array([[[0.1, 1.5, 0.2]]]))
+  assert grad[0, 0, 1] == 0 and np.abs(grad[0, 0, [0, 2]]).sum() > 0
+  with pytest.raises(ValueError, match='warp_padding'):
+    reenact.trilinear_sample(vol, far, 'reflect')
+
+
+def test_conv3x3x3_is_nn_conv_3d():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4, 3))
+  ref = nn.Conv(6, (3, 3, 3))
+  variables = ref.init(jax.random.key(1), x)
+  ours = reenact.Conv3x3x3(6)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, variables)
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=1e-5)
 
 
 def test_rotation_matrices_are_rotations():
@@ -137,6 +176,49 @@ def test_generic_exit_model_runs_every_exit(setup, outputs):
   assert costs[0] < costs[1], costs
 
 
+def test_source_skip_feeds_g2d_the_source_only(setup):
+  config, g, variables, _, source, driver = setup
+  assert config.backbone.source_skip and g.source_skip
+  feats = jax.random.normal(jax.random.key(3), (3, 8, 8, 16))
+  g2d = jax.jit(lambda v, f, s: g.apply(v, f, s, method='g2d'))
+  out = g2d(variables, feats, source)
+  # G2D reads the source (here a different source with the same volume features) ...
+  assert float(jnp.abs(g2d(variables, feats, driver) - out).mean()) > 1e-4
+  with pytest.raises(ValueError, match='source_skip'):
+    jax.eval_shape(lambda v, f: g.apply(v, f, method='g2d'), variables, feats)
+  # ... and light blocks see the source, never the driver: its identity must not leak.
+  cond = jnp.concatenate([source, driver], axis=-1)
+  np.testing.assert_array_equal(g.light_factory.condition(cond), source)
+  block = g.light_factory.block(g.num_blocks - 1, 0.5, name='b')
+  h = jnp.zeros((3, 16, 16, g.widths[-2]))
+  bv = block.init(jax.random.key(4), h, source)
+  y = block.apply(bv, h, source)
+  assert y.shape == (3, 32, 32, 2)
+  assert float(jnp.abs(block.apply(bv, h, -source) - y).mean()) > 1e-4
+  # Without the skip the blocks ignore cond (the OASIS-like contract).
+  plain = dataclasses.replace(g.light_factory, source_skip=False)
+  np.testing.assert_array_equal(plain.condition(cond), cond)
+
+
+def test_image_head_without_norm_keeps_flat_colours():
+  # With a channel per group, GroupNorm removes each image's channel means: a flat region's
+  # colour (a shift of h) cannot reach the output. Without the norm it does.
+  h = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  shift = jnp.array([0.0, 3.0])[:, None, None, None]
+  for norm, changes in ((True, False), (False, True)):
+    head = reenact.ImageHead(norm)
+    v = head.init(jax.random.key(1), h)
+    assert ('norm' in v['params']) == norm
+    diff = float(jnp.abs(head.apply(v, h + shift) - head.apply(v, h))[1].mean())
+    assert (diff > 1e-2) == changes, (norm, diff)
+
+
+def test_default_config_keeps_g2d_the_bulk_of_the_flops():
+  # Exits only save G2D compute: G2D must stay the dominant share of the generator.
+  s = reenact.reenact_stats(avatars_config.get_config())
+  assert s['g2d_gflops'] / s['gflops'] >= 0.7, s
+
+
 def test_light_blocks_keep_the_upsampling():
   g = reenact.make_generator(avatars_config.get_config())
   f = g.light_factory
@@ -152,6 +234,7 @@ def test_light_blocks_keep_the_upsampling():
 
 def test_megaportraits_g2d_has_the_paper_sizes():
   config = megaportraits_256.get_config()
+  assert not config.backbone.source_skip and config.backbone.head_norm  # the paper's G2D
   g = reenact.make_generator(config)
   assert g.widths == (512,) * 9 + (256, 128, 64) and g.num_blocks == 11
   img = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
