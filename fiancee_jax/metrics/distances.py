@@ -26,7 +26,7 @@ Small images get fewer scales: as many (up to 5) as keep the coarsest scale's sh
 from collections.abc import Callable, Sequence
 import functools
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -268,6 +268,11 @@ def get_distance(name: str, *, lpips_weights: str | os.PathLike = '') -> Distanc
     _, fn = make_lpips_fn(weights, net)
     return Distance(name, fn)
   raise ValueError(f'Unknown distance {name!r}; known: {", ".join(DISTANCE_NAMES)}, auto.')
+
+
+def from_config(config: Any) -> Distance:
+  """The distance of `config.distance` (name, lpips_weights)."""
+  return get_distance(config.distance.name, lpips_weights=config.distance.lpips_weights)
 
 
 def perceptual_loss(distance: Distance, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -50,8 +50,7 @@ def variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
-  return distances.get_distance(config.distance.name,
-                                lpips_weights=config.distance.lpips_weights)
+  return distances.from_config(config)
 
 
 def init_state(config, key, bb, db) -> ExitsState:

@@ -30,6 +30,7 @@ from absl import logging
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
+from fiancee_jax import tasks
 from fiancee_jax.data import avatars_tfds
 from fiancee_jax.data import visualize
 from fiancee_jax.metrics import distances
@@ -54,18 +55,11 @@ class ReenactState(NamedTuple):
 
 def data_source(config: ml_collections.ConfigDict, split: str) -> avatars_tfds.AvatarsSource:
   """The avatars split named by config.data ('train': self pairs, else cross pairs)."""
-  d = config.data
-  if d.name != 'avatars':
-    raise ValueError(f"config.data.name={d.name!r}: the reenactment backbone trains on "
-                     "'avatars' (source/driver/target pairs)")
-  return avatars_tfds.get_avatars_source(
-      split=split, resolution=tuple(d.resolution), seed=d.seed, num_train=d.num_train,
-      num_validation=d.num_validation, num_test=d.num_test, data_dir=d.data_dir)
+  return tasks.data_source(config, split)
 
 
 def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
-  return distances.get_distance(config.distance.name,
-                                lpips_weights=config.distance.lpips_weights)
+  return distances.from_config(config)
 
 
 def init_key(seed: int) -> jax.Array:
