@@ -101,10 +101,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.predictor = dict(
       width=16,
       pool=4,  # label map average-pooled by this factor before the convs
-      num_train=2048,  # training inputs whose exit distances are measured as targets
+      use_z=True,  # z enters the first conv: most of a distance's variance is z's
+      members=3,  # ensemble of independently initialised predictors (mean)
+      num_train=2048,  # training label maps whose exit distances are measured as targets
+      z_draws=4,  # z per training label map: num_train * z_draws measured targets
       measure_batch=32,
       batch_size=64,
-      num_steps=1500,
+      num_steps=4000,  # Adam, cosine decay from lr to 0; standardised targets
       lr=3e-3,
       loss='l1',  # 'l1' | 'mse'
   )
@@ -134,8 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            grid=(4, 4), chunk=32, kmeans_iters=2)
     config.exits.update(attach_after=(1, 2), batch_size=8, num_steps=4, log_every=2,
                         sample_every=2, checkpoint_every=2)
-    config.predictor.update(width=4, num_train=32, measure_batch=16, batch_size=16,
-                            num_steps=4)
+    config.predictor.update(width=4, members=2, num_train=32, z_draws=2, measure_batch=16,
+                            batch_size=16, num_steps=4)
     config.router.update(num_eval=32)
     config.benchmark.update(batch_size=8, warmup=1, iters=2)
   elif arg:

@@ -23,7 +23,7 @@ class FianceeModel:
   Attributes:
     exit_model: static description of backbone + exits (see models/exits.py).
     params: {'backbone': variables, 'exits': [variables], 'database': arrays or None}.
-    predictor: linen module, predictor.apply(predictor_params, *data) -> [B, E - 1].
+    predictor: linen module, predictor.apply(predictor_params, *inputs) -> [B, E - 1].
     predictor_params: its variables.
     margins: float32 [E - 1] calibration margins added to predictions before routing.
     exit_gflops: GFLOPs per exit path at batch 1 (database lookup included), E values,
@@ -73,16 +73,8 @@ class FianceeModel:
     return [self.exit_model.exit_path(k) for k in range(self.num_exits)]
 
   def predict_fn(self) -> Callable[..., jax.Array]:
-    """predict(predictor_params, *inputs) -> predicted distances float32 [B, E - 1].
-
-    The predictor sees the data part of the inputs (never the noise).
-    """
-    predictor, n = self.predictor, tasks.num_data(self.task)
-
-    def predict(pp, *inputs):
-      return predictor.apply(pp, *inputs[:n])
-
-    return predict
+    """predict(predictor_params, *inputs) -> predicted distances float32 [B, E - 1]."""
+    return self.predictor.apply
 
 
 def check_threshold(threshold: Any) -> float:

@@ -83,10 +83,10 @@ def exit_stats(config: ml_collections.ConfigDict, *, guided: bool | None = None)
 
 def predictor_stats(config: ml_collections.ConfigDict) -> dict:
   model = factory.make_predictor(config)
-  data = tasks.get_task(config).data_specs(1)
-  params = jax.eval_shape(model.init, jax.random.key(0), *data)
+  inputs = _abstract_inputs(config)
+  params = jax.eval_shape(model.init, jax.random.key(0), *inputs)
   return {'params': flops.param_count(params['params']),
-          'gflops': flops.gflops(model.apply, params, *data)}
+          'gflops': flops.gflops(model.apply, params, *inputs)}
 
 
 def compute_stats(config: ml_collections.ConfigDict) -> dict:

@@ -3,9 +3,9 @@
 The exit machinery (exits, database, predictor, router, report, benchmark) is generic over
 two kinds of tuples:
 
-- *data*: what a dataset or a user supplies, and what the predictor sees.
-- *inputs*: what every exit path takes, `path_k(params, *inputs)`: the data plus the
-  generator's noise when it has one.
+- *data*: what a dataset or a user supplies.
+- *inputs*: what every exit path and the predictor take, `path_k(params, *inputs)`: the
+  data plus the generator's noise when it has one.
 
 Tasks:
 
@@ -175,11 +175,6 @@ def make_inputs(task: Task, data: Sequence[Any], key: jax.Array) -> tuple[Any, .
   b = np.shape(data[0])[0]
   z = jax.random.normal(key, (b, task.noise_dim)) if task.noise_dim else None
   return with_noise(task, data, z)
-
-
-def data_of(task: Task, inputs: Sequence[Any]) -> tuple[Any, ...]:
-  """The data part of the inputs (what the predictor sees)."""
-  return tuple(inputs)[:num_data(task)]
 
 
 def check_inputs(task: Task, inputs: Any) -> tuple[np.ndarray, ...]:

@@ -139,11 +139,10 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   margins = np.asarray(model.margins, np.float32)
   dev_margins, dev_t0 = jax.device_put((margins, np.float32(thresholds[0])))
   pb = {}
-  nd = len(model.task.data_keys)
   for name, b, x in (('batch1', 1, one_d), ('batch', batch_size, batch_d)):
     cp = bucketed.compiled_predict(b)
     pb[name] = _timing(latency.time_compiled(cp, model.predictor_params, dev_margins, dev_t0,
-                                             *x[:nd], warmup=warmup, iters=iters))
+                                             *x, warmup=warmup, iters=iters))
   out['predictor'] = {'gflops': float(model.predictor_gflops), **pb}
 
   # Routed throughput at each threshold, end to end.
@@ -193,7 +192,7 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
                            "direct_ms: the exit's own path; all at batch 1"}
 
   # The counter-example: vmap of a per-sample switch at batch_size (every exit runs).
-  vm_ids = np.asarray(bucketed.predict_and_route(batch[:nd], thresholds[0])[0], np.int32)
+  vm_ids = np.asarray(bucketed.predict_and_route(batch, thresholds[0])[0], np.int32)
   vm = latency.compile_aot(router_lib.vmap_switch_fn(model), params, vm_ids, *batch)
   tv = latency.time_compiled(vm, params, jax.device_put(vm_ids), *batch_d, warmup=warmup,
                              iters=iters)

@@ -58,9 +58,10 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool) -> exits
 
 
 def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:
-  """Predictor of the distances of the config's branch exits; apply(params, *data)."""
+  """Predictor of the distances of the config's branch exits; apply(params, *inputs)."""
   p, n = config.predictor, len(config.exits.attach_after)
   if tasks.get_task(config).name == 'reenactment':
     return predictor.PairPredictor(num_outputs=n, width=p.width, pool=p.pool)
   return predictor.Predictor(num_classes=config.data.num_classes, num_outputs=n,
-                             width=p.width, pool=p.pool)
+                             width=p.width, pool=p.pool, use_z=p.get('use_z', False),
+                             members=p.get('members', 1))

@@ -1,10 +1,10 @@
-"""Predictor: from the data alone, the distance of every exit to the backbone.
+"""Predictor: from the inputs alone, the distance of every exit to the backbone.
 
-`Predictor` (label maps). Input features (cheap, computed inside the module): the one-hot label map average-pooled
-by `pool` (class fractions per cell) and the fraction of pixels per cell whose right or
-lower neighbour has another class (boundary density, the main cue for how hard a region
-is). Then three stride-2 conv stages, global average pooling and a dense layer with a
-softplus, so predictions are non-negative.
+`Predictor` (label maps + z). Input features (cheap, computed inside the module): the
+one-hot label map average-pooled by `pool` (class fractions per cell) and the fraction of
+pixels per cell whose right or lower neighbour has another class (boundary density). Then
+three stride-2 conv stages (z added to the first one's features when `use_z`), mean and
+max pooling and two dense layers; `members` such trunks are averaged.
 
 `PairPredictor` (reenactment): the source and driver images average-pooled by `pool`, and
 their difference, through the same trunk.
@@ -23,21 +23,47 @@ def boundary_map(labels: jax.Array) -> jax.Array:
 
 
 class Predictor(nn.Module):
-  """labels int32 [B, H, W] -> predicted distances float32 [B, num_outputs]."""
+  """labels int32 [B, H, W], z float32 [B, z_dim] -> predicted distances [B, num_outputs].
+
+  With `use_z`, z is added to the first conv's features through a Dense layer (FiLM-style):
+  most of an exit's distance to the backbone varies with z for a fixed label map. With
+  `members` > 1 the prediction is the mean of that many independently initialised trunks
+  (an ensemble; `per_member=True` returns [members, B, num_outputs] for training).
+  """
   num_classes: int
   num_outputs: int
   width: int = 16
   pool: int = 4
+  use_z: bool = False
+  members: int = 1
 
   @nn.compact
-  def __call__(self, labels: jax.Array) -> jax.Array:
+  def __call__(self, labels: jax.Array, z: jax.Array | None = None, *,
+               per_member: bool = False) -> jax.Array:
     chex.assert_rank(labels, 3)
     b, h, w = labels.shape
     if h % self.pool or w % self.pool:
       raise ValueError(f'config.predictor.pool={self.pool} must divide the resolution {h}x{w}')
+    if self.use_z:
+      if z is None:
+        raise ValueError('the predictor was built with use_z=True but got no z')
+      chex.assert_rank(z, 2)
     x = jnp.concatenate([jax.nn.one_hot(labels, self.num_classes), boundary_map(labels)], -1)
     x = x.reshape(b, h // self.pool, self.pool, w // self.pool, self.pool, -1).mean((2, 4))
-    return _trunk(x, self.width, self.num_outputs)
+    outs = jnp.stack([
+        _Member(self.width, self.num_outputs, name=f'member_{i}')(x, z if self.use_z else None)
+        for i in range(self.members)])
+    return outs if per_member else outs.mean(0)
+
+
+class _Member(nn.Module):
+  width: int
+  num_outputs: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, z: jax.Array | None) -> jax.Array:
+    film = None if z is None else nn.Dense(self.width, name='z_film')(z)
+    return _trunk(x, self.width, self.num_outputs, film)
 
 
 class PairPredictor(nn.Module):
@@ -47,7 +73,8 @@ class PairPredictor(nn.Module):
   pool: int = 4
 
   @nn.compact
-  def __call__(self, source: jax.Array, driver: jax.Array) -> jax.Array:
+  def __call__(self, source: jax.Array, driver: jax.Array, *,
+               per_member: bool = False) -> jax.Array:
     chex.assert_rank([source, driver], 4)
     chex.assert_equal_shape([source, driver])
     b, h, w, _ = source.shape
@@ -55,15 +82,23 @@ class PairPredictor(nn.Module):
       raise ValueError(f'config.predictor.pool={self.pool} must divide the resolution {h}x{w}')
     x = jnp.concatenate([source, driver, driver - source], -1)
     x = x.reshape(b, h // self.pool, self.pool, w // self.pool, self.pool, -1).mean((2, 4))
-    return _trunk(x, self.width, self.num_outputs)
+    out = _trunk(x, self.width, self.num_outputs)
+    return out[None] if per_member else out
 
 
-def _trunk(x: jax.Array, width: int, num_outputs: int) -> jax.Array:
-  """Pooled features [B, h, w, F] -> non-negative predictions [B, num_outputs] (in compact)."""
+def _trunk(x: jax.Array, width: int, num_outputs: int,
+           film: jax.Array | None = None) -> jax.Array:
+  """Pooled features [B, h, w, F] -> predictions [B, num_outputs] (in compact).
+
+  film: optional [B, width] added to the first conv's output. The output is linear: the
+  trainer standardises the targets and folds their mean and scale into the last layer.
+  """
   for i, mult in enumerate((1, 2, 4)):
     x = nn.Conv(width * mult, (3, 3), strides=(2, 2) if i else (1, 1),
                 name=f'conv_{i}')(x)
+    if i == 0 and film is not None:
+      x = x + film[:, None, None, :]
     x = nn.leaky_relu(x, 0.2)
   x = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
   x = nn.leaky_relu(nn.Dense(width * 4, name='fc')(x), 0.2)
-  return nn.softplus(nn.Dense(num_outputs, name='out')(x))
+  return nn.Dense(num_outputs, name='out')(x)

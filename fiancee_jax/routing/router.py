@@ -71,10 +71,6 @@ def _abstract_inputs(model: model_lib.FianceeModel, b: int) -> tuple[Any, ...]:
   return tasks.input_specs(model.task, b)
 
 
-def _abstract_data(model: model_lib.FianceeModel, b: int) -> tuple[Any, ...]:
-  return model.task.data_specs(b)
-
-
 def _margins(model: model_lib.FianceeModel) -> np.ndarray:
   m = np.asarray(model.margins, np.float32).reshape(-1)
   if m.shape != (model.num_exits - 1,):
@@ -244,8 +240,8 @@ class BucketedRouter:
     self._paths = model.paths()
     predict = model.predict_fn()
 
-    def predict_and_route(pp, margins, threshold, *data):
-      pred = predict(pp, *data).astype(jnp.float32)
+    def predict_and_route(pp, margins, threshold, *inputs):
+      pred = predict(pp, *inputs).astype(jnp.float32)
       return route(pred, threshold, margins), pred
 
     self._predict_fn = predict_and_route
@@ -270,7 +266,7 @@ class BucketedRouter:
         lowered = jax.jit(self._predict_fn).lower(
             flops_lib.abstract(m.predictor_params),
             jax.ShapeDtypeStruct((m.num_exits - 1,), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.float32), *_abstract_data(m, b))
+            jax.ShapeDtypeStruct((), jnp.float32), *_abstract_inputs(m, b))
       else:
         lowered = jax.jit(self._paths[k]).lower(flops_lib.abstract(m.params),
                                                 *_abstract_inputs(m, b))
@@ -287,7 +283,7 @@ class BucketedRouter:
     return self._compiled('exit', k, b)
 
   def compiled_predict(self, b: int) -> jax.stages.Compiled:
-    """(predictor_params, margins, threshold, *data at batch b) -> (exit_ids [b], pred)."""
+    """(predictor_params, margins, threshold, *inputs at batch b) -> (exit_ids [b], pred)."""
     if b not in self.bucket_sizes:
       raise ValueError(f'batch {b} is not a bucket size {self.bucket_sizes}')
     return self._compiled('predict', -1, b)
@@ -319,22 +315,22 @@ class BucketedRouter:
         calls.append((k, b, padded, min(self.max_bucket, len(idx) - start)))
     return calls
 
-  def predict_and_route(self, data: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Exit ids int32 [B] and predictions float32 [B, E - 1] for a batch of data (the
-    inputs without noise: label maps, or (source, driver))."""
-    return self._predict_and_route(self.model.check_data(data),
+  def predict_and_route(self, inputs: Sequence[Any],
+                        threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exit ids int32 [B] and predictions float32 [B, E - 1] for a batch of inputs."""
+    return self._predict_and_route(_check_batch(self.model, inputs),
                                    model_lib.check_threshold(threshold))
 
-  def _predict_and_route(self, data: tuple[np.ndarray, ...],
+  def _predict_and_route(self, inputs: tuple[np.ndarray, ...],
                          threshold: float) -> tuple[np.ndarray, np.ndarray]:
     m = self.model
     threshold = np.float32(threshold)
     margins = _margins(m)
-    n = data[0].shape[0]
+    n = inputs[0].shape[0]
     pending = []
     for b, padded in self._chunks(np.arange(n)):
       pending.append(self.compiled_predict(b)(m.predictor_params, margins, threshold,
-                                              *(x[padded] for x in data)))
+                                              *(x[padded] for x in inputs)))
     ids = np.empty(n, np.int32)
     pred = np.empty((n, m.num_exits - 1), np.float32)
     for start, (k, p) in zip(range(0, n, self.max_bucket), pending):
@@ -380,7 +376,7 @@ class BucketedRouter:
     """
     threshold = model_lib.check_threshold(threshold)
     inputs = _check_batch(self.model, inputs)
-    exit_ids, _ = self._predict_and_route(tasks.data_of(self.model.task, inputs), threshold)
+    exit_ids, _ = self._predict_and_route(inputs, threshold)
     images = self._run_exits(exit_ids, inputs)
     return Routed(images, exit_ids, sample_gflops(self.model, exit_ids))
 

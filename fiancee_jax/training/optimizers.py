@@ -2,7 +2,7 @@
 import optax
 
 
-def adam(lr: float, b1: float, b2: float) -> optax.GradientTransformation:
+def adam(lr: float | optax.Schedule, b1: float, b2: float) -> optax.GradientTransformation:
   """Adam as in OASIS (betas (0, 0.999) by default in the configs)."""
   return optax.adam(lr, b1=b1, b2=b2)
 

@@ -47,11 +47,19 @@ def fixed_z(config: ml_collections.ConfigDict, split: str,
       jnp.asarray(indices)))
 
 
-def load_inputs(config: ml_collections.ConfigDict, split: str, n: int) -> tuple[np.ndarray, ...]:
-  """Exit-path inputs of the first n examples of `split`: the data plus a fixed z per index."""
+def load_inputs(config: ml_collections.ConfigDict, split: str, n: int,
+                draws: int = 1) -> tuple[np.ndarray, ...]:
+  """Exit-path inputs of the first n examples of `split`: the data plus a fixed z per index.
+
+  With `draws` > 1 (and a generator with noise) the n examples are repeated `draws` times,
+  each repetition with its own z: [draws * n, ...], example i of draw d at d * n + i.
+  """
   data = tasks.load_data(config, split, n)
+  task = tasks.get_task(config)
+  if draws > 1 and task.noise_dim:
+    data = tuple(np.concatenate([x] * draws) for x in data)
   z = fixed_z(config, split, np.arange(len(data[0])))
-  return tasks.with_noise(tasks.get_task(config), data, z)
+  return tasks.with_noise(task, data, z)
 
 
 def measure_distances(config: ml_collections.ConfigDict, model: exits_lib.ExitModel,
@@ -94,13 +102,15 @@ def trained_exit_params(config, workdir, variant: str) -> dict:
   return {'backbone': bb, 'exits': ex[variant], 'database': db}
 
 
-def split_distances(config, workdir, split: str, n: int, variant: str | None = None):
-  """(inputs, distances float32 [n, E - 1]) of a split's first n examples, cached on disk.
+def split_distances(config, workdir, split: str, n: int, variant: str | None = None,
+                    draws: int = 1):
+  """(inputs, distances float32 [N, E - 1]) of a split's first n examples, cached on disk.
 
-  inputs: the exit paths' inputs (load_inputs), e.g. (labels [n, H, W], z [n, z_dim]).
+  inputs: the exit paths' inputs (load_inputs), e.g. (labels [N, H, W], z [N, z_dim]);
+  N = draws * n with a z per draw for generators with noise, else n.
   """
   variant = variant or exits_training.variants(config)[0]
-  inputs = load_inputs(config, split, n)
+  inputs = load_inputs(config, split, n, draws)
   n = len(inputs[0])
   cache = os.path.join(workdir, 'checkpoints', STAGE, f'distances_{split}_{variant}.npz')
   if os.path.exists(cache):
@@ -118,11 +128,39 @@ def split_distances(config, workdir, split: str, n: int, variant: str | None = N
   return inputs, d
 
 
-def make_train_step(config, data: tuple[jax.Array, ...], targets: jax.Array):
-  """step(state) -> (state, measurements): a random minibatch per step (key = step)."""
+def _optimizer(config) -> optax.GradientTransformation:
+  p = config.predictor
+  return optimizers.adam(optax.cosine_decay_schedule(p.lr, p.num_steps), 0.9, 0.999)
+
+
+def target_stats(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-exit mean and standard deviation of the training targets [N, E - 1]."""
+  t = np.asarray(targets, np.float64)
+  return t.mean(0).astype(np.float32), np.maximum(t.std(0), 1e-6).astype(np.float32)
+
+
+def fold_target_stats(params: Any, mean: np.ndarray, std: np.ndarray) -> Any:
+  """Predictor variables that output distances, from ones trained on standardised
+  targets: every output layer's kernel and bias are scaled by std and shifted by mean."""
+
+  def fold(tree):
+    if 'out' in tree and set(tree['out']) == {'kernel', 'bias'}:
+      out = tree['out']
+      tree = {**tree, 'out': {'kernel': out['kernel'] * std[None],
+                              'bias': out['bias'] * std + mean}}
+    return {k: fold(v) if isinstance(v, dict) and k != 'out' else v for k, v in tree.items()}
+
+  return {**params, 'params': fold(dict(params['params']))}
+
+
+def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
+  """step(state) -> (state, measurements): a random minibatch per step (key = step).
+
+  targets: standardised distances [N, E - 1]; every ensemble member gets its own loss.
+  """
   p = config.predictor
   model = factory.make_predictor(config)
-  tx = optimizers.adam(p.lr, 0.9, 0.999)
+  tx = _optimizer(config)
   key = jax.random.fold_in(jax.random.key(config.seed), 4)
 
   def step(state: PredictorState):
@@ -130,8 +168,8 @@ def make_train_step(config, data: tuple[jax.Array, ...], targets: jax.Array):
                              targets.shape[0])
 
     def loss_fn(params):
-      pred = model.apply(params, *(x[idx] for x in data))
-      err = pred - targets[idx]
+      pred = model.apply(params, *(x[idx] for x in inputs), per_member=True)  # [M, B, E-1]
+      err = pred - targets[idx][None]
       return jnp.mean(jnp.abs(err)) if p.loss == 'l1' else jnp.mean(err ** 2)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -148,19 +186,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if p.loss not in ('l1', 'mse'):
     raise ValueError(f"config.predictor.loss={p.loss!r}: use 'l1' or 'mse'")
   directory = os.path.join(workdir, 'checkpoints', STAGE)
-  inputs, targets = split_distances(config, workdir, 'train', p.num_train)
-  data = tuple(jnp.asarray(x) for x in tasks.data_of(tasks.get_task(config), inputs))
-  targets = jnp.asarray(targets)
+  inputs, targets = split_distances(config, workdir, 'train', p.num_train,
+                                    draws=p.get('z_draws', 1))
+  inputs = tuple(jnp.asarray(x) for x in inputs)
+  mean, std = target_stats(targets)
   model = factory.make_predictor(config)
-  step_fn, tx = make_train_step(config, data, targets)
+  step_fn, tx = make_train_step(config, inputs, jnp.asarray((targets - mean) / std))
   params = model.init(jax.random.fold_in(jax.random.key(config.seed), 5),
-                      *(x[:1] for x in data))
+                      *(x[:1] for x in inputs))
   state = PredictorState(jnp.zeros((), jnp.int32), params, tx.init(params))
   ckpt = checkpoint.Checkpointer(directory, max_to_keep=2,
                                  save_every=max(1, p.num_steps // 3))
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
-    if meta.get('finished'):
+    if meta.get('finished'):  # its params are already folded
       return {'params': state.params, 'margins': np.asarray(meta['margins'], np.float32)}
   step_fn = jax.jit(step_fn, donate_argnums=0)
   with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=p.num_steps) as writer:
@@ -170,6 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step + 1, metric_logging.check_finite(jax.device_get(m), step + 1))
       if ckpt.should_save(step + 1) and step + 1 < p.num_steps:
         ckpt.save(step + 1, state)
+  state = state._replace(params=fold_target_stats(state.params, mean, std))
   margins = calibrate(config, workdir, state.params)
   ckpt.save(p.num_steps, state, force=True,
             metadata={'finished': True, 'margins': [float(m) for m in margins],
@@ -184,8 +224,7 @@ def calibrate(config, workdir, params) -> np.ndarray:
   if config.router.calibration == 'none':
     return np.zeros(num_branches, np.float32)
   inputs, true = split_distances(config, workdir, 'validation', config.data.num_validation)
-  data = tasks.data_of(tasks.get_task(config), inputs)
-  pred = np.asarray(jax.jit(factory.make_predictor(config).apply)(params, *data))
+  pred = np.asarray(jax.jit(factory.make_predictor(config).apply)(params, *inputs))
   margins = calibration.calibrate(pred, true, target=config.router.target_met,
                                   method=config.router.calibration)
   logging.info('predictor: calibration margins %s', margins)
@@ -196,8 +235,8 @@ def load_predictor(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any
   """(predictor variables, calibration margins [E - 1]) of `workdir`."""
   model = factory.make_predictor(config)
   params = jax.eval_shape(model.init, jax.random.key(0),
-                          *tasks.get_task(config).data_specs(1))
-  tx = optimizers.adam(config.predictor.lr, 0.9, 0.999)
+                          *tasks.input_specs(tasks.get_task(config), 1))
+  tx = _optimizer(config)
   target = jax.eval_shape(lambda p: PredictorState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                           params)
   state, meta = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,

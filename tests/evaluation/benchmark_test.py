@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,7 +28,8 @@ def _finite_numbers(tree, path=''):
 def bench():
   model = tiny_model()
   labels = tiny_labels(6, seed=7)
-  pred = np.asarray(model.predict_fn()(model.predictor_params, labels[:BATCH]))
+  inputs = model.make_inputs(labels[:BATCH], jax.random.key(0))
+  pred = np.asarray(model.predict_fn()(model.predictor_params, *inputs))
   thresholds = [0.0, float(np.median(pred)), 1.0]
   return benchmark.run_benchmark(model, labels, batch_size=BATCH, thresholds=thresholds,
                                  warmup=1, iters=2, seed=0, matmul_n=128,

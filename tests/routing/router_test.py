@@ -25,7 +25,8 @@ class MeanPoolPredictor(nn.Module):
   num_outputs: int
 
   @nn.compact
-  def __call__(self, labels: jax.Array) -> jax.Array:
+  def __call__(self, labels: jax.Array, z: jax.Array) -> jax.Array:
+    del z
     x = jax.nn.one_hot(labels, self.num_classes).mean(axis=(1, 2))
     return nn.sigmoid(nn.Dense(self.num_outputs)(x * 4.0))
 
@@ -62,7 +63,7 @@ def tiny_model() -> model_lib.FianceeModel:
                            key_block=0)
   ex = _numpy_init(jax.eval_shape(lambda b: em.init_exits(key, b, None, labels, z), bb), 2)
   pred = MeanPoolPredictor(config.data.num_classes, em.num_exits - 1)
-  pp = _numpy_init(jax.eval_shape(pred.init, key, labels), 3)
+  pp = _numpy_init(jax.eval_shape(pred.init, key, labels, z), 3)
   # Device arrays, as a restored checkpoint gives (numpy params would be copied every call).
   params, pp = jax.device_put(({'backbone': bb, 'exits': ex, 'database': None}, pp))
   return model_lib.FianceeModel(
@@ -151,7 +152,7 @@ def test_switch_router_equals_direct_paths():
     direct = np.asarray(sw.direct(k)(labels, z))
     np.testing.assert_allclose(np.asarray(sw.dispatch(k, (labels, z))), direct, atol=1e-6)
   # The routed executable takes the exit the rule picks and returns that exit's image.
-  pred = np.asarray(m.predict_fn()(m.predictor_params, labels))
+  pred = np.asarray(m.predict_fn()(m.predictor_params, labels, z))
   for t in (0.0, float(pred[0].min()), 1.0):
     image, k = sw((labels, z), t)
     assert int(k) == _route_reference(pred, t, m.margins)[0]
@@ -184,7 +185,7 @@ def test_bucketed_router_matches_per_exit_reference_and_never_recompiles():
   assert r.num_compiles == len(BUCKETS) * (m.num_exits + 1)
   labels, z = tiny_labels(4, seed=1), tiny_z(4, seed=1)
   full = [np.asarray(r.compiled_exit(k, 4)(m.params, labels, z)) for k in range(m.num_exits)]
-  pred = np.asarray(m.predict_fn()(m.predictor_params, labels))
+  pred = np.asarray(m.predict_fn()(m.predictor_params, labels, z))
   before = r.num_compiles
   seen = set()
   with latency.RecompileGuard(what='bucketed router'):
