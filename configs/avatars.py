@@ -1,16 +1,13 @@
 """Embedded procedural avatars at 64x64: one-shot reenactment (MegaPortraits-style) on the CPU.
 
-  python -c "from configs import avatars; from fiancee_jax.training import reenact; \
-      reenact.train(avatars.get_config(), 'runs/avatars')"     # backbone: <= ~8 min, 2 cores
+  python -m fiancee_jax.main --config=configs/avatars.py --workdir=runs/avatars
 
-(`python -m fiancee_jax.main --config=configs/avatars.py` once the pipeline dispatches on
-config.backbone.name.) Backbone: 600 steps of batch 16, measured only with the 2 cores
-shared with other jobs (load average 6-8): 0.64 s a step in a timing loop (1.56 steps/s),
-the whole stage (compile, 3 validation passes, checkpoints) 665 s (0.9 steps/s); on idle
-cores expect less than the 8 min budget (not measured). The first run also builds the
-dataset (~1 min). G2D is 88% of the generator's 0.32 GFLOPs. Measured (test split, all 512 cross pairs, EMA weights): 1 - MS-SSIM 0.274 to
-the ground truth vs 0.325 copying the source (16% lower) and 0.863 copying the driver; L1
-0.100 vs 0.076 copying the source (which gets the static background exactly) and 0.502.
+Measured on 2 CPU cores (the README's results): the whole job in 13.2 min (backbone 336 s
+for 600 steps of batch 16, database 10 s, exits 172 s, predictor 57 s, evaluate 74 s,
+benchmark 141 s); the first run also builds the dataset (~1 min). G2D is 88 % of the
+generator's 0.32 GFLOPs. Test split, all 512 cross pairs: 1 - MS-SSIM to the ground truth
+0.274 vs 0.325 copying the source and 0.863 copying the driver; L1 0.100 vs 0.076 copying
+the source (which gets the static background exactly).
 
 Variants: `configs/avatars.py:tiny` (32x32, a few steps; what the tests use).
 """
@@ -148,7 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_eval=512,
   )
 
-  config.benchmark = dict(batch_size=64, warmup=3, iters=10)
+  config.benchmark = dict(batch_size=64, warmup=2, iters=5)  # keeps the job within 20 min
   config.lock()
 
   if arg == 'tiny':

@@ -80,6 +80,14 @@ def render(workdir: str, backbone_bench: dict | None) -> str:
                  f"{_fmt(h['threshold'])}, met {_fmt(h['met_fraction'])}, saved "
                  f"{_fmt(h['saved_fraction'])} (oracle {_fmt(h['oracle_saved_fraction'])}, best "
                  f"static exit {_fmt(h['best_static_saved_fraction'])}).")
+  if 'ground_truth' in r:
+    lines.append('')
+    lines.append(_truth_table(r['ground_truth']))
+  if 'fid' in r:
+    lines.append('')
+    lines.append(f"FID against {r['fid']['num_images']} real test images: " + ', '.join(
+        f"{'backbone' if e['exit'] == len(r['fid']['exits']) - 1 else 'exit %d' % e['exit']} "
+        f"{e['fid']:.1f}" for e in r['fid']['exits']) + '.')
   if bench is not None:
     lines.append('')
     lines.append('Benchmark (`report/bench.md` has the full tables):')
@@ -97,6 +105,21 @@ def render(workdir: str, backbone_bench: dict | None) -> str:
                  f"GFLOP/s = {bb['ratio']:.0%} of the {bb['matmul_gflop_per_s']:.1f} GFLOP/s a "
                  f"2048^2 `jnp.dot` reached in the same run ({bb['hardware']}).")
   return '\n'.join(lines)
+
+
+def _truth_table(gt: dict) -> str:
+  """Distances to the ground truth (reenactment cross pairs) and the copy baselines."""
+  out = [f"Against the ground truth ({gt['num_eval']} cross pairs, {gt['distance']} and L1):", '',
+         '| output | distance to truth | L1 to truth |', '|---|---|---|']
+  n = len(gt['exits'])
+  for e in gt['exits']:
+    name = 'backbone' if e['exit'] == n - 1 else f"exit {e['exit']}"
+    out.append(f"| {name} | {e['distance']:.3f} | {e['l1']:.3f} |")
+  for key in ('copy_source', 'copy_driver'):
+    out.append(f"| {key.replace('_', ' ')} | {gt[key]['distance']:.3f} | {gt[key]['l1']:.3f} |")
+  out += ['', f"The backbone is closer to the truth than copying the source on "
+          f"{gt['backbone_better_than_copy_source_fraction']:.0%} of the pairs."]
+  return '\n'.join(out)
 
 
 def _bench_summary(bench: dict) -> str:
