@@ -166,7 +166,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.predictor.update(width=4, num_train=16, measure_batch=8, batch_size=8,
                             num_steps=4)
     config.router.update(num_eval=16)
-    config.benchmark.update(batch_size=8, warmup=1, iters=2)
+    config.benchmark.update(batch_size=4, warmup=1, iters=2)
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/avatars.py (known: 'tiny')")
   return config

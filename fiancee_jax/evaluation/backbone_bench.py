@@ -11,7 +11,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app
 from absl import flags

@@ -102,7 +102,7 @@ def test_wrong_dataset_is_refused(config):
   bad = avatars_config.get_config('tiny')
   with bad.unlocked():
     bad.data.name = 'landscapes'
-  with pytest.raises(ValueError, match="trains on 'avatars'"):
+  with pytest.raises(ValueError, match=r"needs source/driver pairs \('avatars'\)"):
     reenact_training.data_source(bad, 'train')
   with pytest.raises(ValueError, match='unknown split'):
     reenact_training.data_source(config, 'val')
