@@ -350,66 +350,17 @@ def load(source: Any, indices: np.ndarray) -> Batch:
   return batch
 
 
-def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
-            shuffle: bool = True, drop_remainder: bool = True, process_index: int = 0,
-            process_count: int = 1, prefetch: int = 2,
-            num_epochs: int | None = None) -> Iterator[Batch]:
-  """Yields training batches from global step `start_step` on.
-
-  Same arguments and determinism contract as `input_pipeline.batches` (step s of seed
-  `seed` always holds the same examples; each process loads its contiguous part), with the
-  keys of `load`. B = batch_size // process_count.
-
-  Raises:
-    ValueError: bad sizes, or batch_size not divisible by process_count.
-  """
-  num_examples = len(source)
-  if not drop_remainder and process_count > 1:
-    raise ValueError('drop_remainder=False would give processes unequal batches; use it '
-                     'with process_count=1')
-  steps = input_pipeline.steps_per_epoch(num_examples, batch_size, drop_remainder)
-  # batch_indices checks the sharding, the batch size and the step.
-  input_pipeline.batch_indices(start_step, num_examples=num_examples, batch_size=batch_size,
-                               seed=seed, shuffle=shuffle, drop_remainder=drop_remainder,
-                               process_index=process_index, process_count=process_count)
-  stop = None if num_epochs is None else num_epochs * steps
-
-  def make(step):
-    return load(source, input_pipeline.batch_indices(
-        step, num_examples=num_examples, batch_size=batch_size, seed=seed, shuffle=shuffle,
-        drop_remainder=drop_remainder, process_index=process_index,
-        process_count=process_count))
-
-  def steps_from(start):
-    step = start
-    while stop is None or step < stop:
-      yield step
-      step += 1
-
-  # pylint: disable-next=protected-access
-  return input_pipeline._prefetched(map(make, steps_from(start_step)), prefetch)
+def batches(source: Any, **kwargs: Any) -> Iterator[Batch]:
+  """Training batches from global step `start_step` on: `input_pipeline.batches` (same
+  arguments and determinism contract: step s of seed `seed` always holds the same examples,
+  each process loads its contiguous part) with the keys of `load`."""
+  return input_pipeline.batches(source, load_fn=load, **kwargs)
 
 
-def eval_batches(source: Any, *, batch_size: int, drop_remainder: bool = False,
-                 prefetch: int = 2) -> Iterator[Batch]:
-  """One in-order pass over `source`, the last batch padded (`mask` False on padding).
-
-  Yields:
-    The keys of `load` plus 'mask': bool [B].
-  """
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-  n = len(source)
-  stop = n - n % batch_size if drop_remainder else n
-
-  def make(start):
-    real = np.arange(start, min(start + batch_size, stop))
-    batch = load(source, np.pad(real, (0, batch_size - len(real)), mode='edge'))
-    batch['mask'] = np.arange(batch_size) < len(real)
-    return batch
-
-  # pylint: disable-next=protected-access
-  return input_pipeline._prefetched(map(make, range(0, stop, batch_size)), prefetch)
+def eval_batches(source: Any, **kwargs: Any) -> Iterator[Batch]:
+  """One in-order pass over `source`, the last batch padded: `input_pipeline.eval_batches`
+  with the keys of `load` plus 'mask': bool [B] (False on padding)."""
+  return input_pipeline.eval_batches(source, load_fn=load, **kwargs)
 
 
 def check_batch(batch: dict[str, Any], *, resolution: tuple[int, int]) -> None:

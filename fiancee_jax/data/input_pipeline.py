@@ -23,6 +23,7 @@ Batches are dicts of NumPy arrays:
 import itertools
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -167,7 +168,8 @@ def _prefetched(items: Iterable[Batch], prefetch: int) -> Iterator[Batch]:
 def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
             shuffle: bool = True, drop_remainder: bool = True,
             process_index: int = 0, process_count: int = 1, prefetch: int = 2,
-            num_epochs: int | None = None) -> Iterator[Batch]:
+            num_epochs: int | None = None,
+            load_fn: Callable[[Any, np.ndarray], Batch] | None = None) -> Iterator[Batch]:
   """Yields training batches from global step `start_step` on.
 
   Args:
@@ -181,10 +183,11 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
     process_count: number of processes (jax.process_count()).
     prefetch: batches prepared ahead on a background thread (0: none).
     num_epochs: stop after this many epochs; None: endless.
+    load_fn: (source, indices) -> batch; default `load` (label maps and images).
 
   Yields:
-    {'labels': int32 [B, H, W], 'image': float32 [B, H, W, 3] in [-1, 1],
-     'index': int32 [B]} with B = G // process_count.
+    load_fn's batches, by default {'labels': int32 [B, H, W], 'image': float32
+    [B, H, W, 3] in [-1, 1], 'index': int32 [B]}, with B = G // process_count.
 
   Raises:
     ValueError: bad sizes, or G not divisible by process_count.
@@ -206,8 +209,10 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
   else:
     step_range = range(start_step, num_epochs * steps)
 
+  load_fn = load_fn or load
+
   def make(step):
-    return load(source, batch_indices(
+    return load_fn(source, batch_indices(
         step, num_examples=num_examples, batch_size=batch_size, seed=seed,
         shuffle=shuffle, drop_remainder=drop_remainder,
         process_index=process_index, process_count=process_count))
@@ -216,7 +221,8 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
 
 
 def eval_batches(source: Any, *, batch_size: int, drop_remainder: bool = False,
-                 prefetch: int = 2) -> Iterator[Batch]:
+                 prefetch: int = 2,
+                 load_fn: Callable[[Any, np.ndarray], Batch] | None = None) -> Iterator[Batch]:
   """Yields one in-order pass over `source`, padded to static shapes.
 
   The last batch is padded to `batch_size` by repeating the last example, with
@@ -228,20 +234,23 @@ def eval_batches(source: Any, *, batch_size: int, drop_remainder: bool = False,
     batch_size: examples per batch.
     drop_remainder: drop the incomplete last batch instead of padding it.
     prefetch: batches prepared ahead on a background thread (0: none).
+    load_fn: (source, indices) -> batch; default `load`.
 
   Yields:
-    {'labels': int32 [B, H, W], 'image': float32 [B, H, W, 3], 'index': int32
-     [B], 'mask': bool [B]}.
+    load_fn's batches plus 'mask': bool [B], by default {'labels': int32 [B, H, W],
+    'image': float32 [B, H, W, 3], 'index': int32 [B], 'mask'}.
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   n = len(source)
   stop = n - n % batch_size if drop_remainder else n
 
+  load_fn = load_fn or load
+
   def make(start):
     real = np.arange(start, min(start + batch_size, stop))
     idx = np.pad(real, (0, batch_size - len(real)), mode='edge')
-    batch = load(source, idx)
+    batch = load_fn(source, idx)
     batch['mask'] = np.arange(batch_size) < len(real)
     return batch
 
