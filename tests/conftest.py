@@ -25,29 +25,28 @@ def tiny_config(data_dir):
   return config
 
 
+def _run_tiny_job(tmp_path_factory, data_dir, config_module, name):
+  """(workdir, config) of every stage of config_module's tiny variant on data_dir."""
+  from fiancee_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = config_module.get_config('tiny')
+  with config.unlocked():
+    config.data.data_dir = data_dir
+  wd = str(tmp_path_factory.mktemp(name))
+  pipeline.run(config, wd, 'backbone,database,exits,predictor,evaluate,benchmark')
+  return wd, config
+
+
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory, data_dir):
   """(workdir, config) of the whole tiny job, run once per test session (~2-3 min).
 
   Tests that only read a trained workdir (pipeline contract, Colabs, inference) share it.
   """
-  from fiancee_jax import pipeline  # pylint: disable=g-import-not-at-top
-  config = landscapes.get_config('tiny')
-  with config.unlocked():
-    config.data.data_dir = data_dir
-  wd = str(tmp_path_factory.mktemp('tiny_run'))
-  pipeline.run(config, wd, 'backbone,database,exits,predictor,evaluate,benchmark')
-  return wd, config
+  return _run_tiny_job(tmp_path_factory, data_dir, landscapes, 'tiny_run')
 
 
 @pytest.fixture(scope='session')
 def tiny_avatars_run(tmp_path_factory, data_dir):
   """(workdir, config) of the whole tiny reenactment job (avatars), run once per session."""
   from configs import avatars  # pylint: disable=g-import-not-at-top
-  from fiancee_jax import pipeline  # pylint: disable=g-import-not-at-top
-  config = avatars.get_config('tiny')
-  with config.unlocked():
-    config.data.data_dir = data_dir
-  wd = str(tmp_path_factory.mktemp('tiny_avatars_run'))
-  pipeline.run(config, wd, 'backbone,database,exits,predictor,evaluate,benchmark')
-  return wd, config
+  return _run_tiny_job(tmp_path_factory, data_dir, avatars, 'tiny_avatars_run')

@@ -80,10 +80,6 @@ def _margins(model: model_lib.FianceeModel) -> np.ndarray:
   return m
 
 
-def _check_batch(model: model_lib.FianceeModel, inputs: Any) -> tuple[np.ndarray, ...]:
-  return model.check_inputs(inputs)
-
-
 def sample_gflops(model: model_lib.FianceeModel, exit_ids: np.ndarray) -> np.ndarray:
   """float64 [B] GFLOPs spent per sample: its exit's path plus the predictor (batch-1 costs)."""
   costs = np.asarray(model.exit_gflops, np.float64)
@@ -197,7 +193,7 @@ class SwitchRouter:
                        f'input of shape {np.shape(inputs[0])}; use BucketedRouter for batches')
     if inputs and all(isinstance(x, jax.Array) for x in inputs):
       return inputs  # already on the device; the executable checks shapes and dtypes
-    return _check_batch(self.model, inputs)
+    return self.model.check_inputs(inputs)
 
 
 def default_buckets(max_bucket: int = 64) -> tuple[int, ...]:
@@ -318,7 +314,7 @@ class BucketedRouter:
   def predict_and_route(self, inputs: Sequence[Any],
                         threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Exit ids int32 [B] and predictions float32 [B, E - 1] for a batch of inputs."""
-    return self._predict_and_route(_check_batch(self.model, inputs),
+    return self._predict_and_route(self.model.check_inputs(inputs),
                                    model_lib.check_threshold(threshold))
 
   def _predict_and_route(self, inputs: tuple[np.ndarray, ...],
@@ -341,7 +337,7 @@ class BucketedRouter:
 
   def run_exits(self, exit_ids: Any, inputs: Sequence[Any]) -> np.ndarray:
     """Images float32 [B, H, W, 3] with sample i produced by exit exit_ids[i]."""
-    inputs = _check_batch(self.model, inputs)
+    inputs = self.model.check_inputs(inputs)
     exit_ids = np.asarray(exit_ids)
     e, n = self.model.num_exits, inputs[0].shape[0]
     if exit_ids.shape != (n,) or exit_ids.size and (
@@ -375,7 +371,7 @@ class BucketedRouter:
       Routed(images float32 [B, H, W, 3], exit_ids int32 [B], gflops float64 [B]).
     """
     threshold = model_lib.check_threshold(threshold)
-    inputs = _check_batch(self.model, inputs)
+    inputs = self.model.check_inputs(inputs)
     exit_ids, _ = self._predict_and_route(inputs, threshold)
     images = self._run_exits(exit_ids, inputs)
     return Routed(images, exit_ids, sample_gflops(self.model, exit_ids))
