@@ -146,19 +146,31 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   out['predictor'] = {'gflops': float(model.predictor_gflops), **pb}
 
   # Routed throughput at each threshold, end to end.
+  routed = [(t, bucketed(batch, t)) for t in thresholds]
+  plans = [bucketed.plan(res.exit_ids) for _, res in routed]
+  # The latency model: each (exit, bucket) executable a routed batch calls, timed alone.
+  # Its sum (plus the predictor) is what routing costs if the router added nothing; the
+  # FLOPs model assumes every exit runs at the backbone's GFLOP/s, this one does not.
+  call_ms = {}
+  for k, b in sorted({(k, b) for plan in plans for k, b, _, _ in plan}):
+    call_ms[(k, b)] = (exits[k]['batch']['median_ms'] if b == batch_size else
+                       latency.time_compiled(bucketed.compiled_exit(k, b), params,
+                                             *(x[:b] for x in batch_d), warmup=warmup,
+                                             iters=iters)['median_ms'])
   routing = []
-  for t in thresholds:
-    res = bucketed(batch, t)
+  for (t, res), plan in zip(routed, plans):
     stats = timeit(lambda t=t: bucketed(batch, t))
     ips = batch_size / (stats['median_ms'] * 1e-3)
     mean_gflops = float(np.mean(res.gflops))
-    plan = bucketed.plan(res.exit_ids)
+    model_ms = pb['batch']['median_ms'] + sum(call_ms[(k, b)] for k, b, _, _ in plan)
     routing.append({
         'threshold': t,
         'images_per_s': ips,
         'backbone_images_per_s': backbone_ips,
         'measured_speedup': ips / backbone_ips,
         'flops_speedup': float(model.backbone_gflops) / mean_gflops,
+        'latency_model_ms': model_ms,
+        'latency_speedup': backbone['batch']['median_ms'] / model_ms,
         'mean_gflops': mean_gflops,
         'saved_fraction': 1.0 - mean_gflops / float(model.backbone_gflops),
         'exit_histogram': np.bincount(res.exit_ids, minlength=e).astype(int).tolist(),
@@ -257,10 +269,16 @@ def render_markdown(bench: dict[str, Any]) -> str:
       f'## Routing (batch {b}, end to end)',
       '',
       _table(['threshold', 'images/s', 'backbone images/s', 'measured speedup',
-              'FLOPs speedup', 'saved', 'exit histogram'],
+              'FLOPs speedup', 'latency-model speedup', 'saved', 'exit histogram'],
              [[r['threshold'], r['images_per_s'], r['backbone_images_per_s'],
-               r['measured_speedup'], r['flops_speedup'], r['saved_fraction'],
-               ' / '.join(map(str, r['exit_histogram']))] for r in bench['routing']]),
+               r['measured_speedup'], r['flops_speedup'], r.get('latency_speedup', '-'),
+               r['saved_fraction'], ' / '.join(map(str, r['exit_histogram']))]
+              for r in bench['routing']]),
+      '',
+      'FLOPs speedup: backbone GFLOPs / mean routed GFLOPs. Latency-model speedup: backbone '
+      'time / (predictor + every exit call of the routed batch, each executable timed alone); '
+      'measured below it is router overhead, FLOPs above it is exits running at fewer '
+      'GFLOP/s than the backbone.',
       '',
       '## lax.switch at batch 1',
       '',

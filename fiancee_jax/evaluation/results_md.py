@@ -134,12 +134,15 @@ def _bench_summary(bench: dict) -> str:
                f"({e['batch1']['p90_ms']:.2f}) | {e['batch']['median_ms']:.2f} "
                f"({e['batch']['p90_ms']:.2f}) | {e['images_per_s']:.0f} |")
   out += ['', '| threshold | routed images/s | backbone images/s | measured speedup | '
-          'FLOPs-predicted speedup | measured / predicted | exit histogram |',
-          '|---|---|---|---|---|---|---|']
+          'FLOPs-predicted speedup | measured / predicted | latency-model speedup | '
+          'measured / latency model | exit histogram |',
+          '|---|---|---|---|---|---|---|---|---|']
   for r in bench['routing']:
+    lat = r.get('latency_speedup')  # bench.json files from before the latency model lack it
+    lat_cols = (f"{lat:.2f} | {r['measured_speedup'] / lat:.2f}" if lat else '- | -')
     out.append(f"| {r['threshold']:.3f} | {r['images_per_s']:.0f} | {r['backbone_images_per_s']:.0f} "
                f"| {r['measured_speedup']:.2f} | {r['flops_speedup']:.2f} | "
-               f"{r['measured_speedup'] / r['flops_speedup']:.2f} | "
+               f"{r['measured_speedup'] / r['flops_speedup']:.2f} | {lat_cols} | "
                f"{' / '.join(str(x) for x in r['exit_histogram'])} |")
   sw = bench['switch']['per_exit']
   v = bench['vmap_switch']

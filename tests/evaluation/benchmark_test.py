@@ -67,6 +67,10 @@ def test_bench_counts_and_ratios(bench):
     assert r['mean_gflops'] == pytest.approx(mean)
     assert r['flops_speedup'] == pytest.approx(m.backbone_gflops / mean)
     assert r['measured_speedup'] == pytest.approx(r['images_per_s'] / r['backbone_images_per_s'])
+    # The latency model sums the timed executables the routed batch calls, predictor included.
+    assert r['latency_model_ms'] > bench['predictor']['batch']['median_ms']
+    assert r['latency_speedup'] == pytest.approx(
+        bench['backbone']['batch_median_ms'] / r['latency_model_ms'])
   assert hists[0] == [0, 0, BATCH]  # threshold 0: nothing certified -> backbone
   assert hists[-1] == [BATCH, 0, 0]  # threshold 1 > any sigmoid output: cheapest exit
   assert len(bench['switch']['per_exit']) == e and len(bench['switch']['routed']) == 3
@@ -82,7 +86,7 @@ def test_write_bench(bench, tmp_path):
     assert json.load(f)['batch_size'] == BATCH
   md = open(md_path).read()
   assert md.startswith('# Benchmark')
-  for heading in ('## Exits', '## Routing', '## lax.switch', 'vmap'):
+  for heading in ('## Exits', '## Routing', 'latency-model speedup', '## lax.switch', 'vmap'):
     assert heading in md
   assert md.count('\n| ') >= 2 * tiny_model().num_exits
 
