@@ -154,14 +154,13 @@ print(f"predictor: {p['gflops']:.3g} GFLOPs, MAE {p['mae']:.3f}; database: {db['
 Each exit is its own jitted function `path_k(params, *inputs)` (inputs `(labels, z)` for OASIS,
 `(source, driver)` for reenactment): the exit index is static, so
 each one compiles to its own, smaller executable. Under each image: the predictor's distance
-estimate plus its calibration margin (what the router compares with the threshold).'''),
+estimate (the router adds the calibration margin of the threshold before comparing).'''),
       code('''\
 from fiancee_jax.data import visualize
 data = tasks.load_data(config, 'test', 4)  # (labels,) or (source, driver)
 inputs = model.make_inputs(data, jax.random.key(0))  # adds one z per image for OASIS
 images = [np.asarray(jax.jit(path)(model.params, *inputs)) for path in model.paths()]
-predicted = (np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
-             + model.margins)  # [4, E - 1]
+predicted = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))  # [4, E - 1]
 pictures = model.task.columns(data)  # uint8 [4, H, W, 3] per data array
 
 n, num_exits, c = len(data[0]), model.num_exits, len(pictures)
@@ -508,12 +507,12 @@ for k in range(E):
   switch_ms.append(ts['median_ms'])
   direct_ms.append(timings[k, 1]['median_ms'])
 
-margins_d = jax.device_put(np.asarray(model.margins, np.float32))
 thresholds = sorted({row['threshold'] for row in report['routing']})
 if QUICK and len(thresholds) > 4:  # the lowest, two in between and the highest
   thresholds = [thresholds[i] for i in np.linspace(0, len(thresholds) - 1, 4).astype(int)]
 routed_rows = []
 for t in thresholds:
+  margins_d = jax.device_put(model.margins_at(t))  # the calibration margin of this threshold
   args = (params, model.predictor_params, margins_d, jax.device_put(np.float32(t)), *one_d)
   k = int(routed(*args)[1])
   tr = latency.time_compiled(routed, *args, warmup=WARMUP, iters=ITERS)
@@ -540,12 +539,13 @@ show(fig)'''),
       md('''\
 ## Batches: bucketed routing
 
-`BucketedRouter` runs the predictor on the device, groups the samples by exit on the host, pads
-each group to a bucket size (by default powers of two up to the batch) and calls that exit's own
-executable at that size, then scatters the images back in order. `warmup()` compiles every
+`BucketedRouter` runs the predictor on the device, groups the samples by exit on the host,
+covers each group with bucket-sized chunks (by default powers of two up to the batch, largest
+first, so 41 samples run as 32 + 8 + 1; only a remainder below the smallest bucket is padded)
+and calls that exit's own executable at each size, then scatters the images back in order. `warmup()` compiles every
 (exit, bucket) pair once; after it, no call compiles (`time_fn` would raise if one did).'''),
       code('''\
-# Quick mode compiles two bucket sizes (groups pad to the next one); the full mode compiles
+# Quick mode compiles two bucket sizes (a remainder below 2 is padded); the full mode compiles
 # powers of two up to BATCH, as `fiancee_jax.generate` does.
 buckets = (2, BATCH) if QUICK else router.default_buckets(BATCH)
 bucketed = router.BucketedRouter(model, buckets)

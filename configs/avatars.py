@@ -140,7 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.router = dict(
       target_met=0.95,
-      calibration='max_score',
+      calibration='risk_control',
       thresholds=(),
       num_eval=512,
   )

@@ -6,6 +6,7 @@ import ml_collections
 from fiancee_jax import tasks
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
+from fiancee_jax.routing import calibration
 
 KNOWN_STAGES = ('backbone', 'database', 'exits', 'predictor', 'evaluate', 'benchmark')
 
@@ -24,6 +25,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                        f'with scripts/convert_{key.split("_")[0]}_weights.py (README, "LPIPS '
                        'and FID weights") or leave it empty')
   _check_train(t)
+  _check_router(config.router)
   if task.name == 'reenactment':
     factory.make_generator(config).latent_size(res)  # raises if G2D cannot decode to res
     if config.exits.adversarial_weight > 0:
@@ -39,6 +41,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'resolution {res} cannot be halved {levels} times by the discriminator '
         f'(len(config.backbone.d_width_ratios)={levels}); use fewer levels')
+
+
+def _check_router(r: ml_collections.ConfigDict) -> None:
+  # The calibration runs at the end of the predictor stage: a typo must not cost the stage.
+  if r.calibration not in calibration.ALL_METHODS:
+    raise ValueError(f'config.router.calibration={r.calibration!r}: use one of '
+                     f'{", ".join(calibration.ALL_METHODS)} (routing/calibration.py)')
+  if not 0.0 < r.target_met < 1.0:
+    raise ValueError(f'config.router.target_met must be a share in (0, 1), got {r.target_met}')
 
 
 def _check_train(t: ml_collections.ConfigDict) -> None:

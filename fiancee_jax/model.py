@@ -32,6 +32,8 @@ class FianceeModel:
     task: what the backbone consumes (tasks.Synthesis or tasks.Reenactment): the data a
       user passes, and the inputs of the exit paths (data, plus z if the generator has noise).
     distance: name of the distance the predictor predicts (e.g. '1-msssim').
+    risk_control: a routing.calibration.RiskControl when the margins depend on the
+      threshold (config.router.calibration = 'risk_control'); then `margins` is unused.
   """
   exit_model: exits_lib.ExitModel
   params: dict
@@ -42,6 +44,13 @@ class FianceeModel:
   predictor_gflops: float
   task: tasks.Task
   distance: str = ''
+  risk_control: Any = None
+
+  def margins_at(self, threshold: float) -> np.ndarray:
+    """float32 [E - 1] margins the router adds to predictions at this threshold."""
+    if self.risk_control is not None:
+      return self.risk_control.margins(threshold)
+    return np.asarray(self.margins, np.float32)
 
   @property
   def num_exits(self) -> int:

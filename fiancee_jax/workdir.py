@@ -22,12 +22,12 @@ def load_model(config: ml_collections.ConfigDict, workdir: str,
   variant = variant or exits_training.variants(config)[0]
   guided = variant == 'guided'
   params = predictor_training.trained_exit_params(config, workdir, variant)
-  pp, margins = predictor_training.load_predictor(config, workdir)
+  pp, cal = predictor_training.load_predictor(config, workdir)
   costs = stats.exit_stats(config, guided=guided)
   return model_lib.FianceeModel(
       exit_model=factory.make_exit_model(config, guided=guided),
       params=jax.device_put(params), predictor=factory.make_predictor(config),
-      predictor_params=pp, margins=np.asarray(margins, np.float32),
+      predictor_params=pp, margins=cal['margins'], risk_control=cal['risk_control'],
       exit_gflops=tuple(c['gflops'] for c in costs),
       predictor_gflops=stats.predictor_stats(config)['gflops'],
       task=tasks.get_task(config), distance=exits_training.get_distance(config).name)

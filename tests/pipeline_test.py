@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,6 +58,15 @@ def test_report_schema(workdir):
     assert sum(row['exit_histogram']) == 32
     assert 0.0 <= row['met_fraction'] <= 1.0
     assert row['saved_fraction'] <= 1.0
+  c = r['calibration']
+  assert c['method'] == 'risk_control' and c['margins'] is None
+  # The stored calibration gives each threshold its margin (one per early exit).
+  import fiancee_jax  # pylint: disable=g-import-not-at-top
+  model = fiancee_jax.load_model(config, wd)
+  assert len(c['margins_per_threshold']) == len(r['routing'])
+  for row, m in zip(r['routing'], c['margins_per_threshold']):
+    expect = model.margins_at(row['threshold'])
+    assert [None if not np.isfinite(x) else pytest.approx(float(x)) for x in expect] == m
 
 
 def test_bench_schema(workdir):
@@ -93,10 +103,14 @@ def test_generate_routes_by_threshold(workdir):
   labels = tasks.load_data(config, 'test', 6)[0]
   strict = fiancee_jax.generate(model, labels, threshold=0.0, seed=1)
   assert strict['images'].shape == (6, 16, 16, 3)
-  assert np.all(strict['exit_ids'] == model.num_exits - 1)  # only the backbone has distance 0
+  # Each sample takes the cheapest exit whose prediction plus this threshold's margin fits.
+  inputs = model.make_inputs(labels, jax.random.key(1))
+  pred = np.asarray(model.predict_fn()(model.predictor_params, *inputs))
+  ok = pred + model.margins_at(0.0)[None] <= 0.0
+  np.testing.assert_array_equal(strict['exit_ids'],
+                                np.where(ok.any(1), ok.argmax(1), model.num_exits - 1))
   loose = fiancee_jax.generate(model, labels, threshold=1e6, seed=1)
-  finite = np.isfinite(model.margins)
-  if finite[0]:
+  if np.isfinite(model.margins_at(1e6)[0]):  # nothing misses 1e6: every sample exits first
     assert np.all(loose['exit_ids'] == 0)
     assert loose['saved_fraction'] > 0
   np.testing.assert_allclose(

@@ -136,7 +136,7 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
                      'batch_median_ms': backbone['batch']['median_ms']}
 
   # Predictor alone, batch 1 and batch_size.
-  margins = np.asarray(model.margins, np.float32)
+  margins = model.margins_at(thresholds[0])
   dev_margins, dev_t0 = jax.device_put((margins, np.float32(thresholds[0])))
   pb = {}
   for name, b, x in (('batch1', 1, one_d), ('batch', batch_size, batch_d)):
@@ -192,7 +192,8 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
                      'overhead_ratio': ts['median_ms'] / td['median_ms']})
   routed1 = []
   for t in thresholds:
-    args = (params, model.predictor_params, dev_margins, jax.device_put(np.float32(t)), *one_d)
+    args = (params, model.predictor_params, jax.device_put(model.margins_at(t)),
+            jax.device_put(np.float32(t)), *one_d)
     k = int(routed_exe(*args)[1])
     tr = timeit(routed_exe, *args)
     routed1.append({'threshold': t, 'exit': k, 'routed_ms': tr['median_ms'],

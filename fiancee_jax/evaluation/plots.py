@@ -91,7 +91,7 @@ def sample_grid(path: str, report: dict, model, inputs: tuple[np.ndarray, ...],
   if t is None:
     t = report['routing'][len(report['routing']) // 2]['threshold']
   pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
-  ids = report_lib.route_ids(pred, t, model.margins)
+  ids = report_lib.route_ids(pred, t, model.margins_at(t))
   cols = model.task.columns(inputs[:len(model.task.data_keys)])
   for k, o in enumerate(outs):
     img = ((o + 1) * 127.5).clip(0, 255).astype(np.uint8)

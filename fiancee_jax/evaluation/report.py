@@ -8,6 +8,7 @@ cheapest single exit whose mean distance meets the threshold (0 if only the back
 """
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +31,21 @@ def route_ids(scores: np.ndarray, threshold: float, margins: np.ndarray) -> np.n
   return np.asarray(router.route(jnp.asarray(scores), threshold, jnp.asarray(margins)))
 
 
-def routing_table(pred: np.ndarray, true: np.ndarray, margins: np.ndarray,
+def _json_floats(x: np.ndarray) -> list[float | None]:
+  """Floats for report.json; an infinite margin (exit never taken) becomes None."""
+  return [float(v) if np.isfinite(v) else None for v in np.asarray(x, np.float64).ravel()]
+
+
+def routing_table(pred: np.ndarray, true: np.ndarray,
+                  margins: Callable[[float], np.ndarray] | np.ndarray,
                   exit_gflops: np.ndarray, predictor_gflops: float,
                   thresholds: np.ndarray) -> list[dict]:
   """Routing figures per threshold (see module docstring).
 
   Args:
     pred, true: [N, E - 1] predicted and measured distances of the branch exits.
-    margins: [E - 1] calibration margins.
+    margins: [E - 1] calibration margins, or threshold -> [E - 1] margins
+      (FianceeModel.margins_at).
     exit_gflops: [E] GFLOPs per exit, the backbone last.
     predictor_gflops: GFLOPs of the predictor per sample.
     thresholds: thresholds on the distance.
@@ -47,8 +55,9 @@ def routing_table(pred: np.ndarray, true: np.ndarray, margins: np.ndarray,
   backbone = exit_gflops[-1]
   mean_dist = true.mean(axis=0)
   rows = []
+  margins_at = margins if callable(margins) else (lambda t: margins)
   for t in thresholds:
-    ids = route_ids(pred, float(t), margins)
+    ids = route_ids(pred, float(t), margins_at(float(t)))
     oracle = route_ids(true, float(t), np.zeros(e1, np.float32))
     chosen = full[np.arange(n), ids]
     mean_g = float(exit_gflops[ids].mean() + predictor_gflops)
@@ -71,10 +80,11 @@ def routing_table(pred: np.ndarray, true: np.ndarray, margins: np.ndarray,
 def default_thresholds(true: np.ndarray, scores: np.ndarray | None = None,
                        num: int = 12) -> np.ndarray:
   """From the 5th percentile of the latest exit's distance up to where routing sends
-  (almost) everything to the earliest exit: the 95th percentile of its true distance and
-  of its routing score (prediction + margin), whichever is larger."""
+  (almost) everything to the earliest exit: the 99th percentile of its true distance (a
+  per-threshold calibration at target 0.95 sends everything there once the threshold passes
+  ~the 95th) and of its routing score (prediction + margin), whichever is larger."""
   lo = float(np.percentile(true[:, -1], 5))
-  hi = float(np.percentile(true[:, 0], 95))
+  hi = float(np.percentile(true[:, 0], 99))
   if scores is not None and np.all(np.isfinite(scores[:, 0])):
     hi = max(hi, float(np.percentile(scores[:, 0], 95)))
   return np.linspace(lo, max(hi, lo + 1e-6), num)
@@ -111,13 +121,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if 'unguided' in variants and variants[0] == 'guided':
     no_guide = predictor_training.split_distances(config, workdir, 'test', n, 'unguided')[1]
   pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
+  # Threshold-free margins shift the scores; risk-control margins are set per threshold.
+  scores = pred + model.margins_at(0.0)[None] if model.risk_control is None else None
   thresholds = (np.asarray(config.router.thresholds, np.float32) if config.router.thresholds
-                else default_thresholds(true, pred + model.margins[None]))
+                else default_thresholds(true, scores))
   exit_gflops = np.asarray(model.exit_gflops)
-  routing = routing_table(pred, true, model.margins, exit_gflops, model.predictor_gflops,
+  routing = routing_table(pred, true, model.margins_at, exit_gflops, model.predictor_gflops,
                           thresholds)
-  uncalibrated = routing_table(pred, true, np.zeros_like(model.margins), exit_gflops,
-                               model.predictor_gflops, thresholds)
+  uncalibrated = routing_table(pred, true, np.zeros(model.num_exits - 1, np.float32),
+                               exit_gflops, model.predictor_gflops, thresholds)
   cstats = stats.exit_stats(config)
   exits = []
   for k, c in enumerate(cstats[:-1]):
@@ -139,7 +151,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    'lookup_gflops': stats.lookup_gflops(config)},
       'calibration': {'method': config.router.calibration,
                       'target_met': config.router.target_met,
-                      'margins': [float(m) for m in model.margins],
+                      'margins': (None if model.risk_control is not None
+                                  else _json_floats(model.margins_at(0.0))),
+                      'margins_per_threshold': [_json_floats(model.margins_at(r['threshold']))
+                                                for r in routing],
                       'met_fraction_per_threshold': [r['met_fraction'] for r in routing],
                       'met_fraction_uncalibrated': [r['met_fraction'] for r in uncalibrated]},
       'routing': routing,
@@ -213,7 +228,7 @@ def truth_table(config: ml_collections.ConfigDict, model, inputs: tuple[np.ndarr
   rows = np.arange(len(target))
   routed = []
   for r in routing:
-    ids = route_ids(pred, r['threshold'], model.margins)
+    ids = route_ids(pred, r['threshold'], model.margins_at(r['threshold']))
     routed.append({'threshold': r['threshold'], 'distance': float(d[rows, ids].mean()),
                    'l1': float(l1[rows, ids].mean())})
   out = {

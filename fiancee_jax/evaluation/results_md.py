@@ -63,13 +63,21 @@ def render(workdir: str, backbone_bench: dict | None) -> str:
                f"{_fmt(d['lookup_gflops'], 4)} GFLOPs ({d['lookup_gflops'] / b['gflops']:.2%}).")
   lines.append('')
   c = r['calibration']
+  per_threshold = c.get('margins_per_threshold')  # absent in reports from before risk control
+  if c.get('margins') is not None:
+    margins = 'margins ' + ', '.join(_fmt(m) for m in c['margins'])
+  else:
+    margins = 'a margin per threshold'
   lines.append(f"Routing on the test split (calibration: {c['method']}, target share "
-               f"{c['target_met']}, margins " + ', '.join(_fmt(m) for m in c['margins']) + '):')
+               f"{c['target_met']}, {margins}):")
   lines.append('')
-  lines.append('| threshold | met | saved | oracle saved | best static saved | exit histogram |')
-  lines.append('|---|---|---|---|---|---|')
-  for row in r['routing']:
-    lines.append(f"| {_fmt(row['threshold'])} | {_fmt(row['met_fraction'])} | "
+  lines.append('| threshold | margin | met | saved | oracle saved | best static saved | '
+               'exit histogram |')
+  lines.append('|---|---|---|---|---|---|---|')
+  for i, row in enumerate(r['routing']):
+    m = per_threshold[i] if per_threshold else c['margins']
+    m = ', '.join('inf' if x is None else _fmt(x) for x in m)
+    lines.append(f"| {_fmt(row['threshold'])} | {m} | {_fmt(row['met_fraction'])} | "
                  f"{_fmt(row['saved_fraction'])} | {_fmt(row['oracle_saved_fraction'])} | "
                  f"{_fmt(row['best_static_saved_fraction'])} | "
                  f"{' / '.join(str(x) for x in row['exit_histogram'])} |")

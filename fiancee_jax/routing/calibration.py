@@ -32,6 +32,22 @@ Methods (alpha = 1 - target):
   selects exits by their predictions, so the share of routed samples that meet the threshold
   can be lower than the target.
 
+- 'risk_control': threshold-dependent margins (`RiskControl`), for when only the routed
+  share matters. The router takes exit k if pred_k + lam <= t; for one fixed threshold t,
+  the loss of sample i at lam is 1 if its routed exit misses t. That loss is not monotone in
+  lam (a larger margin can move a sample from an exit that meets t to a later one that does
+  not), so it is monotonised: lam*_i is the largest lam at which sample i misses (-inf if it
+  never does), and the monotone loss is 1[lam <= lam*_i], an upper bound of the real one.
+  Conformal risk control (Angelopoulos, Bates, Fisch, Lei & Schuster, "Conformal Risk
+  Control", ICLR 2024, Thm. 1 and Sec. 2.3 on monotonising) with a binary loss reduces to a
+  split-conformal quantile of the scores lam*_i: lam_hat(t) is just above the
+  ceil((n + 1)(1 - alpha))-th smallest lam*_i, and then P(routed sample misses t) <= alpha
+  for a new sample, marginally, at that threshold. Every margin above lam_hat keeps the
+  bound (the monotone loss only falls), which is why rounding up is safe. Unlike the
+  threshold-free methods it spends the whole error budget on the samples that take early
+  exits at this threshold, so it routes far more samples early at the same target; the
+  price is that the guarantee is per threshold, not simultaneous over all thresholds.
+
 What is guaranteed, and what is not:
 - Marginal over the draw of calibration split and test sample, not conditional on the input
   (some kinds of label maps can fail more often than others) and not per batch.
@@ -45,6 +61,7 @@ What is guaranteed, and what is not:
 - Small calibration splits give +inf margins (that exit is never taken): certifying level
   alpha needs n >= 1 / alpha - 1 samples, times (E - 1) for 'bonferroni'.
 """
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -52,9 +69,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from fiancee_jax import model as model_lib
 from fiancee_jax.routing import router
 
-METHODS = ('bonferroni', 'max_score', 'per_exit')
+METHODS = ('bonferroni', 'max_score', 'per_exit')  # threshold-free margins
+ALL_METHODS = METHODS + ('risk_control', 'none')
 
 
 def _check(pred: Any, true: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -201,3 +220,91 @@ def coverage(pred: Any, true: Any, margins: Any) -> np.ndarray:
   pred, true = _check(pred, true)
   margins = np.asarray(margins, np.float64).reshape(-1)
   return np.mean(true <= pred + margins[None, :], axis=0)
+
+
+def _round_up_f32(x: np.ndarray) -> np.ndarray:
+  """float64 -> float32, never rounding down (margins keep their float64 guarantee)."""
+  x = np.asarray(x, np.float64)
+  out = x.astype(np.float32)
+  low = out.astype(np.float64) < x
+  out[low] = np.nextafter(out[low], np.float32(np.inf))
+  return out
+
+
+_SLACK = 1e-6  # distance units
+
+
+@dataclasses.dataclass(frozen=True)
+class RiskControl:
+  """Threshold-dependent routing margins by conformal risk control (module docstring).
+
+  Attributes:
+    target: share in (0, 1) of samples whose routed output must meet the threshold.
+    pred: float64 [n, E - 1] predicted distances of the calibration split.
+    true: float64 [n, E - 1] their measured distances.
+  """
+  target: float
+  pred: np.ndarray
+  true: np.ndarray
+
+  def __post_init__(self):
+    pred, true = _check(self.pred, self.true)
+    object.__setattr__(self, 'pred', pred)
+    object.__setattr__(self, 'true', true)
+    object.__setattr__(self, 'target', _check_target(self.target))
+
+  @property
+  def num_early_exits(self) -> int:
+    return self.pred.shape[1]
+
+  def scores(self, threshold: float) -> np.ndarray:
+    """float64 [n]: per calibration sample, the largest margin at which its routed exit
+    misses `threshold` (-inf if it never misses)."""
+    t = float(threshold)
+    bound = t - self.pred  # exit k qualifies iff margin <= bound[:, k]
+    before = np.maximum.accumulate(
+        np.concatenate([np.full((len(bound), 1), -np.inf), bound[:, :-1]], axis=1), axis=1)
+    # Exit k is the routed one for margins in (max bound of exits before it, bound_k].
+    reachable = bound > before
+    miss = self.true > t
+    return np.max(np.where(reachable & miss, bound, -np.inf), axis=1)
+
+  def margin(self, threshold: float) -> float:
+    """lam_hat(threshold): the margin added to every prediction (+inf: only the backbone)."""
+    t = model_lib.check_threshold(threshold)
+    s = self.scores(t)
+    q = conformal_quantile(s, 1.0 - self.target)
+    if q == -math.inf:  # no sample at this rank ever misses: any finite margin is safe
+      q = float(np.min(t - self.pred)) - 1.0
+    # Strictly above q, with room for the float32 rounding of pred, margin and threshold in
+    # the deployed router (~1e-8 at distances ~0.1): the sample at rank q must stay out.
+    return q + _SLACK
+
+  def margins(self, threshold: float) -> np.ndarray:
+    """float32 [E - 1] margins for routing at `threshold` (rounded up)."""
+    return _round_up_f32(np.full(self.num_early_exits, self.margin(threshold)))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {'target': self.target, 'pred': self.pred.tolist(), 'true': self.true.tolist()}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'RiskControl':
+    try:
+      return cls(d['target'], np.asarray(d['pred'], np.float64),
+                 np.asarray(d['true'], np.float64))
+    except (KeyError, TypeError) as e:
+      raise ValueError(f'stored risk-control calibration is malformed ({e!r}); run the '
+                       'predictor stage again') from None
+
+
+def fit_risk_control(pred: Any, true: Any, *, target: float) -> RiskControl:
+  """`RiskControl` margins from a calibration split (pred, true: float [N, E - 1])."""
+  rc = RiskControl(target, pred, true)
+  n = rc.pred.shape[0]
+  needed = min_samples(target, 1, 'per_exit')
+  if n < needed:
+    warnings.warn(
+        f'a calibration split of {n} samples is too small to certify target {target} with '
+        f"method='risk_control' ({needed} are needed); only the backbone will be taken",
+        RuntimeWarning, stacklevel=2)
+  return rc

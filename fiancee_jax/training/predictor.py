@@ -4,6 +4,7 @@ and calibrates the routing margins on the validation split.
 Targets are distances measured in one jitted batched pass over all exits, on training
 inputs with a fixed z per dataset index (so the numbers are reproducible).
 """
+import hashlib
 import os
 from typing import Any, NamedTuple
 
@@ -111,11 +112,12 @@ def split_distances(config, workdir, split: str, n: int, variant: str | None = N
   """
   variant = variant or exits_training.variants(config)[0]
   inputs = load_inputs(config, split, n, draws)
-  n = len(inputs[0])
+  key = _inputs_key(config, variant, inputs)
   cache = os.path.join(workdir, 'checkpoints', STAGE, f'distances_{split}_{variant}.npz')
   if os.path.exists(cache):
     with np.load(cache) as f:
-      if f['distances'].shape[0] == n:
+      # Same count is not enough: (maps, draws) = (4096, 8) and (2048, 16) differ.
+      if 'key' in f and str(f['key']) == key:
         return inputs, f['distances']
   model = factory.make_exit_model(config, guided=(variant == 'guided'))
   params = trained_exit_params(config, workdir, variant)
@@ -123,9 +125,19 @@ def split_distances(config, workdir, split: str, n: int, variant: str | None = N
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache + '.tmp.npz'
-    np.savez(tmp, distances=d)
+    np.savez(tmp, distances=d, key=np.array(key))
     os.replace(tmp, cache)
   return inputs, d
+
+
+def _inputs_key(config, variant: str, inputs: tuple[np.ndarray, ...]) -> str:
+  """What cached distances were measured on: the distance, the exits and the inputs' bytes."""
+  h = hashlib.sha256(f'{exits_training.get_distance(config).name}/{variant}'.encode())
+  for x in inputs:
+    x = np.ascontiguousarray(x)
+    h.update(f'{x.dtype}{x.shape}'.encode())
+    h.update(memoryview(x).cast('B'))
+  return h.hexdigest()
 
 
 def _optimizer(config) -> optax.GradientTransformation:
@@ -180,12 +192,30 @@ def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
   return step, tx
 
 
+def _state_template(config: ml_collections.ConfigDict) -> PredictorState:
+  """Abstract PredictorState of this config (for restoring without data)."""
+  model = factory.make_predictor(config)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          *tasks.input_specs(tasks.get_task(config), 1))
+  tx = _optimizer(config)
+  return jax.eval_shape(lambda p: PredictorState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                        params)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the predictor stage; returns {'params', 'margins'}."""
+  """Runs (or resumes) the predictor stage; returns {'params', 'margins', 'risk_control'}."""
   p = config.predictor
   if p.loss not in ('l1', 'mse'):
     raise ValueError(f"config.predictor.loss={p.loss!r}: use 'l1' or 'mse'")
   directory = os.path.join(workdir, 'checkpoints', STAGE)
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=2,
+                                 save_every=max(1, p.num_steps // 3))
+  if ckpt.latest_step() is not None:
+    # A finished stage is not measured again (its targets can take most of the stage).
+    state, meta = ckpt.restore(_state_template(config))
+    if meta.get('finished'):  # its params are already folded
+      ckpt.close()
+      return {'params': state.params, **_calibration_of(meta)}
   inputs, targets = split_distances(config, workdir, 'train', p.num_train,
                                     draws=p.get('z_draws', 1))
   inputs = tuple(jnp.asarray(x) for x in inputs)
@@ -195,12 +225,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = model.init(jax.random.fold_in(jax.random.key(config.seed), 5),
                       *(x[:1] for x in inputs))
   state = PredictorState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  ckpt = checkpoint.Checkpointer(directory, max_to_keep=2,
-                                 save_every=max(1, p.num_steps // 3))
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    if meta.get('finished'):  # its params are already folded
-      return {'params': state.params, 'margins': np.asarray(meta['margins'], np.float32)}
+    state, _ = ckpt.restore(state)
   step_fn = jax.jit(step_fn, donate_argnums=0)
   with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=p.num_steps) as writer:
     for step in range(int(state.step), p.num_steps):
@@ -210,35 +236,52 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if ckpt.should_save(step + 1) and step + 1 < p.num_steps:
         ckpt.save(step + 1, state)
   state = state._replace(params=fold_target_stats(state.params, mean, std))
-  margins = calibrate(config, workdir, state.params)
+  margins, risk_control = calibrate(config, workdir, state.params)
   ckpt.save(p.num_steps, state, force=True,
-            metadata={'finished': True, 'margins': [float(m) for m in margins],
+            metadata={'finished': True,
+                      # +inf (an exit never taken) is stored as None: metadata is JSON.
+                      'margins': [float(m) if np.isfinite(m) else None for m in margins],
+                      'calibration': config.router.calibration,
+                      'risk_control': None if risk_control is None else risk_control.to_dict(),
                       'distance': exits_training.get_distance(config).name})
   ckpt.close()
-  return {'params': state.params, 'margins': margins}
+  return {'params': state.params, 'margins': margins, 'risk_control': risk_control}
 
 
-def calibrate(config, workdir, params) -> np.ndarray:
-  """Routing margins [E - 1] from the validation split (routing/calibration.py)."""
+def _calibration_of(meta: dict) -> dict:
+  """{'margins': float32 [E - 1], 'risk_control': RiskControl or None} from checkpoint metadata."""
+  margins = np.array([np.inf if m is None else m for m in meta['margins']], np.float32)
+  rc = meta.get('risk_control')
+  return {'margins': margins,
+          'risk_control': None if rc is None else calibration.RiskControl.from_dict(rc)}
+
+
+def calibrate(config, workdir, params) -> tuple[np.ndarray, calibration.RiskControl | None]:
+  """(margins float32 [E - 1], RiskControl or None) from the validation split.
+
+  With config.router.calibration = 'risk_control' the margins depend on the threshold and
+  live in the RiskControl (the returned vector is then zeros and unused).
+  """
   num_branches = len(config.exits.attach_after)
-  if config.router.calibration == 'none':
-    return np.zeros(num_branches, np.float32)
+  method = config.router.calibration
+  if method == 'none':
+    return np.zeros(num_branches, np.float32), None
   inputs, true = split_distances(config, workdir, 'validation', config.data.num_validation)
   pred = np.asarray(jax.jit(factory.make_predictor(config).apply)(params, *inputs))
-  margins = calibration.calibrate(pred, true, target=config.router.target_met,
-                                  method=config.router.calibration)
+  if method == 'risk_control':
+    rc = calibration.fit_risk_control(pred, true, target=config.router.target_met)
+    logging.info('predictor: risk-control calibration on %d samples', len(pred))
+    return np.zeros(num_branches, np.float32), rc
+  margins = calibration.calibrate(pred, true, target=config.router.target_met, method=method)
   logging.info('predictor: calibration margins %s', margins)
-  return np.asarray(margins, np.float32)
+  return np.asarray(margins, np.float32), None
 
 
-def load_predictor(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, np.ndarray]:
-  """(predictor variables, calibration margins [E - 1]) of `workdir`."""
-  model = factory.make_predictor(config)
-  params = jax.eval_shape(model.init, jax.random.key(0),
-                          *tasks.input_specs(tasks.get_task(config), 1))
-  tx = _optimizer(config)
-  target = jax.eval_shape(lambda p: PredictorState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                          params)
-  state, meta = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
-                                            stage=STAGE, total_steps=config.predictor.num_steps)
-  return state.params, np.asarray(meta['margins'], np.float32)
+def load_predictor(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict]:
+  """(predictor variables, {'margins': float32 [E - 1], 'risk_control': RiskControl or
+  None}) of `workdir`."""
+  state, meta = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE),
+                                            _state_template(config), stage=STAGE,
+                                            total_steps=config.predictor.num_steps)
+  return state.params, _calibration_of(meta)
+

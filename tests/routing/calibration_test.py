@@ -134,3 +134,91 @@ def test_calibrate_validates(kwargs, match):
 def test_met_fraction_validates_margins():
   with pytest.raises(ValueError, match='margins has 3 values'):
     calibration.met_fraction(np.zeros((4, 2)), np.zeros((4, 2)), 0.1, np.zeros(3))
+
+
+# -- Risk control: margins set per threshold. --
+
+
+def _routed_miss(pred, true, threshold, margin):
+  """Reference router in float64: cheapest exit with pred + margin <= t misses t?"""
+  ok = pred + margin <= threshold
+  k = np.where(ok.any(axis=1), ok.argmax(axis=1), pred.shape[1])
+  routed = np.where(k < pred.shape[1], true[np.arange(len(k)), np.minimum(k, pred.shape[1] - 1)],
+                    0.0)
+  return routed > threshold
+
+
+def test_risk_control_scores_are_the_largest_missing_margin():
+  rng = np.random.default_rng(3)
+  pred, true = _synthetic(300, rng)
+  rc = calibration.RiskControl(0.9, pred, true)
+  t = 0.08
+  s = rc.scores(t)
+  grid = np.linspace(-0.4, 0.4, 1601)
+  misses = np.stack([_routed_miss(pred, true, t, lam) for lam in grid])  # [G, N]
+  for i in range(len(s)):
+    if np.isfinite(s[i]):
+      # Misses just below its score (exactly at it, float rounding of pred + (t - pred)
+      # decides) ...
+      assert _routed_miss(pred[i:i + 1], true[i:i + 1], t, s[i] - 1e-9)[0]
+      assert not misses[grid > s[i] + 1e-12, i].any()  # and never above it
+    else:
+      assert not misses[:, i].any()
+  # The real loss is not monotone: some samples miss at a margin, meet the threshold at a
+  # smaller one, and miss again below; the scores bound it from above.
+  assert (misses[:-1] & ~misses[1:]).any() and (~misses[:-1] & misses[1:]).any()
+
+
+@pytest.mark.parametrize('target', [0.8, 0.95])
+def test_risk_control_meets_target_at_every_threshold(target):
+  thresholds = (0.02, 0.05, 0.08, 0.12, 0.2)
+  shares = []
+  for seed in SEEDS:
+    rng = np.random.default_rng(300 + seed)
+    pred, true = _synthetic(N_CAL + N_TEST, rng)
+    rc = calibration.fit_risk_control(pred[:N_CAL], true[:N_CAL], target=target)
+    row = [calibration.met_fraction(pred[N_CAL:], true[N_CAL:], t, rc.margins(t))
+           for t in thresholds]
+    assert min(row) >= target - _tol(target), (seed, row)
+    shares.append(row)
+  assert np.min(np.mean(shares, axis=0)) >= target - _tol(target, len(SEEDS))
+
+
+def test_risk_control_routes_earlier_than_threshold_free_margins():
+  """It spends the error budget at the threshold asked for, so more samples exit early."""
+  rng = np.random.default_rng(7)
+  pred, true = _synthetic(N_CAL + N_TEST, rng)
+  target, t = 0.9, 0.08
+  rc = calibration.fit_risk_control(pred[:N_CAL], true[:N_CAL], target=target)
+  fixed = calibration.calibrate(pred[:N_CAL], true[:N_CAL], target=target, method='max_score')
+  from fiancee_jax.routing import router  # pylint: disable=g-import-not-at-top
+  ids_rc = np.asarray(router.route(pred[N_CAL:].astype(np.float32), t, rc.margins(t)))
+  ids_fixed = np.asarray(router.route(pred[N_CAL:].astype(np.float32), t, fixed))
+  assert np.mean(ids_rc < 3) > np.mean(ids_fixed < 3) + 0.1
+  # ... and is just tight: the achieved share is near the target, not near 1.
+  assert calibration.met_fraction(pred[N_CAL:], true[N_CAL:], t, rc.margins(t)) < target + 0.05
+
+
+def test_risk_control_edge_cases_and_storage():
+  rng = np.random.default_rng(0)
+  pred, true = _synthetic(16, rng)
+  with pytest.warns(RuntimeWarning, match='too small'):
+    rc = calibration.fit_risk_control(pred, true, target=0.95)
+  assert np.all(np.isinf(rc.margins(0.1)))  # only the backbone
+  # With an exact predictor the error budget is spent on purpose: a negative margin sends
+  # some samples that miss to early exits, up to the allowed share (on this split: at most
+  # (n + 1) * alpha - 1 = 9.1 of 100 miss).
+  true = rng.uniform(0, 0.3, size=(100, 3))
+  rc = calibration.RiskControl(0.9, true, true)
+  m = rc.margins(0.1)
+  assert np.all(np.isfinite(m)) and m.dtype == np.float32 and np.all(m < 0)
+  assert calibration.met_fraction(true, true, 0.1, m) == 0.91
+  assert calibration.met_fraction(true, true, 0.1, np.zeros(3)) == 1.0
+  back = calibration.RiskControl.from_dict(rc.to_dict())
+  np.testing.assert_array_equal(back.margins(0.05), rc.margins(0.05))
+  with pytest.raises(ValueError, match='malformed'):
+    calibration.RiskControl.from_dict({'target': 0.9})
+  with pytest.raises(ValueError, match='threshold'):
+    rc.margins(-0.1)
+  with pytest.raises(ValueError, match=r'\(0, 1\)'):
+    calibration.RiskControl(1.5, true, true)

@@ -1,4 +1,5 @@
 """Routing rule, switch and bucketed dispatch, and `generate` on a tiny 16x16 model."""
+import dataclasses
 import functools
 
 import jax
@@ -211,8 +212,17 @@ def test_bucketed_router_chunks_and_pads_without_recompiling():
       r((labels[:n], z[:n]), 0.3)
   assert r.num_compiles == before
   plan = r.plan(ids)
-  assert sorted((k, b, n) for k, b, _, n in plan) == [(0, 4, 3), (0, 4, 4), (1, 1, 1),
-                                                      (2, 4, 3)]
+  # Largest bucket first, no padding with buckets 1, 2, 4: 7 = 4 + 2 + 1, 3 = 2 + 1.
+  assert sorted((k, b, n) for k, b, _, n in plan) == [(0, 1, 1), (0, 2, 2), (0, 4, 4),
+                                                      (1, 1, 1), (2, 1, 1), (2, 2, 2)]
+  covered = np.concatenate([p[:n] for _, _, p, n in plan])
+  assert sorted(covered.tolist()) == list(range(11))
+  # Without a bucket of 1, a remainder is padded (with its own sample) up to the smallest.
+  plan = router.BucketedRouter(m, (2, 4)).plan(ids)  # plans compile nothing
+  assert sorted((k, b, n) for k, b, _, n in plan) == [(0, 2, 1), (0, 2, 2), (0, 4, 4),
+                                                      (1, 2, 1), (2, 2, 1), (2, 2, 2)]
+  for k, b, padded, n in plan:
+    assert len(padded) == b and np.all(ids[padded] == k)
   sw = switch()
   for i in (0, 1, 3, 10):
     np.testing.assert_allclose(images[i], np.asarray(sw.direct(ids[i])(labels[i:i + 1],
@@ -280,3 +290,26 @@ def test_generate_batch_and_single():
   other = model_lib.FianceeModel(**m.__dict__)
   with pytest.raises(ValueError, match='different FianceeModel'):
     inference.generate(other, labels, threshold=0.1, router=r)
+
+
+def test_routers_take_the_risk_control_margin_of_each_threshold():
+  from fiancee_jax.routing import calibration  # pylint: disable=g-import-not-at-top
+  base = tiny_model()
+  labels, z = tiny_labels(8, seed=3), tiny_z(8, seed=3)
+  pred = np.asarray(base.predict_fn()(base.predictor_params, labels, z), np.float64)
+  # Calibration data whose exits are worse than predicted by a threshold-dependent amount.
+  rng = np.random.default_rng(0)
+  cal_pred = rng.uniform(0, 1, size=(200, 2))
+  cal_true = cal_pred + rng.uniform(0, 0.2, size=(200, 2))
+  rc = calibration.RiskControl(0.9, cal_pred, cal_true)
+  m = dataclasses.replace(base, risk_control=rc)
+  r = router.BucketedRouter(m, BUCKETS)
+  s = router.SwitchRouter(m)
+  margins = set()
+  for t in (0.1, float(np.median(pred)), 0.9):
+    expected = _route_reference(pred, t, rc.margins(t))
+    np.testing.assert_array_equal(r.predict_and_route((labels, z), t)[0], expected)
+    _, k = s((labels[:1], z[:1]), t)
+    assert int(k) == expected[0]
+    margins.add(float(m.margins_at(t)[0]))
+  assert len(margins) == 3  # one margin per threshold, not one for all
