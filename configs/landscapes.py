@@ -102,9 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       width=16,
       pool=4,  # label map average-pooled by this factor before the convs
       use_z=True,  # z enters the first conv: most of a distance's variance is z's
-      members=3,  # ensemble of independently initialised predictors (mean)
+      members=5,  # ensemble of independently initialised predictors (mean)
       num_train=2048,  # training label maps whose exit distances are measured as targets
-      z_draws=4,  # z per training label map: num_train * z_draws measured targets
+      z_draws=16,  # z per training label map: num_train * z_draws measured targets
       measure_batch=32,
       batch_size=64,
       num_steps=4000,  # Adam, cosine decay from lr to 0; standardised targets
@@ -115,7 +115,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Routing: thresholds on the distance, calibration of the decision margins.
   config.router = dict(
       target_met=0.95,  # share of samples that must meet the threshold (calibration)
-      calibration='max_score',  # routing/calibration.py: 'bonferroni' | 'max_score' | 'per_exit' | 'none'
+      # routing/calibration.py: 'risk_control' (a margin per threshold, the guarantee at the
+      # threshold asked for) | 'max_score' | 'bonferroni' (one margin for every threshold at
+      # once: far more conservative) | 'per_exit' | 'none'
+      calibration='risk_control',
       thresholds=(),  # () = 12 thresholds spread over the measured distances
       num_eval=512,  # test inputs in the report (<= config.data.num_test)
   )
