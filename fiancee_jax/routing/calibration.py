@@ -274,8 +274,10 @@ class RiskControl:
     t = model_lib.check_threshold(threshold)
     s = self.scores(t)
     q = conformal_quantile(s, 1.0 - self.target)
-    if q == -math.inf:  # no sample at this rank ever misses: any finite margin is safe
-      q = float(np.min(t - self.pred)) - 1.0
+    if q == -math.inf:
+      # No sample at this rank ever misses, so any finite margin keeps the bound; take the
+      # largest at which every calibration sample still qualifies for exit 0.
+      q = float(np.min(t - self.pred[:, 0]))
     # Strictly above q, with room for the float32 rounding of pred, margin and threshold in
     # the deployed router (~1e-8 at distances ~0.1): the sample at rank q must stay out.
     return q + _SLACK
