@@ -275,9 +275,11 @@ class RiskControl:
     s = self.scores(t)
     q = conformal_quantile(s, 1.0 - self.target)
     if q == -math.inf:
-      # No sample at this rank ever misses, so any finite margin keeps the bound; take the
-      # largest at which every calibration sample still qualifies for exit 0.
-      q = float(np.min(t - self.pred[:, 0]))
+      # No sample at this rank ever misses, so any finite margin keeps the bound (-inf would
+      # too, but report.json holds finite numbers). One distance unit below the smallest
+      # bound sends every calibration sample to exit 0 and new samples too unless their
+      # prediction is far outside the calibration range.
+      q = float(np.min(t - self.pred[:, 0])) - 1.0
     # Strictly above q, with room for the float32 rounding of pred, margin and threshold in
     # the deployed router (~1e-8 at distances ~0.1): the sample at rank q must stay out.
     return q + _SLACK
