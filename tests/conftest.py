@@ -1,8 +1,17 @@
 """Shared fixtures: tiny configs and a per-session TFDS data_dir."""
 import os
 import sys
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the session: its worker processes, the
+# subprocesses (resume, multi-device) and the notebook kernels all compile the same tiny
+# models. Only compiles over half a second are stored, so the small functions that
+# latency_test counts always compile. Keys include the HLO, versions and XLA flags, so a
+# developer-set JAX_COMPILATION_CACHE_DIR shared across runs stays correct.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='fiancee_jax_xla_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:

@@ -68,7 +68,7 @@ def test_generate_routes_face_pairs(workdir):
   source, driver = tasks.load_data(config, 'test', 5)
   strict = fiancee_jax.generate(model, (source, driver), threshold=0.0)
   assert strict['images'].shape == (5, *config.data.resolution, 3)
-  pred = np.asarray(model.predict_fn()(model.predictor_params, source, driver))
+  pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, source, driver))
   ok = pred + model.margins_at(0.0)[None] <= 0.0
   np.testing.assert_array_equal(strict['exit_ids'],
                                 np.where(ok.any(1), ok.argmax(1), model.num_exits - 1))

@@ -61,11 +61,11 @@ def test_report_schema(workdir):
   c = r['calibration']
   assert c['method'] == 'risk_control' and c['margins'] is None
   # The stored calibration gives each threshold its margin (one per early exit).
-  import fiancee_jax  # pylint: disable=g-import-not-at-top
-  model = fiancee_jax.load_model(config, wd)
+  from fiancee_jax.training import predictor as predictor_training  # pylint: disable=g-import-not-at-top
+  rc = predictor_training.load_predictor(config, wd)[1]['risk_control']
   assert len(c['margins_per_threshold']) == len(r['routing'])
   for row, m in zip(r['routing'], c['margins_per_threshold']):
-    expect = model.margins_at(row['threshold'])
+    expect = rc.margins(row['threshold'])
     assert [None if not np.isfinite(x) else pytest.approx(float(x)) for x in expect] == m
 
 
@@ -105,7 +105,7 @@ def test_generate_routes_by_threshold(workdir):
   assert strict['images'].shape == (6, 16, 16, 3)
   # Each sample takes the cheapest exit whose prediction plus this threshold's margin fits.
   inputs = model.make_inputs(labels, jax.random.key(1))
-  pred = np.asarray(model.predict_fn()(model.predictor_params, *inputs))
+  pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
   ok = pred + model.margins_at(0.0)[None] <= 0.0
   np.testing.assert_array_equal(strict['exit_ids'],
                                 np.where(ok.any(1), ok.argmax(1), model.num_exits - 1))
