@@ -53,6 +53,13 @@ def test_other_config_errors():
     config.train.ema_decay = 1.5
   with pytest.raises(ValueError, match='config.train.ema_decay'):
     config_checks.check_config(config)
+  for key, value, match in (('calibration', 'conformal', "calibration='conformal'"),
+                            ('target_met', 1.0, r'target_met must be a share in \(0, 1\)')):
+    config = landscapes.get_config('tiny')
+    with config.unlocked():
+      config.router[key] = value
+    with pytest.raises(ValueError, match=match):
+      config_checks.check_config(config)
 
 
 def _model_stub():

@@ -178,11 +178,7 @@ def calibrate(pred: Any, true: Any, *, target: float, method: str = 'bonferroni'
         f'a calibration split of {n} samples is too small to certify target {target} with '
         f'method={method!r} ({needed} are needed); exits with an infinite margin will never '
         'be taken', RuntimeWarning, stacklevel=2)
-  out = margins.astype(np.float32)
-  # Round up, never down, so the float32 margins keep the float64 guarantee.
-  low = out.astype(np.float64) < margins
-  out[low] = np.nextafter(out[low], np.float32(np.inf))
-  return out
+  return _round_up_f32(margins)
 
 
 def met_fraction(pred: Any, true: Any, threshold: float, margins: Any) -> float:

@@ -244,17 +244,6 @@ class BucketedRouter:
     self._predict_fn = predict_and_route
     self._cache: dict[tuple[str, int, int], jax.stages.Compiled] = {}
 
-  @property
-  def max_bucket(self) -> int:
-    return self.bucket_sizes[-1]
-
-  def bucket_for(self, n: int) -> int:
-    """Smallest bucket >= n (n <= max_bucket)."""
-    for b in self.bucket_sizes:
-      if b >= n:
-        return b
-    raise ValueError(f'{n} samples exceed the largest bucket {self.max_bucket}; chunk first')
-
   def _compiled(self, kind: str, k: int, b: int) -> jax.stages.Compiled:
     key = (kind, k, b)
     if key not in self._cache:
