@@ -145,7 +145,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_eval=512,
   )
 
-  config.benchmark = dict(batch_size=64, warmup=2, iters=5)  # keeps the job within 20 min
+  # iters keeps the job within 20 min; switch_rounds: interleaved batch-1 switch-vs-direct
+  # rounds; exit_parts: also time each exit's prefix, lookup and branch alone.
+  config.benchmark = dict(batch_size=64, warmup=2, iters=5, switch_rounds=100,
+                          exit_parts=True)
   config.lock()
 
   if arg == 'tiny':
@@ -166,7 +169,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.predictor.update(width=4, num_train=16, measure_batch=8, batch_size=8,
                             num_steps=4)
     config.router.update(num_eval=16)
-    config.benchmark.update(batch_size=4, warmup=1, iters=2)
+    config.benchmark.update(batch_size=4, warmup=1, iters=2, switch_rounds=4,
+                            exit_parts=False)
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/avatars.py (known: 'tiny')")
   return config

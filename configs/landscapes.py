@@ -123,8 +123,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_eval=512,  # test inputs in the report (<= config.data.num_test)
   )
 
-  # Benchmark stage (bench.json).
-  config.benchmark = dict(batch_size=64, warmup=3, iters=10)
+  # Benchmark stage (bench.json); switch_rounds: interleaved batch-1 switch-vs-direct rounds;
+  # exit_parts: also time each exit's prefix, lookup and branch alone (where its time goes).
+  config.benchmark = dict(batch_size=64, warmup=3, iters=10, switch_rounds=200,
+                          exit_parts=True)
   config.lock()
 
   if arg == 'tiny':
@@ -143,7 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.predictor.update(width=4, members=2, num_train=32, z_draws=2, measure_batch=16,
                             batch_size=16, num_steps=4)
     config.router.update(num_eval=32)
-    config.benchmark.update(batch_size=8, warmup=1, iters=2)
+    config.benchmark.update(batch_size=8, warmup=1, iters=2, switch_rounds=4,
+                            exit_parts=False)
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/landscapes.py '
                      "(known: 'tiny')")

@@ -51,24 +51,37 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   b = config.benchmark
   bench = benchmark.run_benchmark(model, data, batch_size=b.batch_size,
                                   thresholds=thresholds, warmup=b.warmup, iters=b.iters,
+                                  switch_rounds=b.switch_rounds, parts=b.exit_parts,
                                   seed=config.seed)
   if jax.process_index() == 0:
     benchmark.write_bench(bench, os.path.join(workdir, 'report'))
   return bench
 
 
+# Sections that change no stored artifact (only how the benchmark stage times the model): a
+# workdir accepts a config that differs there, and config.json is updated to it.
+REPLACEABLE_SECTIONS = ('benchmark',)
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """workdir/config.json; refuses a workdir made with a different config."""
+  """workdir/config.json; refuses a workdir made with a different config.
+
+  Only the REPLACEABLE_SECTIONS may differ; then config.json is rewritten with this config.
+  """
   path = os.path.join(workdir, 'config.json')
   text = config.to_json_best_effort(indent=2, sort_keys=True)
+  new = json.loads(text)
   if os.path.exists(path):
     with open(path) as f:
-      old = f.read()
-    if json.loads(old) != json.loads(text):
+      old = json.load(f)
+    if old == new:
+      return
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not set(differ) <= set(REPLACEABLE_SECTIONS):
       raise ValueError(
-          f'{path} holds a different config than this run; resume with the same config '
-          'or use a new --workdir')
-    return
+          f'{path} holds a different config than this run (sections {differ} differ); '
+          'resume with the same config or use a new --workdir')
+    logging.info('config sections %s changed; updating %s', differ, path)
   if jax.process_index() == 0:
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:

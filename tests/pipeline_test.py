@@ -92,8 +92,22 @@ def test_workdir_with_another_config_is_refused(workdir):
   other = config.copy_and_resolve_references()
   with other.unlocked():
     other.backbone.ch = 3
-  with pytest.raises(ValueError, match='different config'):
+  with pytest.raises(ValueError, match=r"different config.*\['backbone'\]"):
     pipeline.run(other, wd, 'backbone')
+
+
+def test_workdir_accepts_another_benchmark_section(workdir):
+  wd, config = workdir
+  path = os.path.join(wd, 'config.json')
+  other = config.copy_and_resolve_references()
+  with other.unlocked():
+    other.benchmark.switch_rounds = config.benchmark.switch_rounds + 1
+  pipeline.write_config(other, wd)
+  with open(path) as f:
+    assert json.load(f)['benchmark']['switch_rounds'] == config.benchmark.switch_rounds + 1
+  pipeline.write_config(config, wd)  # back, so later tests see the fixture's config
+  with open(path) as f:
+    assert json.load(f) == json.loads(config.to_json_best_effort())
 
 
 def test_generate_routes_by_threshold(workdir):
@@ -148,4 +162,5 @@ def test_results_markdown_renders_from_the_run(workdir):
   wd, _ = workdir
   md = results_md.render(wd, None)
   assert '| exit | attach after block |' in md and 'vmap of a per-sample switch' in md
+  assert 'interleaved rounds, 95 % interval' in md
   assert 'Wall time per stage' in md

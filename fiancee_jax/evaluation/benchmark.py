@@ -12,6 +12,10 @@ Measured:
   FLOPs-predicted speedups; exit histogram;
 - batch 1: `lax.switch` with the index given vs each exit's own path (the switch overhead), and
   the full routed executable (predictor + switch) vs the chosen exit's path;
+- per exit, where its time goes at `batch_size`: the shared backbone prefix (conditioning,
+  stem, blocks up to the attach point), the database lookup and the branch, each compiled and
+  timed alone with its XLA GFLOPs, so that the gap between measured and FLOPs-predicted
+  speedups can be read off as GFLOP/s per part;
 - the counter-example: vmap of a per-sample switch vs the backbone at `batch_size`.
 """
 import json
@@ -33,9 +37,57 @@ def _timing(stats: dict[str, float]) -> dict[str, float]:
   return {k: stats[k] for k in _TIMING_KEYS}
 
 
+def exit_parts(model: model_lib.FianceeModel, inputs: Sequence[Any], *, warmup: int,
+               iters: int) -> list[dict[str, Any]]:
+  """Time and XLA GFLOPs of each part of every exit, each part compiled and timed alone.
+
+  Args:
+    model: a FianceeModel.
+    inputs: the model's inputs at the timed batch (device arrays).
+    warmup, iters: the timing protocol.
+
+  Returns:
+    Per exit: {'exit', 'parts': [{'part': 'prefix' | 'lookup' | 'branch' | 'head', 'ms',
+    'gflops' (XLA, whole batch), 'gflop_per_s'}], 'sum_ms'}. The prefix is conditioning, stem
+    and blocks 0..attach point; the backbone exit is its prefix (every block) and its head.
+  """
+  em, params = model.exit_model, model.params
+  bb = params['backbone']
+  b = len(em.attach_after)
+  full = jax.jit(lambda p, *x: em.prefix(p, x, em.backbone.num_blocks - 1))
+  _, cond, outs = full(bb, *inputs)
+
+  def part(name, fn, *args):
+    compiled = latency.compile_aot(fn, *args)
+    gflops = latency.cost_and_memory(compiled)['gflops']
+    ms = latency.time_compiled(compiled, *args, warmup=warmup, iters=iters)['median_ms']
+    return {'part': name, 'ms': ms, 'gflops': gflops, 'gflop_per_s': gflops / (ms * 1e-3)}
+
+  out = []
+  for k in range(model.num_exits):
+    last = em.last_block(k)
+    # The prefix returns the full-resolution conditioning too, as the exit's branch reads it.
+    parts = [part('prefix', lambda p, *x, last=last: em.prefix(p, x, last)[:2], bb, *inputs)]
+    if k == b:
+      parts.append(part('head', lambda p, h: em.backbone.apply(p, h, method='head'), bb,
+                        outs[last]))
+    else:
+      guide = None
+      if em.guided:
+        keys = {em.key_block: outs[em.key_block]}
+        parts.append(part('lookup', lambda p, o: em.guide(p, o, cond.shape[1:3]), params, keys))
+        guide = jax.jit(lambda p, o: em.guide(p, o, cond.shape[1:3]))(params, keys)
+      branch = em.branches[k]
+      parts.append(part('branch', lambda v, h, c, g: branch.apply(v, h, c, g),
+                        params['exits'][k], outs[last], cond, guide))
+    out.append({'exit': k, 'parts': parts, 'sum_ms': sum(p['ms'] for p in parts)})
+  return out
+
+
 def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int = 64,
                   thresholds: Sequence[float], warmup: int = 3, iters: int = 20,
-                  seed: int = 0, matmul_n: int = 2048,
+                  seed: int = 0, matmul_n: int = 2048, switch_rounds: int = 100,
+                  parts: bool = True,
                   bucketed: router_lib.BucketedRouter | None = None,
                   switch: router_lib.SwitchRouter | None = None) -> dict[str, Any]:
   """Measures exits, routing and dispatch overheads; returns the bench.json content.
@@ -49,6 +101,8 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
     thresholds: distance budgets to route at.
     warmup: untimed calls before each measurement.
     iters: timed calls per measurement.
+    switch_rounds: interleaved rounds of each batch-1 switch-vs-direct comparison.
+    parts: also time every exit's parts alone (`exit_parts`; 'exit_parts' is [] if not).
     seed: seed of z.
     matmul_n: size of the [n, n] matmul that measures the machine's GFLOP/s.
     bucketed: a BucketedRouter for `model` whose buckets include `batch_size`, to reuse its
@@ -58,7 +112,8 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   Returns:
     A JSON-serialisable dict; see `write_bench` for a readable rendering. Keys: 'hardware',
     'device', 'protocol', 'batch_size', 'resolution', 'num_exits', 'matmul_gflops_per_s',
-    'predictor', 'exits', 'backbone', 'routing', 'switch', 'vmap_switch', 'router_compiles'.
+    'predictor', 'exits', 'exit_parts', 'backbone', 'routing', 'switch', 'vmap_switch',
+    'router_compiles'.
 
   Raises:
     ValueError: bad data, thresholds or sizes (before anything is compiled).
@@ -70,8 +125,9 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   if batch_size < 1 or data[0].shape[0] < batch_size:
     raise ValueError(f'batch_size={batch_size} needs at least that many test samples, got '
                      f'{data[0].shape[0]}; lower batch_size or pass more data')
-  if iters < 1 or warmup < 0:
-    raise ValueError(f'need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}')
+  if iters < 1 or warmup < 0 or switch_rounds < 1:
+    raise ValueError(f'need iters >= 1, switch_rounds >= 1 and warmup >= 0, got iters={iters}, '
+                     f'switch_rounds={switch_rounds}, warmup={warmup}')
   for name, r in (('bucketed', bucketed), ('switch', switch)):
     if r is not None and r.model is not model:
       raise ValueError(f'the {name} router was built for a different FianceeModel')
@@ -90,6 +146,7 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
       'hardware': latency.hardware_string(info),
       'device': info,
       'protocol': {'warmup': int(warmup), 'iters': int(iters), 'seed': int(seed),
+                   'switch_rounds': int(switch_rounds),
                    'timer': 'time.perf_counter around jax.block_until_ready, AOT-compiled',
                    'statistic': 'median and p90 over iters timed calls'},
       'batch_size': int(batch_size),
@@ -130,6 +187,8 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
         'cost_batch': latency.cost_and_memory(cb),
     })
   out['exits'] = exits
+  out['exit_parts'] = (exit_parts(model, batch_d, warmup=warmup, iters=iters) if parts
+                       else [])
   backbone = exits[-1]
   backbone_ips = backbone['images_per_s']
   out['backbone'] = {'gflops': float(model.backbone_gflops), 'images_per_s': backbone_ips,
@@ -181,28 +240,34 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   out['routing'] = routing
 
   # Batch 1: switch overhead per exit, and the routed executable vs its chosen exit. All three
-  # are timed as bare executables on device-resident arguments, so Python wrappers and
-  # host-to-device copies do not enter the ratios.
+  # are bare executables on device-resident arguments, so Python wrappers and host-to-device
+  # copies do not enter the ratios. Overheads of a few % are below the drift between two
+  # timing loops on a shared machine, so each pair is timed interleaved (latency.time_paired)
+  # and the ratio is the median of per-round ratios with its 95 % interval.
   dispatch, routed_exe = switch.compiled_dispatch(), switch.compiled_routed()
+  paired = lambda fa, aa, fb, ab: latency.time_paired(  # noqa: E731
+      fa, aa, fb, ab, warmup=warmup, rounds=switch_rounds)
   per_exit = []
   for k in range(e):
-    ts = timeit(dispatch, params, jax.device_put(np.int32(k)), *one_d)
-    td = timeit(switch.compiled_direct(k), params, *one_d)
-    per_exit.append({'exit': k, 'switch_ms': ts['median_ms'], 'direct_ms': td['median_ms'],
-                     'overhead_ratio': ts['median_ms'] / td['median_ms']})
+    p = paired(dispatch, (params, jax.device_put(np.int32(k)), *one_d),
+               switch.compiled_direct(k), (params, *one_d))
+    per_exit.append({'exit': k, 'switch_ms': p['a']['median_ms'],
+                     'direct_ms': p['b']['median_ms'], 'overhead_ratio': p['ratio'],
+                     'overhead_ratio_ci95': list(p['ratio_ci95']), 'rounds': p['rounds']})
   routed1 = []
   for t in thresholds:
     args = (params, model.predictor_params, jax.device_put(model.margins_at(t)),
             jax.device_put(np.float32(t)), *one_d)
     k = int(routed_exe(*args)[1])
-    tr = timeit(routed_exe, *args)
-    routed1.append({'threshold': t, 'exit': k, 'routed_ms': tr['median_ms'],
-                    'direct_ms': per_exit[k]['direct_ms'],
-                    'ratio': tr['median_ms'] / per_exit[k]['direct_ms']})
+    p = paired(routed_exe, args, switch.compiled_direct(k), (params, *one_d))
+    routed1.append({'threshold': t, 'exit': k, 'routed_ms': p['a']['median_ms'],
+                    'direct_ms': p['b']['median_ms'], 'ratio': p['ratio'],
+                    'ratio_ci95': list(p['ratio_ci95']), 'rounds': p['rounds']})
   out['switch'] = {'per_exit': per_exit, 'routed': routed1,
                    'note': 'switch_ms: lax.switch on a scalar index given at run time; '
                            "routed_ms: predictor + route + switch in one executable; "
-                           "direct_ms: the exit's own path; all at batch 1"}
+                           "direct_ms: the exit's own path; all at batch 1, timed "
+                           'interleaved; ratios are medians of per-round ratios'}
 
   # The counter-example: vmap of a per-sample switch at batch_size (every exit runs).
   vm_ids = np.asarray(bucketed.predict_and_route(batch, thresholds[0])[0], np.int32)
@@ -242,6 +307,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return '\n'.join(lines)
 
 
+def _interval(ci: Sequence[float] | None) -> str:
+  return '-' if ci is None else f'{ci[0]:.3f} - {ci[1]:.3f}'
+
+
+def _rounds(bench: dict[str, Any]) -> Any:
+  return bench['protocol'].get('switch_rounds', bench['protocol']['iters'])
+
+
+def _parts_markdown(bench: dict[str, Any]) -> list[str]:
+  if not bench.get('exit_parts'):  # not measured, or written before the breakdown existed
+    return []
+  rows = [[x['exit'], p['part'], p['ms'], p['gflops'], p['gflop_per_s']]
+          for x in bench['exit_parts'] for p in x['parts']]
+  return [f"### Where each exit's time goes (batch {bench['batch_size']}, each part timed alone)",
+          '', _table(['exit', 'part', 'ms', 'XLA GFLOPs', 'GFLOP/s'], rows), '',
+          'Exits run at fewer GFLOP/s than the backbone where their thin branches dominate: '
+          'that, not routing, is the gap between the FLOPs-predicted and measured speedups.',
+          '']
+
+
 def render_markdown(bench: dict[str, Any]) -> str:
   """bench.json as markdown tables."""
   b = bench['batch_size']
@@ -263,6 +348,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
                f"{_fmt(x['batch']['median_ms'])} ({_fmt(x['batch']['p90_ms'])})",
                x['images_per_s']] for x in bench['exits']]),
       '',
+      *_parts_markdown(bench),
       f"Predictor: {_fmt(bench['predictor']['gflops'])} GFLOPs, batch 1 "
       f"{_fmt(bench['predictor']['batch1']['median_ms'])} ms, batch {b} "
       f"{_fmt(bench['predictor']['batch']['median_ms'])} ms.",
@@ -283,12 +369,18 @@ def render_markdown(bench: dict[str, Any]) -> str:
       '',
       '## lax.switch at batch 1',
       '',
-      _table(['exit', 'switch ms', 'direct ms', 'overhead ratio'],
-             [[s['exit'], s['switch_ms'], s['direct_ms'], s['overhead_ratio']]
+      f"Each pair timed interleaved over {_rounds(bench)} rounds; ratio: median of the per-round "
+      'ratios, with its 95 % interval.',
+      '',
+      _table(['exit', 'switch ms', 'direct ms', 'overhead ratio', '95 % interval'],
+             [[s['exit'], s['switch_ms'], s['direct_ms'], s['overhead_ratio'],
+               _interval(s.get('overhead_ratio_ci95'))]
               for s in bench['switch']['per_exit']]),
       '',
-      _table(['threshold', 'exit', 'routed ms (predictor + switch)', 'direct ms', 'ratio'],
-             [[s['threshold'], s['exit'], s['routed_ms'], s['direct_ms'], s['ratio']]
+      _table(['threshold', 'exit', 'routed ms (predictor + switch)', 'direct ms', 'ratio',
+              '95 % interval'],
+             [[s['threshold'], s['exit'], s['routed_ms'], s['direct_ms'], s['ratio'],
+               _interval(s.get('ratio_ci95'))]
               for s in bench['switch']['routed']]),
       '',
       f'## Counter-example: vmap of a per-sample switch (batch {b})',

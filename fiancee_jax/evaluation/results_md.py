@@ -152,10 +152,21 @@ def _bench_summary(bench: dict) -> str:
                f"| {r['measured_speedup']:.2f} | {r['flops_speedup']:.2f} | "
                f"{r['measured_speedup'] / r['flops_speedup']:.2f} | {lat_cols} | "
                f"{' / '.join(str(x) for x in r['exit_histogram'])} |")
+  if bench.get('exit_parts'):
+    out += ['', f"Where each exit's time goes at batch {bench['batch_size']} (each part "
+            'compiled and timed alone; ms, GFLOP/s):', '']
+    for x in bench['exit_parts']:
+      name = 'backbone' if x['exit'] == len(bench['exit_parts']) - 1 else f"exit {x['exit']}"
+      out.append(f'- {name}: ' + ', '.join(
+          f"{p['part']} {p['ms']:.0f} ms ({p['gflop_per_s']:.0f} GFLOP/s)" for p in x['parts']))
   sw = bench['switch']['per_exit']
   v = bench['vmap_switch']
   out += ['', 'Batch-1 `lax.switch` over calling the exit directly: '
-          + ', '.join(f"exit {x['exit']} x{x['overhead_ratio']:.2f}" for x in sw)
+          + ', '.join(f"exit {x['exit']} x{x['overhead_ratio']:.3f}"
+                      + (' ({:.3f}-{:.3f})'.format(*x['overhead_ratio_ci95'])
+                         if 'overhead_ratio_ci95' in x else '') for x in sw)
+          + (f" (median of {bench['protocol']['switch_rounds']} interleaved rounds, 95 % "
+             'interval)' if 'switch_rounds' in bench['protocol'] else '')
           + f". vmap of a per-sample switch: {v['ratio_to_backbone']:.2f}x the backbone's time "
           f"({v['gflops']:.3f} vs {v['backbone_gflops']:.3f} GFLOPs: every exit runs for every "
           'sample).']

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from scipy import stats as scipy_stats
 
 from fiancee_jax.metrics import flops as flops_lib
 
@@ -146,6 +147,12 @@ def _percentile(values: list[float], q: float) -> float:
   return float(np.percentile(np.asarray(values), q))
 
 
+def _summary(times: list[float]) -> dict[str, float]:
+  return {'median_ms': float(statistics.median(times)), 'p90_ms': _percentile(times, 90),
+          'mean_ms': float(statistics.fmean(times)), 'min_ms': float(min(times)),
+          'iters': len(times)}
+
+
 def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 3,
             iters: int = 20) -> dict[str, float]:
   """Times `fn(*args)`: `warmup` untimed calls, then exactly `iters` timed calls.
@@ -174,9 +181,7 @@ def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 3,
       jax.block_until_ready(fn(*args))
       times.append((time.perf_counter() - t0) * 1e3)
   assert len(times) == int(iters)
-  return {'median_ms': float(statistics.median(times)), 'p90_ms': _percentile(times, 90),
-          'mean_ms': float(statistics.fmean(times)), 'min_ms': float(min(times)),
-          'iters': len(times)}
+  return _summary(times)
 
 
 def time_compiled(compiled: jax.stages.Compiled, *args: Any, warmup: int = 3,
@@ -191,6 +196,69 @@ def time_compiled(compiled: jax.stages.Compiled, *args: Any, warmup: int = 3,
     raise TypeError(f'time_compiled needs a jax.stages.Compiled, got {type(compiled).__name__}; '
                     'use compile_aot(fn, *args) first, or time_fn for arbitrary callables')
   return time_fn(compiled, *args, warmup=warmup, iters=iters)
+
+
+def median_ci(values: Any, level: float = 0.95) -> tuple[float, float]:
+  """Distribution-free confidence interval of the median of `values` (order statistics).
+
+  The interval [x_(l), x_(u)] of the sorted sample covers the population median with
+  probability >= `level` (binomial(n, 1/2) tails); for 8 or fewer values (95 %) it is the range.
+  """
+  x = np.sort(np.asarray(values, np.float64).ravel())
+  n = x.size
+  if n == 0:
+    raise ValueError('median_ci needs at least one value')
+  if not 0.0 < level < 1.0:
+    raise ValueError(f'level must be in (0, 1), got {level}')
+  # 1-based x_(k), x_(n-k+1) with P(Binomial(n, 1/2) <= k - 1) <= (1 - level) / 2.
+  k = int(scipy_stats.binom.ppf((1.0 - level) / 2.0, n, 0.5))
+  lo = min(max(k - 1, 0), n - 1)
+  hi = n - 1 - lo
+  return float(x[lo]), float(x[hi])
+
+
+def time_paired(fn_a: Callable[..., Any], args_a: tuple, fn_b: Callable[..., Any],
+                args_b: tuple, *, warmup: int = 3, rounds: int = 100) -> dict[str, Any]:
+  """Times two functions interleaved (a, b, b, a, a, b, ...) and compares them round by round.
+
+  For small overheads (a few %) on a shared machine, drift between two separate timing loops is
+  larger than the effect; alternating the order each round and taking the median of the
+  per-round ratios a/b cancels it. Each call is timed as in `time_fn`, inside a
+  `RecompileGuard`.
+
+  Returns:
+    {'a': stats of fn_a, 'b': stats of fn_b (as `time_fn`), 'ratio': median over rounds of
+     time_a / time_b, 'ratio_ci95': (low, high) distribution-free 95 % interval of that median,
+     'ratio_of_medians': median(a) / median(b), 'rounds': int}.
+  """
+  if int(rounds) < 1:
+    raise ValueError(f'rounds must be >= 1, got {rounds}')
+  if int(warmup) < 0:
+    raise ValueError(f'warmup must be >= 0 calls, got {warmup}')
+  for _ in range(int(warmup)):
+    jax.block_until_ready(fn_a(*args_a))
+    jax.block_until_ready(fn_b(*args_b))
+
+  def one(fn, args):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t0) * 1e3
+
+  ta, tb = [], []
+  with RecompileGuard(what='paired timing'):
+    for r in range(int(rounds)):
+      if r % 2 == 0:
+        ta.append(one(fn_a, args_a))
+        tb.append(one(fn_b, args_b))
+      else:
+        tb.append(one(fn_b, args_b))
+        ta.append(one(fn_a, args_a))
+
+  ratios = np.asarray(ta) / np.asarray(tb)
+  sa, sb = _summary(ta), _summary(tb)
+  return {'a': sa, 'b': sb, 'ratio': float(np.median(ratios)),
+          'ratio_ci95': median_ci(ratios, 0.95),
+          'ratio_of_medians': sa['median_ms'] / sb['median_ms'], 'rounds': int(rounds)}
 
 
 def matmul_gflops(n: int = 2048, iters: int = 10, warmup: int = 2) -> float:

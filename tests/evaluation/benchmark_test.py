@@ -32,13 +32,13 @@ def bench():
   pred = np.asarray(model.predict_fn()(model.predictor_params, *inputs))
   thresholds = [0.0, float(np.median(pred)), 1.0]
   return benchmark.run_benchmark(model, labels, batch_size=BATCH, thresholds=thresholds,
-                                 warmup=1, iters=2, seed=0, matmul_n=128,
+                                 warmup=1, iters=2, seed=0, matmul_n=128, switch_rounds=3,
                                  bucketed=bucketed(), switch=switch())
 
 
 def test_bench_has_every_key_with_finite_values(bench):
   for key in ('hardware', 'device', 'protocol', 'batch_size', 'resolution', 'matmul_gflops_per_s',
-              'predictor', 'exits', 'backbone', 'routing', 'switch', 'vmap_switch',
+              'predictor', 'exits', 'exit_parts', 'backbone', 'routing', 'switch', 'vmap_switch',
               'router_compiles'):
     assert key in bench, key
   for path, value in _finite_numbers(bench):
@@ -75,8 +75,33 @@ def test_bench_counts_and_ratios(bench):
   assert hists[-1] == [BATCH, 0, 0]  # threshold 1 > any sigmoid output: cheapest exit
   assert len(bench['switch']['per_exit']) == e and len(bench['switch']['routed']) == 3
   assert bench['switch']['routed'][0]['exit'] == e - 1
+  for s in bench['switch']['per_exit']:
+    assert s['rounds'] == 3 and s['overhead_ratio_ci95'][0] <= s['overhead_ratio'] <= s[
+        'overhead_ratio_ci95'][1]
+  for s in bench['switch']['routed']:
+    assert s['rounds'] == 3 and s['ratio_ci95'][0] <= s['ratio'] <= s['ratio_ci95'][1]
   assert bench['vmap_switch']['gflops'] > bench['vmap_switch']['backbone_gflops']
   assert bench['router_compiles']['after_warmup'] == 0
+  # Per exit, its parts: prefix (+ lookup when guided) + branch, or prefix + head (backbone).
+  parts = bench['exit_parts']
+  assert [x['exit'] for x in parts] == list(range(e))
+  guided = m.exit_model.guided
+  for x in parts[:-1]:
+    assert [p['part'] for p in x['parts']] == ['prefix'] + ['lookup'] * guided + ['branch']
+  assert [p['part'] for p in parts[-1]['parts']] == ['prefix', 'head']
+  for x in parts:
+    assert x['sum_ms'] == pytest.approx(sum(p['ms'] for p in x['parts']))
+    for p in x['parts']:
+      assert p['ms'] > 0 and p['gflops'] > 0
+      assert p['gflop_per_s'] == pytest.approx(p['gflops'] / (p['ms'] * 1e-3))
+  # The parts add up to the exit's own XLA FLOPs: the same ops, except that in one executable
+  # XLA recomputes cheap elementwise producers (the one-hot conditioning) inside several
+  # fusions, which it counts (~2 % in this tiny model).
+  for x, ex in zip(parts, bench['exits']):
+    assert sum(p['gflops'] for p in x['parts']) == pytest.approx(ex['cost_batch']['gflops'],
+                                                                 rel=0.05)
+  prefix = [x['parts'][0]['gflops'] for x in parts]
+  assert prefix == sorted(prefix)  # later exits run more of the backbone
 
 
 def test_write_bench(bench, tmp_path):

@@ -97,3 +97,44 @@ def test_device_info():
     assert info[key] not in (None, '')
   assert info['jax'] == jax.__version__
   assert info['platform'] in latency.hardware_string(info)
+
+
+def test_median_ci_covers_the_median_at_the_stated_rate():
+  # Order-statistic interval: for n = 100 the 95 % interval is x_(40) .. x_(61) (1-based).
+  x = np.arange(1, 101, dtype=np.float64)
+  assert latency.median_ci(x) == (40.0, 61.0)
+  assert latency.median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few values: the range
+  assert latency.median_ci(np.arange(8.0)) == (0.0, 7.0)
+  assert latency.median_ci(np.arange(9.0)) == (1.0, 7.0)
+  rng = np.random.default_rng(0)
+  covered = [lo <= 0.0 <= hi for lo, hi in
+             (latency.median_ci(rng.standard_normal(50)) for _ in range(400))]
+  assert 0.92 <= np.mean(covered) <= 0.995
+  with pytest.raises(ValueError, match='at least one'):
+    latency.median_ci([])
+
+
+def test_time_paired_interleaves_and_compares():
+  order = []
+  slow = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)
+  fast = jax.jit(lambda x: x + 1)
+  x = jnp.ones((256, 256))
+
+  def a(x):
+    order.append('a')
+    return slow(x)
+
+  def b(x):
+    order.append('b')
+    return fast(x)
+
+  a(x), b(x)
+  order.clear()
+  res = latency.time_paired(a, (x,), b, (x,), warmup=1, rounds=6)
+  assert order[2:] == ['a', 'b', 'b', 'a'] * 3  # after one warm-up pair, alternating order
+  assert res['a']['iters'] == res['b']['iters'] == res['rounds'] == 6
+  assert res['ratio'] > 1.0  # a 256^3 matmul is slower than an add
+  lo, hi = res['ratio_ci95']
+  assert lo <= res['ratio'] <= hi
+  with pytest.raises(ValueError, match='rounds'):
+    latency.time_paired(a, (x,), b, (x,), rounds=0)
