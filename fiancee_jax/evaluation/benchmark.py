@@ -311,8 +311,13 @@ def _interval(ci: Sequence[float] | None) -> str:
   return '-' if ci is None else f'{ci[0]:.3f} - {ci[1]:.3f}'
 
 
-def _rounds(bench: dict[str, Any]) -> Any:
-  return bench['protocol'].get('switch_rounds', bench['protocol']['iters'])
+def _switch_protocol(bench: dict[str, Any]) -> str:
+  rounds = bench['protocol'].get('switch_rounds')
+  if rounds is None:  # bench.json from before interleaved timing
+    return (f"Switch and direct timed in separate loops of {bench['protocol']['iters']} calls; "
+            'ratio of their medians.')
+  return (f'Each pair timed interleaved over {rounds} rounds; ratio: median of the per-round '
+          'ratios, with its 95 % interval.')
 
 
 def _parts_markdown(bench: dict[str, Any]) -> list[str]:
@@ -369,8 +374,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
       '',
       '## lax.switch at batch 1',
       '',
-      f"Each pair timed interleaved over {_rounds(bench)} rounds; ratio: median of the per-round "
-      'ratios, with its 95 % interval.',
+      _switch_protocol(bench),
       '',
       _table(['exit', 'switch ms', 'direct ms', 'overhead ratio', '95 % interval'],
              [[s['exit'], s['switch_ms'], s['direct_ms'], s['overhead_ratio'],

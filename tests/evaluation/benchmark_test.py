@@ -1,4 +1,5 @@
 """The benchmark stage on the tiny model: every key, finite values, consistent counts."""
+import copy
 import json
 import math
 import os
@@ -114,6 +115,14 @@ def test_write_bench(bench, tmp_path):
   for heading in ('## Exits', '## Routing', 'latency-model speedup', '## lax.switch', 'vmap'):
     assert heading in md
   assert md.count('\n| ') >= 2 * tiny_model().num_exits
+  assert "Where each exit's time goes" in md and 'interleaved over 3 rounds' in md
+  # A bench.json written before interleaved timing and the parts still renders, and says so.
+  old = copy.deepcopy(bench)
+  del old['protocol']['switch_rounds'], old['exit_parts']
+  for s in old['switch']['per_exit']:
+    del s['overhead_ratio_ci95']
+  md = benchmark.render_markdown(old)
+  assert 'separate loops of 2 calls' in md and "Where each exit's time goes" not in md
 
 
 def test_run_benchmark_validates_before_compiling():
