@@ -147,6 +147,13 @@ def _percentile(values: list[float], q: float) -> float:
   return float(np.percentile(np.asarray(values), q))
 
 
+def _time_call(fn: Callable[..., Any], args: tuple) -> float:
+  """Milliseconds of one `fn(*args)`, waited for with `block_until_ready`."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return (time.perf_counter() - t0) * 1e3
+
+
 def _summary(times: list[float]) -> dict[str, float]:
   return {'median_ms': float(statistics.median(times)), 'p90_ms': _percentile(times, 90),
           'mean_ms': float(statistics.fmean(times)), 'min_ms': float(min(times)),
@@ -177,9 +184,7 @@ def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 3,
   times = []
   with RecompileGuard(what=f'timed function {getattr(fn, "__name__", fn)!r}'):
     for _ in range(int(iters)):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append((time.perf_counter() - t0) * 1e3)
+      times.append(_time_call(fn, args))
   assert len(times) == int(iters)
   return _summary(times)
 
@@ -239,20 +244,15 @@ def time_paired(fn_a: Callable[..., Any], args_a: tuple, fn_b: Callable[..., Any
     jax.block_until_ready(fn_a(*args_a))
     jax.block_until_ready(fn_b(*args_b))
 
-  def one(fn, args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - t0) * 1e3
-
   ta, tb = [], []
   with RecompileGuard(what='paired timing'):
     for r in range(int(rounds)):
       if r % 2 == 0:
-        ta.append(one(fn_a, args_a))
-        tb.append(one(fn_b, args_b))
+        ta.append(_time_call(fn_a, args_a))
+        tb.append(_time_call(fn_b, args_b))
       else:
-        tb.append(one(fn_b, args_b))
-        ta.append(one(fn_a, args_a))
+        tb.append(_time_call(fn_b, args_b))
+        ta.append(_time_call(fn_a, args_a))
 
   ratios = np.asarray(ta) / np.asarray(tb)
   sa, sb = _summary(ta), _summary(tb)
