@@ -303,7 +303,8 @@ def test_sharded_save_restore_on_8_devices(tmp_path):
       assert out['keys'].dtype == keys.dtype
     print('OK')
   """
-  proc = _run_python(code, {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  proc = _run_python(code, {'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')
+                                       + ' --xla_force_host_platform_device_count=8'})
   stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0 and 'OK' in stdout, stderr[-3000:]
 

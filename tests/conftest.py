@@ -12,6 +12,13 @@ import pytest
 # developer-set JAX_COMPILATION_CACHE_DIR shared across runs stays correct.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='fiancee_jax_xla_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# The suite is compile-bound on CPU (tiny models, one-shot functions): XLA's backend
+# optimisation passes took about 40 % of its time and buy nothing at these sizes. Tests check
+# values, never speed (that is the benchmark's job, run without this flag). Subprocesses and
+# notebook kernels inherit it; tests that set XLA_FLAGS append to it.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
