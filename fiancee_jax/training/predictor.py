@@ -74,7 +74,7 @@ def measure_distances(config: ml_collections.ConfigDict, model: exits_lib.ExitMo
   dist = exits_training.get_distance(config)
 
   @jax.jit
-  def f(ref, *inputs):
+  def f(params, ref, *inputs):  # params an argument: closed over, XLA would fold them in
     images, teacher = model.all_exits(params, *inputs)
     if ref is None:
       return jnp.stack([dist.fn(img, teacher) for img in images], axis=-1)
@@ -89,7 +89,7 @@ def measure_distances(config: ml_collections.ConfigDict, model: exits_lib.ExitMo
   out = []
   for s in range(0, n, batch):
     ref = None if reference is None else chunk(reference, s)
-    out.append(np.asarray(f(ref, *(chunk(x, s) for x in inputs)))[:min(batch, n - s)])
+    out.append(np.asarray(f(params, ref, *(chunk(x, s) for x in inputs)))[:min(batch, n - s)])
   return np.concatenate(out).astype(np.float32)
 
 
@@ -222,8 +222,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mean, std = target_stats(targets)
   model = factory.make_predictor(config)
   step_fn, tx = make_train_step(config, inputs, jnp.asarray((targets - mean) / std))
-  params = model.init(jax.random.fold_in(jax.random.key(config.seed), 5),
-                      *(x[:1] for x in inputs))
+  # Jitted: eager init dispatches (and compiles) every initialiser op by op.
+  params = jax.jit(model.init)(jax.random.fold_in(jax.random.key(config.seed), 5),
+                               *(x[:1] for x in inputs))
   state = PredictorState(jnp.zeros((), jnp.int32), params, tx.init(params))
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
