@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fiancee_jax.models import conv
+
 
 class SNConv(nn.Module):
   """3x3 (or kxk) 'SAME' conv with optional spectral normalisation of its kernel.
@@ -44,8 +46,7 @@ class SNConv(nn.Module):
       else:
         sigma = sigma_var.value
       kernel = kernel / sigma
-    y = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv.conv2d_same(x, kernel)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fiancee_jax.models import conv
 from fiancee_jax.models import layers
 from fiancee_jax.models import spade
 
@@ -54,7 +55,7 @@ class ImageHead(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    return jnp.tanh(nn.Conv(3, (3, 3), name='conv_img')(nn.leaky_relu(h, 0.2)))
+    return jnp.tanh(conv.Conv(3, name='conv_img')(nn.leaky_relu(h, 0.2)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +116,12 @@ class OasisGenerator(nn.Module):
 
   def setup(self):
     widths = self.widths
-    self.fc = nn.Conv(widths[0], (3, 3))
+    self.fc = conv.Conv(widths[0])
     self.blocks = [
         spade.SpadeResBlock(widths[i + 1], self.spade_hidden, self.spectral_norm)
         for i in range(self.num_blocks)
     ]
-    self.conv_img = nn.Conv(3, (3, 3))
+    self.conv_img = conv.Conv(3)
 
   def conditioning(self, labels: jax.Array, z: jax.Array) -> jax.Array:
     """labels: int32 [B, H, W], z: float32 [B, z_dim] -> float32 [B, H, W, C + z_dim]."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from fiancee_jax.models import conv
 from fiancee_jax.models import layers
 
 
@@ -69,8 +70,7 @@ def fused_conv(x: jax.Array, convs: Sequence[tuple[jax.Array, jax.Array]]) -> li
   """
   kernel = jnp.concatenate([k for k, _ in convs], axis=-1)
   bias = jnp.concatenate([b for _, b in convs])
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+  y = conv.conv2d_same(x, kernel) + bias
   return jnp.split(y, np.cumsum([b.shape[0] for _, b in convs])[:-1].tolist(), axis=-1)
 
 

@@ -1,0 +1,90 @@
+"""'SAME' stride-1 2-D convolution, lowered as a matmul where XLA:CPU's own lowering is slow.
+
+On a map of at most (kh//2 + 1) x (kw//2 + 1) pixels (OASIS's 2x2 stem and first block)
+every output pixel sees every input pixel, so the conv is one matmul
+[B, H*W*C] x [H*W*C, H*W*F] with the kernel taps laid out block-Toeplitz ('toeplitz'). It
+multiplies exactly the MACs that XLA counts for the conv, so reported GFLOPs do not move.
+XLA:CPU (jax 0.10.2) rewrites such a conv to a batch-as-features layout that ran at
+~3 GFLOP/s: 9.6 ms at batch 64 for 128 -> 128 channels on 2x2, against 0.5 ms for the
+matmul (~25 ms less per exit path of the default config). Everywhere else, and on every
+other backend, it is `lax.conv_general_dilated` ('xla').
+
+Also tried, and left out: thin convs (<= 4 output channels) as broadcast multiply-adds were
+2-4x faster alone, but inside a model XLA:CPU fuses them with their neighbours (it drops
+optimization barriers before fusion) and they ran up to 75x slower.
+"""
+import jax
+import numpy as np
+from flax import linen as nn
+
+LOWERINGS = ('auto', 'xla', 'toeplitz')
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """lax.conv_general_dilated, 'SAME', stride 1: [B, H, W, C] x [kh, kw, C, F] -> [B, H, W, F]."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_DIMS)
+
+
+def lowering_for(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                 backend: str | None = None) -> str:
+  """The lowering 'auto' picks for these shapes on `backend` (default: JAX's default)."""
+  backend = jax.default_backend() if backend is None else backend
+  _, h, w, _ = x_shape
+  kh, kw = kernel_shape[:2]
+  if (backend == 'cpu' and kh % 2 and kw % 2 and kh * kw > 1
+      and h <= kh // 2 + 1 and w <= kw // 2 + 1):
+    return 'toeplitz'
+  return 'xla'
+
+
+class Conv(nn.Module):
+  """nn.Conv's 'SAME' stride-1 case (same parameter names, shapes and initialisers), run
+  through `conv2d_same`: x [B, H, W, C] -> [B, H, W, features]."""
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return conv2d_same(x, kernel) + bias
+
+
+def conv2d_same(x: jax.Array, kernel: jax.Array, lowering: str = 'auto') -> jax.Array:
+  """'SAME' stride-1 conv without bias.
+
+  Args:
+    x: float [B, H, W, C].
+    kernel: float [kh, kw, C, F].
+    lowering: one of LOWERINGS; 'auto' = `lowering_for(x.shape, kernel.shape)`.
+
+  Returns:
+    [B, H, W, F].
+
+  Raises:
+    ValueError: shapes that do not make a conv, an unknown lowering, or 'toeplitz' on a map
+      larger than the kernel's reach or with an even kernel.
+  """
+  if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'conv2d_same needs x [B, H, W, C] and kernel [kh, kw, C, F], got '
+                     f'{x.shape} and {kernel.shape}')
+  if lowering not in LOWERINGS:
+    raise ValueError(f'unknown conv lowering {lowering!r}; known: {LOWERINGS}')
+  if lowering == 'auto':
+    lowering = lowering_for(x.shape, kernel.shape)
+  if lowering == 'xla':
+    return xla_conv(x, kernel)
+  b, h, w, c = x.shape
+  kh, kw, _, f = kernel.shape
+  if kh % 2 == 0 or kw % 2 == 0 or h > kh // 2 + 1 or w > kw // 2 + 1:
+    raise ValueError(f'the toeplitz lowering needs an odd kernel and a map of at most '
+                     f'{kh // 2 + 1}x{kw // 2 + 1} pixels for it, got a {kh}x{kw} kernel on '
+                     f'{h}x{w}')
+  # big[i', j', i, j] = kernel[i' - i + kh // 2, j' - j + kw // 2]: input (i', j') -> output (i, j).
+  dy = np.arange(h)[:, None] - np.arange(h)[None, :] + kh // 2
+  dx = np.arange(w)[:, None] - np.arange(w)[None, :] + kw // 2
+  big = kernel[dy[:, None, :, None], dx[None, :, None, :]]  # [h, w, h, w, C, F]
+  big = big.transpose(0, 1, 4, 2, 3, 5).reshape(h * w * c, h * w * f)
+  return (x.reshape(b, h * w * c) @ big).reshape(b, h, w, f)
