@@ -1,23 +1,33 @@
-"""'SAME' stride-1 2-D convolution, lowered as a matmul where XLA:CPU's own lowering is slow.
+"""'SAME' stride-1 2-D convolution, lowered differently where XLA:CPU's own lowering is slow.
 
-On a map of at most (kh//2 + 1) x (kw//2 + 1) pixels (OASIS's 2x2 stem and first block)
+Measured at batch 64 on 2 EPYC cores (XLA of jax 0.10.2); on every other backend, and for every
+other shape, it is `lax.conv_general_dilated` ('xla').
+
+'toeplitz': on a map of at most (kh//2 + 1) x (kw//2 + 1) pixels (OASIS's 2x2 stem and first block)
 every output pixel sees every input pixel, so the conv is one matmul
 [B, H*W*C] x [H*W*C, H*W*F] with the kernel taps laid out block-Toeplitz ('toeplitz'). It
 multiplies exactly the MACs that XLA counts for the conv, so reported GFLOPs do not move.
 XLA:CPU (jax 0.10.2) rewrites such a conv to a batch-as-features layout that ran at
 ~3 GFLOP/s: 9.6 ms at batch 64 for 128 -> 128 channels on 2x2, against 0.5 ms for the
-matmul (~25 ms less per exit path of the default config). Everywhere else, and on every
-other backend, it is `lax.conv_general_dilated` ('xla').
+matmul (~25 ms less per exit path of the default config).
+
+'even': an odd number of input channels gets one zero channel (in x and in the kernel).
+XLA:CPU ran convs with 11, 13, 15 or 19 input channels 2-4x slower than with one channel
+more (15 -> 24 channels at 64x64: 30-59 ms, 14-16 ms padded). The guided exits have such
+inputs: 12 label channels + the 3-channel guide, features + the guide. XLA counts the zero
+channel's MACs, because they run: +1/C of such a conv, +1.3 % of exit 0's GFLOPs in the
+default config.
 
 Also tried, and left out: thin convs (<= 4 output channels) as broadcast multiply-adds were
 2-4x faster alone, but inside a model XLA:CPU fuses them with their neighbours (it drops
 optimization barriers before fusion) and they ran up to 75x slower.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-LOWERINGS = ('auto', 'xla', 'toeplitz')
+LOWERINGS = ('auto', 'xla', 'toeplitz', 'even')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -30,11 +40,14 @@ def lowering_for(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                  backend: str | None = None) -> str:
   """The lowering 'auto' picks for these shapes on `backend` (default: JAX's default)."""
   backend = jax.default_backend() if backend is None else backend
-  _, h, w, _ = x_shape
+  _, h, w, c = x_shape
   kh, kw = kernel_shape[:2]
-  if (backend == 'cpu' and kh % 2 and kw % 2 and kh * kw > 1
-      and h <= kh // 2 + 1 and w <= kw // 2 + 1):
+  if backend != 'cpu':
+    return 'xla'
+  if kh % 2 and kw % 2 and kh * kw > 1 and h <= kh // 2 + 1 and w <= kw // 2 + 1:
     return 'toeplitz'
+  if c % 2 and c > 1:
+    return 'even'
   return 'xla'
 
 
@@ -76,6 +89,11 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, lowering: str = 'auto') -> jax.
     lowering = lowering_for(x.shape, kernel.shape)
   if lowering == 'xla':
     return xla_conv(x, kernel)
+  if lowering == 'even':
+    if x.shape[-1] % 2 == 0:
+      return xla_conv(x, kernel)
+    return xla_conv(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1))),
+                    jnp.pad(kernel, ((0, 0), (0, 0), (0, 1), (0, 0))))
   b, h, w, c = x.shape
   kh, kw, _, f = kernel.shape
   if kh % 2 == 0 or kw % 2 == 0 or h > kh // 2 + 1 or w > kw // 2 + 1:

@@ -14,7 +14,10 @@ CASES = [
     ((2, 1, 2, 4), (3, 3, 4, 3), 'toeplitz'),  # rectangular
     ((2, 1, 1, 4), (3, 3, 4, 7), 'toeplitz'),  # one pixel: only the centre tap
     ((2, 2, 2, 3), (5, 5, 3, 2), 'toeplitz'),
+    ((2, 9, 7, 15), (3, 3, 15, 24), 'even'),  # guided exits: 12 labels + 3 guide channels
+    ((2, 8, 8, 19), (1, 1, 19, 8), 'even'),
     ((2, 3, 2, 8), (3, 3, 8, 4), 'xla'),  # 3 rows: a 3x3 kernel does not reach across
+    ((2, 3, 3, 1), (3, 3, 1, 4), 'xla'),  # one channel: nothing to pad for
     ((2, 64, 64, 8), (3, 3, 8, 4), 'xla'),
     ((2, 2, 2, 8), (1, 1, 8, 8), 'xla'),  # 1x1 is a matmul already
     ((2, 2, 2, 8), (2, 2, 8, 8), 'xla'),  # even kernels: 'SAME' pads unevenly
@@ -47,6 +50,19 @@ def test_lowering_matches_lax_conv_values_and_gradients(x_shape, k_shape, loweri
                        argnums=(0, 1)))(x, k)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('x_shape,k_shape',
+                         [(c[0], c[1]) for c in CASES if c[2] == 'even'])
+def test_even_counts_the_zero_channel(x_shape, k_shape):
+  x, k = _inputs(x_shape, k_shape)
+  c = x_shape[-1]
+  got = flops.gflops(lambda x, k: conv.conv2d_same(x, k, 'even'), x, k)
+  assert got == pytest.approx(flops.gflops(conv.xla_conv, x, k) * (c + 1) / c, rel=0.01)
+  # Even widths are left alone.
+  x2, k2 = x[..., 1:], k[:, :, 1:]
+  assert flops.gflops(lambda x, k: conv.conv2d_same(x, k, 'even'), x2, k2) == pytest.approx(
+      flops.gflops(conv.xla_conv, x2, k2))
 
 
 @pytest.mark.parametrize('x_shape,k_shape,lowering',
