@@ -9,7 +9,7 @@ Our design (the paper leaves it open):
 - entries: `num_entries` prototypes picked by k-means over the patches of `num_images`
   training inputs (for each centroid, the member nearest to it, so values stay sharp).
 A query pools and projects its own block features, finds the top-k keys per patch with
-one matmul + `lax.top_k` per chunk of keys, blends their values (softmax of similarity /
+one matmul + an exact top-k (`exact_top_k`) per chunk of keys, blends their values (softmax of similarity /
 temperature) and tiles them into a guiding image [B, H, W, 3].
 """
 import dataclasses
@@ -79,6 +79,30 @@ def _project(spec: DatabaseSpec, db: dict, pooled: jax.Array) -> jax.Array:
   return q
 
 
+_TOP_K_GROUP = 16
+
+
+def exact_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis of s [M, N]: (values [M, k], int32 indices [M, k]).
+
+  On the CPU, when N >= 4 * k * 16, in two exact stages: the k groups of 16 with the largest
+  maxima hold the top k (a group holding one of them has a maximum >= the k-th value), so
+  the top k of those k * 16 candidates is the answer; groups are taken in index order, so
+  ties resolve as in lax.top_k (lowest index first). XLA:CPU's TopK took 11.4 ms for
+  [4096, 2048] at k = 4 (the default lookup at batch 64), the two stages 4.6 ms. Their
+  max-reductions are XLA-counted (~1 % of the lookup's GFLOPs; TopK counts none).
+  """
+  m, n = s.shape
+  g = _TOP_K_GROUP
+  if jax.default_backend() != 'cpu' or n < 4 * k * g:
+    return jax.lax.top_k(s, k)
+  grouped = jnp.pad(s, ((0, 0), (0, -n % g)), constant_values=-jnp.inf).reshape(m, -1, g)
+  groups = jnp.sort(jax.lax.top_k(grouped.max(axis=-1), k)[1], axis=-1)  # [M, k]
+  cand = jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(m, k * g)
+  values, j = jax.lax.top_k(cand, k)
+  return values, jnp.take_along_axis(groups, j // g, axis=1) * g + j % g
+
+
 def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.Array]:
   """q [M, D] -> (scores [M, k], indices [M, k]); keys processed in chunks."""
   keys = db['keys']
@@ -92,7 +116,7 @@ def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.A
     return s
 
   if n <= spec.chunk:
-    return jax.lax.top_k(scores_of(keys), k)
+    return exact_top_k(scores_of(keys), k)
   num_chunks = -(-n // spec.chunk)
   pad = num_chunks * spec.chunk - n
   kp = jnp.pad(keys, ((0, pad), (0, 0))).reshape(num_chunks, spec.chunk, -1)
@@ -102,7 +126,7 @@ def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.A
     best_s, best_i = carry
     kc, vc, c = xs
     s = jnp.where(vc[None], scores_of(kc), -jnp.inf)
-    cs, ci = jax.lax.top_k(s, k)
+    cs, ci = exact_top_k(s, k)
     all_s = jnp.concatenate([best_s, cs], axis=1)
     all_i = jnp.concatenate([best_i, ci + c * spec.chunk], axis=1)
     ts, ti = jax.lax.top_k(all_s, k)

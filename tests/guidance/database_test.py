@@ -97,3 +97,16 @@ def test_bad_spec_is_refused():
   with pytest.raises(ValueError, match='num_entries'):
     database.fit(_spec(num_entries=64), np.zeros((10, 8), np.float32),
                  np.zeros((10, 48), np.float32), jax.random.key(0))
+
+
+@pytest.mark.parametrize('n,k', [(2048, 4), (1000, 4), (257, 1), (300, 3), (64, 4)])
+def test_exact_top_k_equals_lax_top_k_with_ties(n, k):
+  # Coarse values make many ties, and 1000 / 257 / 300 are not multiples of the group size.
+  s = jnp.round(jax.random.normal(jax.random.key(n), (37, n)) * 4) / 4
+  s = s.at[0].set(0.0)  # a row of ties only
+  s = s.at[1, -1].set(100.0)  # the best in the padded last group
+  values, idx = jax.jit(database.exact_top_k, static_argnums=1)(s, k)
+  ref_v, ref_i = jax.lax.top_k(s, k)
+  np.testing.assert_array_equal(values, ref_v)
+  np.testing.assert_array_equal(idx, ref_i)
+  assert idx.dtype == jnp.int32
