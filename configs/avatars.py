@@ -146,9 +146,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   # iters keeps the job within 20 min; switch_rounds: interleaved batch-1 switch-vs-direct
-  # rounds; exit_parts: also time each exit's prefix, lookup and branch alone.
+  # rounds; exit_parts: also time each exit's prefix, lookup and branch alone;
+  # lowering_rounds: each exit with and without the CPU lowerings (0 = not measured).
   config.benchmark = dict(batch_size=64, warmup=2, iters=5, switch_rounds=100,
-                          exit_parts=True)
+                          exit_parts=True, lowering_rounds=10)
   config.lock()
 
   if arg == 'tiny':
@@ -170,7 +171,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             num_steps=4)
     config.router.update(num_eval=16)
     config.benchmark.update(batch_size=4, warmup=1, iters=2, switch_rounds=4,
-                            exit_parts=False)
+                            exit_parts=False, lowering_rounds=0)
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/avatars.py (known: 'tiny')")
   return config

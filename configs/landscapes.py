@@ -124,9 +124,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   # Benchmark stage (bench.json); switch_rounds: interleaved batch-1 switch-vs-direct rounds;
-  # exit_parts: also time each exit's prefix, lookup and branch alone (where its time goes).
+  # exit_parts: also time each exit's prefix, lookup and branch alone (where its time goes);
+  # lowering_rounds: interleaved rounds timing each exit with and without the CPU lowerings
+  # (models/conv.py; 0 = not measured).
   config.benchmark = dict(batch_size=64, warmup=3, iters=10, switch_rounds=200,
-                          exit_parts=True)
+                          exit_parts=True, lowering_rounds=20)
   config.lock()
 
   if arg == 'tiny':
@@ -146,7 +148,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             batch_size=16, num_steps=4)
     config.router.update(num_eval=32)
     config.benchmark.update(batch_size=8, warmup=1, iters=2, switch_rounds=4,
-                            exit_parts=False)
+                            exit_parts=False, lowering_rounds=2)
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/landscapes.py '
                      "(known: 'tiny')")

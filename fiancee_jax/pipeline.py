@@ -52,7 +52,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bench = benchmark.run_benchmark(model, data, batch_size=b.batch_size,
                                   thresholds=thresholds, warmup=b.warmup, iters=b.iters,
                                   switch_rounds=b.switch_rounds, parts=b.exit_parts,
-                                  seed=config.seed)
+                                  lowering_rounds=b.lowering_rounds, seed=config.seed)
   if jax.process_index() == 0:
     benchmark.write_bench(bench, os.path.join(workdir, 'report'))
   return bench

@@ -163,4 +163,5 @@ def test_results_markdown_renders_from_the_run(workdir):
   md = results_md.render(wd, None)
   assert '| exit | attach after block |' in md and 'vmap of a per-sample switch' in md
   assert 'interleaved rounds, 95 % interval' in md
+  assert 'CPU lowerings' in md and 'efficiency vs backbone' in md  # the tiny job measures them
   assert 'Wall time per stage' in md

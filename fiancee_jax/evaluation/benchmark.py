@@ -16,7 +16,11 @@ Measured:
   stem, blocks up to the attach point), the database lookup and the branch, each compiled and
   timed alone with its XLA GFLOPs, so that the gap between measured and FLOPs-predicted
   speedups can be read off as GFLOP/s per part;
-- the counter-example: vmap of a per-sample switch vs the backbone at `batch_size`.
+- the counter-example: vmap of a per-sample switch vs the backbone at `batch_size`;
+- on the CPU, every exit path at `batch_size` with and without the CPU lowerings
+  (models/conv.py: block-Toeplitz convs on 2x2 maps, even input widths; the database's
+  two-stage top-k), timed interleaved: what they buy, and how close each exit then runs to
+  the backbone's GFLOP/s.
 """
 import json
 import os
@@ -28,6 +32,7 @@ import numpy as np
 
 from fiancee_jax import model as model_lib
 from fiancee_jax.metrics import latency
+from fiancee_jax.models import conv
 from fiancee_jax.routing import router as router_lib
 
 _TIMING_KEYS = ('median_ms', 'p90_ms', 'mean_ms', 'min_ms', 'iters')
@@ -87,10 +92,50 @@ def exit_parts(model: model_lib.FianceeModel, inputs: Sequence[Any], *, warmup: 
   return out
 
 
+def lowering_ab(model: model_lib.FianceeModel, inputs: Sequence[Any], *, warmup: int,
+                rounds: int) -> list[dict[str, Any]]:
+  """Every exit path with the CPU lowerings off ('xla') and on, timed interleaved.
+
+  Args:
+    model: a FianceeModel.
+    inputs: the model's inputs at the timed batch (device arrays).
+    warmup, rounds: untimed calls, and interleaved rounds (latency.time_paired).
+
+  Returns:
+    [] off the CPU (nothing to compare). Else per exit: {'exit', 'xla_ms', 'ms' (medians),
+    'speedup' (median over rounds of xla / lowered time) and 'speedup_ci95', 'xla_gflops',
+    'gflops' (XLA, whole batch), 'xla_efficiency', 'efficiency' (the exit's GFLOP/s over the
+    backbone's, from the same form's timings: the measured over the FLOPs-predicted speedup
+    of sending every sample to this exit), 'rounds'}.
+  """
+  if not conv.cpu_lowerings_active():
+    return []
+  params = model.params
+  args = (params, *inputs)
+  out = []
+  for k in range(model.num_exits):
+    path = model.exit_model.exit_path(k)
+    # New function objects: jit would reuse a trace of the same one across the switch.
+    lowered = latency.compile_aot(lambda *a, path=path: path(*a), *args)
+    with conv.cpu_lowerings(False):
+      plain = latency.compile_aot(lambda *a, path=path: path(*a), *args)
+    p = latency.time_paired(plain, args, lowered, args, warmup=warmup, rounds=rounds)
+    out.append({'exit': k, 'xla_ms': p['a']['median_ms'], 'ms': p['b']['median_ms'],
+                'speedup': p['ratio'], 'speedup_ci95': list(p['ratio_ci95']),
+                'xla_gflops': latency.cost_and_memory(plain)['gflops'],
+                'gflops': latency.cost_and_memory(lowered)['gflops'], 'rounds': int(rounds)})
+  bb = out[-1]
+  for r in out:
+    for pre in ('xla_', ''):
+      r[f'{pre}efficiency'] = ((r[f'{pre}gflops'] / bb[f'{pre}gflops'])
+                               / (r[f'{pre}ms'] / bb[f'{pre}ms']))
+  return out
+
+
 def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int = 64,
                   thresholds: Sequence[float], warmup: int = 3, iters: int = 20,
                   seed: int = 0, matmul_n: int = 2048, switch_rounds: int = 100,
-                  parts: bool = True,
+                  parts: bool = True, lowering_rounds: int = 20,
                   bucketed: router_lib.BucketedRouter | None = None,
                   switch: router_lib.SwitchRouter | None = None) -> dict[str, Any]:
   """Measures exits, routing and dispatch overheads; returns the bench.json content.
@@ -106,6 +151,8 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
     iters: timed calls per measurement.
     switch_rounds: interleaved rounds of each batch-1 switch-vs-direct comparison.
     parts: also time every exit's parts alone (`exit_parts`; 'exit_parts' is [] if not).
+    lowering_rounds: interleaved rounds of `lowering_ab` per exit (0: not measured,
+      'cpu_lowerings' is []).
     seed: seed of z.
     matmul_n: size of the [n, n] matmul that measures the machine's GFLOP/s.
     bucketed: a BucketedRouter for `model` whose buckets include `batch_size`, to reuse its
@@ -116,7 +163,7 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
     A JSON-serialisable dict; see `write_bench` for a readable rendering. Keys: 'hardware',
     'device', 'protocol', 'batch_size', 'resolution', 'num_exits', 'matmul_gflops_per_s',
     'predictor', 'exits', 'exit_parts', 'backbone', 'routing', 'switch', 'vmap_switch',
-    'router_compiles'.
+    'cpu_lowerings', 'router_compiles'.
 
   Raises:
     ValueError: bad data, thresholds or sizes (before anything is compiled).
@@ -128,9 +175,10 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   if batch_size < 1 or data[0].shape[0] < batch_size:
     raise ValueError(f'batch_size={batch_size} needs at least that many test samples, got '
                      f'{data[0].shape[0]}; lower batch_size or pass more data')
-  if iters < 1 or warmup < 0 or switch_rounds < 1:
-    raise ValueError(f'need iters >= 1, switch_rounds >= 1 and warmup >= 0, got iters={iters}, '
-                     f'switch_rounds={switch_rounds}, warmup={warmup}')
+  if iters < 1 or warmup < 0 or switch_rounds < 1 or lowering_rounds < 0:
+    raise ValueError(f'need iters >= 1, switch_rounds >= 1, lowering_rounds >= 0 and '
+                     f'warmup >= 0, got iters={iters}, switch_rounds={switch_rounds}, '
+                     f'lowering_rounds={lowering_rounds}, warmup={warmup}')
   for name, r in (('bucketed', bucketed), ('switch', switch)):
     if r is not None and r.model is not model:
       raise ValueError(f'the {name} router was built for a different FianceeModel')
@@ -150,6 +198,7 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
       'device': info,
       'protocol': {'warmup': int(warmup), 'iters': int(iters), 'seed': int(seed),
                    'switch_rounds': int(switch_rounds),
+                   'lowering_rounds': int(lowering_rounds),
                    'timer': 'time.perf_counter around jax.block_until_ready, AOT-compiled',
                    'statistic': 'median and p90 over iters timed calls'},
       'batch_size': int(batch_size),
@@ -288,6 +337,9 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
       'note': 'vmap turns the per-sample switch into a select: every exit runs for every sample',
   }
 
+  out['cpu_lowerings'] = (lowering_ab(model, batch_d, warmup=warmup, rounds=lowering_rounds)
+                          if lowering_rounds else [])
+
   recompiles = bucketed.num_compiles + switch.num_compiles - compiles_after_warmup
   if recompiles:
     raise RuntimeError(f'routers compiled {recompiles} executables after warm-up; the '
@@ -333,6 +385,21 @@ def _parts_markdown(bench: dict[str, Any]) -> list[str]:
           'Exits run at fewer GFLOP/s than the backbone where their thin branches dominate: '
           'that, not routing, is the gap between the FLOPs-predicted and measured speedups.',
           '']
+
+
+def _lowerings_markdown(bench: dict[str, Any]) -> list[str]:
+  rows = bench.get('cpu_lowerings')
+  if not rows:  # not on the CPU, not measured, or written before the comparison existed
+    return []
+  return [f"## CPU lowerings (batch {bench['batch_size']}, models/conv.py)", '',
+          _table(['exit', 'XLA ms', 'lowered ms', 'speedup', '95 % interval', 'XLA GFLOPs',
+                  'lowered GFLOPs', 'efficiency vs backbone (XLA / lowered)'],
+                 [[r['exit'], r['xla_ms'], r['ms'], r['speedup'], _interval(r['speedup_ci95']),
+                   r['xla_gflops'], r['gflops'],
+                   f"{r['xla_efficiency']:.2f} / {r['efficiency']:.2f}"] for r in rows]), '',
+          f"Each exit path compiled twice and timed interleaved over {rows[0]['rounds']} "
+          'rounds; efficiency: the exit\'s GFLOP/s over the backbone\'s in the same form (the '
+          'measured over the FLOPs-predicted speedup of sending every sample to it).', '']
 
 
 def render_markdown(bench: dict[str, Any]) -> str:
@@ -400,6 +467,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
       f"vmap(switch) / backbone time: {_fmt(bench['vmap_switch']['ratio_to_backbone'])}; "
       'every exit runs for every sample.',
       '',
+      *_lowerings_markdown(bench),
   ]
   return '\n'.join(parts)
 

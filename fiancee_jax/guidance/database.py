@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiancee_jax import checkpoint
+from fiancee_jax.models import conv
 
 SCHEMA_VERSION = 1
 
@@ -94,7 +95,7 @@ def exact_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """
   m, n = s.shape
   g = _TOP_K_GROUP
-  if jax.default_backend() != 'cpu' or n < 4 * k * g:
+  if not conv.cpu_lowerings_active() or n < 4 * k * g:
     return jax.lax.top_k(s, k)
   grouped = jnp.pad(s, ((0, 0), (0, -n % g)), constant_values=-jnp.inf).reshape(m, -1, g)
   groups = jnp.sort(jax.lax.top_k(grouped.max(axis=-1), k)[1], axis=-1)  # [M, k]

@@ -21,7 +21,14 @@ default config.
 Also tried, and left out: thin convs (<= 4 output channels) as broadcast multiply-adds were
 2-4x faster alone, but inside a model XLA:CPU fuses them with their neighbours (it drops
 optimization barriers before fusion) and they ran up to 75x slower.
+
+`cpu_lowerings(False)` turns both lowerings (and the database's two-stage top-k) off for what
+is traced inside it, so that the benchmark can time both forms of the same model in one run.
 """
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +36,29 @@ from flax import linen as nn
 
 LOWERINGS = ('auto', 'xla', 'toeplitz', 'even')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+_CPU_LOWERINGS = contextvars.ContextVar('fiancee_jax_cpu_lowerings', default=True)
+
+
+@contextlib.contextmanager
+def cpu_lowerings(enabled: bool) -> Iterator[None]:
+  """Within the block, functions traced use (enabled) or skip (not) the CPU lowerings.
+
+  Trace-time only: an executable traced before keeps its lowering, and jit reuses a trace of
+  the same function object, so trace a new function inside the block.
+  """
+  token = _CPU_LOWERINGS.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _CPU_LOWERINGS.reset(token)
+
+
+def cpu_lowerings_active(backend: str | None = None) -> bool:
+  """Whether code traced now should use the CPU lowerings (backend default: JAX's default)."""
+  backend = jax.default_backend() if backend is None else backend
+  return backend == 'cpu' and _CPU_LOWERINGS.get()
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -39,10 +69,9 @@ def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def lowering_for(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                  backend: str | None = None) -> str:
   """The lowering 'auto' picks for these shapes on `backend` (default: JAX's default)."""
-  backend = jax.default_backend() if backend is None else backend
   _, h, w, c = x_shape
   kh, kw = kernel_shape[:2]
-  if backend != 'cpu':
+  if not cpu_lowerings_active(backend):
     return 'xla'
   if kh % 2 and kw % 2 and kh * kw > 1 and h <= kh // 2 + 1 and w <= kw // 2 + 1:
     return 'toeplitz'

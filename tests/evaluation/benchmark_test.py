@@ -34,13 +34,13 @@ def bench():
   thresholds = [0.0, float(np.median(pred)), 1.0]
   return benchmark.run_benchmark(model, labels, batch_size=BATCH, thresholds=thresholds,
                                  warmup=1, iters=2, seed=0, matmul_n=128, switch_rounds=3,
-                                 bucketed=bucketed(), switch=switch())
+                                 lowering_rounds=3, bucketed=bucketed(), switch=switch())
 
 
 def test_bench_has_every_key_with_finite_values(bench):
   for key in ('hardware', 'device', 'protocol', 'batch_size', 'resolution', 'matmul_gflops_per_s',
               'predictor', 'exits', 'exit_parts', 'backbone', 'routing', 'switch', 'vmap_switch',
-              'router_compiles'):
+              'cpu_lowerings', 'router_compiles'):
     assert key in bench, key
   for path, value in _finite_numbers(bench):
     assert math.isfinite(value), path
@@ -103,6 +103,17 @@ def test_bench_counts_and_ratios(bench):
                                                                  rel=0.05)
   prefix = [x['parts'][0]['gflops'] for x in parts]
   assert prefix == sorted(prefix)  # later exits run more of the backbone
+  # On the CPU: every exit with and without the CPU lowerings, interleaved.
+  low = bench['cpu_lowerings']
+  assert [r['exit'] for r in low] == list(range(e))
+  for r, ex in zip(low, bench['exits']):
+    assert r['rounds'] == 3 and r['speedup_ci95'][0] <= r['speedup'] <= r['speedup_ci95'][1]
+    assert r['gflops'] == pytest.approx(ex['cost_batch']['gflops'])  # the benchmarked form
+    assert r['xla_gflops'] > 0 and r['gflops'] >= 0.99 * r['xla_gflops']
+    for pre in ('xla_', ''):
+      assert r[f'{pre}efficiency'] == pytest.approx(
+          (r[f'{pre}gflops'] / low[-1][f'{pre}gflops']) / (r[f'{pre}ms'] / low[-1][f'{pre}ms']))
+  assert low[-1]['efficiency'] == pytest.approx(1.0)
 
 
 def test_write_bench(bench, tmp_path):
@@ -116,13 +127,16 @@ def test_write_bench(bench, tmp_path):
     assert heading in md
   assert md.count('\n| ') >= 2 * tiny_model().num_exits
   assert "Where each exit's time goes" in md and 'interleaved over 3 rounds' in md
-  # A bench.json written before interleaved timing and the parts still renders, and says so.
+  assert '## CPU lowerings' in md
+  # A bench.json written before interleaved timing, the parts and the lowerings still
+  # renders, and says so.
   old = copy.deepcopy(bench)
-  del old['protocol']['switch_rounds'], old['exit_parts']
+  del old['protocol']['switch_rounds'], old['exit_parts'], old['cpu_lowerings']
   for s in old['switch']['per_exit']:
     del s['overhead_ratio_ci95']
   md = benchmark.render_markdown(old)
   assert 'separate loops of 2 calls' in md and "Where each exit's time goes" not in md
+  assert '## CPU lowerings' not in md
 
 
 def test_run_benchmark_validates_before_compiling():
@@ -131,6 +145,9 @@ def test_run_benchmark_validates_before_compiling():
     benchmark.run_benchmark(m, tiny_labels(4), batch_size=8, thresholds=[0.1])
   with pytest.raises(ValueError, match='threshold'):
     benchmark.run_benchmark(m, tiny_labels(4), batch_size=2, thresholds=[-1.0])
+  with pytest.raises(ValueError, match='lowering_rounds=-1'):
+    benchmark.run_benchmark(m, tiny_labels(4), batch_size=2, thresholds=[0.1],
+                            lowering_rounds=-1)
   with pytest.raises(ValueError, match='thresholds is empty'):
     benchmark.run_benchmark(m, tiny_labels(4), batch_size=2, thresholds=[])
   with pytest.raises(ValueError, match='bucket sizes'):

@@ -5,6 +5,7 @@ import pytest
 
 from fiancee_jax import checkpoint
 from fiancee_jax.guidance import database
+from fiancee_jax.models import conv
 
 
 def _spec(**kw):
@@ -110,3 +111,11 @@ def test_exact_top_k_equals_lax_top_k_with_ties(n, k):
   np.testing.assert_array_equal(values, ref_v)
   np.testing.assert_array_equal(idx, ref_i)
   assert idx.dtype == jnp.int32
+
+
+def test_exact_top_k_is_lax_top_k_when_cpu_lowerings_are_off():
+  s = jax.random.normal(jax.random.key(0), (8, 2048))
+  count = lambda: str(jax.make_jaxpr(lambda s: database.exact_top_k(s, 4))(s)).count('top_k')
+  assert count() == 2  # the two stages
+  with conv.cpu_lowerings(False):
+    assert count() == 1

@@ -95,3 +95,14 @@ def test_bad_calls_name_the_problem():
     conv.conv2d_same(x, k, 'toeplitz')
   with pytest.raises(ValueError, match='odd kernel'):
     conv.conv2d_same(x[:, :2, :2], jnp.zeros((2, 2, 4, 3)), 'toeplitz')
+
+
+def test_cpu_lowerings_switch_off_inside_the_block_only():
+  x, k = _inputs((2, 8, 8, 15), (3, 3, 15, 24))
+  on = flops.gflops(lambda x, k: conv.conv2d_same(x, k), x, k)
+  with conv.cpu_lowerings(False):
+    assert conv.lowering_for((3, 2, 2, 6), (3, 3, 6, 5), backend='cpu') == 'xla'
+    off = flops.gflops(lambda x, k: conv.conv2d_same(x, k), x, k)  # a new function: traced here
+  assert conv.lowering_for((3, 2, 2, 6), (3, 3, 6, 5), backend='cpu') == 'toeplitz'
+  assert off == pytest.approx(flops.gflops(conv.xla_conv, x, k))
+  assert on == pytest.approx(off * 16 / 15, rel=0.01)  # the zero channel, on
