@@ -6,6 +6,7 @@ import pytest
 from configs import landscapes
 from fiancee_jax import stats
 from fiancee_jax.guidance import database
+from fiancee_jax.metrics import flops
 from fiancee_jax.models import exits
 from fiancee_jax.models import factory
 
@@ -53,6 +54,26 @@ def test_exit_costs_increase_and_stay_below_backbone():
   assert all(a < b for a, b in zip(g, g[1:])), g
   assert costs[-1]['gflops'] == pytest.approx(stats.backbone_stats(config)['gflops'])
   assert [c['attach_after'] for c in costs] == [1, 2, 3]
+
+
+def test_reported_costs_count_every_chunk_of_the_lookup():
+  # The tiny database (64 entries, chunks of 32) is scanned in two chunks; XLA counts a loop
+  # body once, so the costs are counted on the unchunked lookup (the same arithmetic).
+  config = landscapes.get_config('tiny')
+  assert config.database.chunk < config.database.num_entries
+  one = config.copy_and_resolve_references()
+  with one.unlocked():
+    one.database.chunk = config.database.num_entries
+  assert stats.lookup_gflops(config) == pytest.approx(stats.lookup_gflops(one))
+  assert [c['gflops'] for c in stats.exit_stats(config)] == pytest.approx(
+      [c['gflops'] for c in stats.exit_stats(one)])
+  # The loop really is undercounted: one chunk's worth of key scores, not two.
+  spec = factory.database_spec(config)
+  q = jnp.zeros((256, spec.key_dim))
+  db = {'keys': jnp.zeros((spec.num_entries, spec.key_dim))}
+  chunked = flops.gflops(lambda d, q: database._top_k(spec, d, q), db, q)  # pylint: disable=protected-access
+  whole = flops.gflops(lambda d, q: database._top_k(factory.database_spec(one), d, q), db, q)  # pylint: disable=protected-access
+  assert chunked < 0.75 * whole
 
 
 def test_default_config_exits_span_the_compute_range():
