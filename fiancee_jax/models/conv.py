@@ -9,7 +9,9 @@ every output pixel sees every input pixel, so the conv is one matmul
 multiplies exactly the MACs that XLA counts for the conv, so reported GFLOPs do not move.
 XLA:CPU (jax 0.10.2) rewrites such a conv to a batch-as-features layout that ran at
 ~3 GFLOP/s: 9.6 ms at batch 64 for 128 -> 128 channels on 2x2, against 0.5 ms for the
-matmul (~25 ms less per exit path of the default config).
+matmul (~25 ms less per exit path of the default config). Only from batch 4 on: at batch 1
+and 2 the two take the same time alone (~0.2 ms), and inside the batch-1 `lax.switch` the
+Toeplitz form made the backbone branch 6 % slower than its direct path.
 
 'even': an odd number of input channels gets one zero channel (in x and in the kernel).
 XLA:CPU ran convs with 11, 13, 15 or 19 input channels 2-4x slower than with one channel
@@ -69,11 +71,11 @@ def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def lowering_for(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                  backend: str | None = None) -> str:
   """The lowering 'auto' picks for these shapes on `backend` (default: JAX's default)."""
-  _, h, w, c = x_shape
+  b, h, w, c = x_shape
   kh, kw = kernel_shape[:2]
   if not cpu_lowerings_active(backend):
     return 'xla'
-  if kh % 2 and kw % 2 and kh * kw > 1 and h <= kh // 2 + 1 and w <= kw // 2 + 1:
+  if b >= 4 and kh % 2 and kw % 2 and kh * kw > 1 and h <= kh // 2 + 1 and w <= kw // 2 + 1:
     return 'toeplitz'
   if c % 2 and c > 1:
     return 'even'
