@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from fiancee_jax import config_checks
 from fiancee_jax import tasks
 from fiancee_jax.metrics import flops
+from fiancee_jax.models import conv
 from fiancee_jax.models import factory
 
 
@@ -74,16 +75,17 @@ def lookup_gflops(config: ml_collections.ConfigDict) -> float:
                       abstract_database(config), outs[spec.key_block])
 
 
-# exit_stats of (config JSON, guided) already computed in this process: every call compiles
-# every exit path, and load_model, the report and the benchmark each ask for the same costs.
-_EXIT_STATS: dict[tuple[str, bool], list[dict]] = {}
+# exit_stats of (config JSON, guided, CPU lowerings on) already computed in this process: every
+# call compiles every exit path, and load_model, the report and the benchmark each ask for the
+# same costs. The lowerings change what runs, and so the counted FLOPs (models/conv.py).
+_EXIT_STATS: dict[tuple[str, bool, bool], list[dict]] = {}
 
 
 def exit_stats(config: ml_collections.ConfigDict, *, guided: bool | None = None) -> list[dict]:
   """Per exit (the backbone last): attach point, GFLOPs of its own compiled path at batch 1
   (database lookup included when guided) and parameters of its branch."""
   guided = bool(config.exits.guided if guided is None else guided)
-  key = (config.to_json_best_effort(sort_keys=True), guided)
+  key = (config.to_json_best_effort(sort_keys=True), guided, conv.cpu_lowerings_active())
   if key not in _EXIT_STATS:
     _EXIT_STATS[key] = _exit_stats(config, guided)
   return copy.deepcopy(_EXIT_STATS[key])

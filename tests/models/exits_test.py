@@ -7,6 +7,7 @@ from configs import landscapes
 from fiancee_jax import stats
 from fiancee_jax.guidance import database
 from fiancee_jax.metrics import flops
+from fiancee_jax.models import conv
 from fiancee_jax.models import exits
 from fiancee_jax.models import factory
 
@@ -74,6 +75,16 @@ def test_reported_costs_count_every_chunk_of_the_lookup():
   chunked = flops.gflops(lambda d, q: database._top_k(spec, d, q), db, q)  # pylint: disable=protected-access
   whole = flops.gflops(lambda d, q: database._top_k(factory.database_spec(one), d, q), db, q)  # pylint: disable=protected-access
   assert chunked < 0.75 * whole
+
+
+def test_exit_stats_are_kept_per_cpu_lowering_state():
+  # The tiny guided exits read 12 label + 3 guide channels: the lowerings pad them to 16.
+  config = landscapes.get_config('tiny')
+  on = [c['gflops'] for c in stats.exit_stats(config)]
+  with conv.cpu_lowerings(False):
+    off = [c['gflops'] for c in stats.exit_stats(config)]
+  assert on[0] > off[0]
+  assert [c['gflops'] for c in stats.exit_stats(config)] == on
 
 
 def test_default_config_exits_span_the_compute_range():
