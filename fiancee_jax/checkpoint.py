@@ -612,3 +612,21 @@ def restore_finished(directory: str, target: PyTree, *, stage: str,
   finally:
     ckpt.close()
   return state, meta
+
+
+def read_pytree_metadata(path: str) -> dict[str, Any]:
+  """The JSON metadata that `save_pytree` stored in `path`, without reading the arrays.
+
+  Raises:
+    CheckpointError: `path` is missing, or its metadata cannot be read.
+  """
+  root = epath.Path(path if '://' in str(path) else os.path.abspath(path))
+  if not root.exists():
+    raise CheckpointError(f'{path} does not exist')
+  with _composite_checkpointer() as checkpointer:
+    try:
+      restored = checkpointer.restore(
+          root, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise _as_corrupt(str(path), e) from e
+  return dict(restored[_METADATA] or {})
