@@ -145,9 +145,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_eval=512,
   )
 
+  # Kernel implementations (ops/kernels.py): 'auto' = the fastest measured for the backend.
+  config.kernels = dict(conv='auto', top_k='auto')
+
   # iters keeps the job within 20 min; switch_rounds: interleaved batch-1 switch-vs-direct
   # rounds; exit_parts: also time each exit's prefix, lookup and branch alone;
-  # lowering_rounds: each exit with and without the CPU lowerings (0 = not measured).
+  # lowering_rounds: each exit on config.kernels against 'xla' kernels (0 = not measured).
   config.benchmark = dict(batch_size=64, warmup=2, iters=5, switch_rounds=100,
                           exit_parts=True, lowering_rounds=10)
   config.lock()

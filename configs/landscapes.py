@@ -123,10 +123,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_eval=512,  # test inputs in the report (<= config.data.num_test)
   )
 
+  # Kernel implementations (ops/kernels.py): 'auto' = the fastest measured for the backend;
+  # or name one ('xla', ...). FLOPs are counted on 'xla' whatever is chosen here.
+  config.kernels = dict(conv='auto', top_k='auto')
+
   # Benchmark stage (bench.json); switch_rounds: interleaved batch-1 switch-vs-direct rounds;
   # exit_parts: also time each exit's prefix, lookup and branch alone (where its time goes);
-  # lowering_rounds: interleaved rounds timing each exit with and without the CPU lowerings
-  # (models/conv.py; 0 = not measured).
+  # lowering_rounds: interleaved rounds timing each exit on config.kernels against 'xla'
+  # kernels (0 = not measured; nothing to compare where they resolve to 'xla').
   config.benchmark = dict(batch_size=64, warmup=3, iters=10, switch_rounds=200,
                           exit_parts=True, lowering_rounds=20)
   config.lock()

@@ -1,7 +1,7 @@
 """MegaPortraits' structure at the paper's G2D scale, avatars at 256x256 (costs only).
 
   python -c "from configs import megaportraits_256 as c; \
-      from fiancee_jax.models import reenact; print(reenact.reenact_stats(c.get_config()))"
+      from fiancee_jax.metrics import costs; print(costs.reenact_stats(c.get_config()))"
 
 G2D as in MegaPortraits: the 96 x 16 = 1536-channel projection of the driven volume at
 64x64, a 1x1 conv to 512, 8 ResBlocks at 512, then three upsampling stages 512 -> 256 ->

@@ -88,7 +88,7 @@ def test_generate_routes_face_pairs(workdir):
 
 
 def test_costs_of_the_reenactment_exits(workdir):
-  # The evaluate stage reads them from stats.exit_stats / backbone_stats / lookup_gflops, the
+  # The evaluate stage reads them from costs.exit_stats / backbone_stats / lookup_gflops, the
   # functions behind `python -m fiancee_jax.stats`.
   wd, _ = workdir
   with open(os.path.join(wd, 'report', 'report.json')) as f:

@@ -163,5 +163,12 @@ def test_results_markdown_renders_from_the_run(workdir):
   md = results_md.render(wd, None)
   assert '| exit | attach after block |' in md and 'vmap of a per-sample switch' in md
   assert 'interleaved rounds, 95 % interval' in md
-  assert 'CPU lowerings' in md and 'efficiency vs backbone' in md  # the tiny job measures them
   assert 'Wall time per stage' in md
+
+
+@pytest.mark.cpu_only
+def test_results_markdown_has_the_kernel_ab(workdir):
+  # On the CPU config.kernels 'auto' is not plain XLA, so the tiny job times the two apart.
+  from fiancee_jax.evaluation import results_md  # pylint: disable=g-import-not-at-top
+  md = results_md.render(workdir[0], None)
+  assert 'Kernels (`ops/kernels.py`)' in md and 'efficiency vs backbone' in md

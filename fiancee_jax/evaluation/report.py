@@ -16,11 +16,11 @@ import ml_collections
 import numpy as np
 from scipy import stats as scipy_stats
 
-from fiancee_jax import stats
 from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import plots
 from fiancee_jax.guidance import database as database_lib
+from fiancee_jax.metrics import costs
 from fiancee_jax.routing import router
 from fiancee_jax.training import exits as exits_training
 from fiancee_jax.training import predictor as predictor_training
@@ -130,7 +130,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           thresholds)
   uncalibrated = routing_table(pred, true, np.zeros(model.num_exits - 1, np.float32),
                                exit_gflops, model.predictor_gflops, thresholds)
-  cstats = stats.exit_stats(config)
+  cstats = costs.exit_stats(config)
   exits = []
   for k, c in enumerate(cstats[:-1]):
     exits.append({**c, 'mean_distance': float(true[:, k].mean()),
@@ -143,12 +143,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'distance': model.distance,
       'num_eval': int(n),
       'resolution': [h, w],
-      'backbone': stats.backbone_stats(config),
+      'backbone': costs.backbone_stats(config),
       'exits': exits,
       'predictor': {'gflops': model.predictor_gflops, **predictor_quality(pred, true)},
       'database': {'entries': config.database.num_entries,
                    'bytes': database_lib.nbytes(db) if db is not None else 0,
-                   'lookup_gflops': stats.lookup_gflops(config)},
+                   'lookup_gflops': costs.lookup_gflops(config)},
       'calibration': {'method': config.router.calibration,
                       'target_met': config.router.target_met,
                       'margins': (None if model.risk_control is not None

@@ -170,18 +170,20 @@ def _bench_summary(bench: dict) -> str:
           + f". vmap of a per-sample switch: {v['ratio_to_backbone']:.2f}x the backbone's time "
           f"({v['gflops']:.3f} vs {v['backbone_gflops']:.3f} GFLOPs: every exit runs for every "
           'sample).']
-  if bench.get('cpu_lowerings'):
-    low = bench['cpu_lowerings']
-    out += ['', f"CPU lowerings (`models/conv.py`, the lookup's two-stage top-k), each exit "
-            f"path at batch {bench['batch_size']} compiled with and without them and timed "
-            f"interleaved over {low[0]['rounds']} rounds:", '',
-            '| exit | XLA ms | lowered ms | speedup (95 % interval) | GFLOPs XLA / lowered '
-            '| efficiency vs backbone, XLA / lowered |', '|---|---|---|---|---|---|']
-    for r in low:
-      out.append(f"| {r['exit']} | {r['xla_ms']:.1f} | {r['ms']:.1f} | {r['speedup']:.2f} "
+  ab = bench.get('kernels', {}).get('ab')
+  if ab:
+    used = ', '.join(f'{op} {impl}' for op, impl in bench['kernels']['model'].items() if impl)
+    ref = ', '.join(f'{op} {impl}' for op, impl in bench['kernels']['reference'].items() if impl)
+    out += ['', f"Kernels (`ops/kernels.py`): the model ran on {used}; each exit path at batch "
+            f"{bench['batch_size']} built a second time on {ref} and timed interleaved over "
+            f"{ab[0]['rounds']} rounds:", '',
+            '| exit | reference ms | ms | speedup (95 % interval) | GFLOPs reference / model '
+            '| efficiency vs backbone, reference / model |', '|---|---|---|---|---|---|']
+    for r in ab:
+      out.append(f"| {r['exit']} | {r['reference_ms']:.1f} | {r['ms']:.1f} | {r['speedup']:.2f} "
                  '({:.2f}-{:.2f}) | '.format(*r['speedup_ci95'])
-                 + f"{r['xla_gflops']:.2f} / {r['gflops']:.2f} | "
-                 f"{r['xla_efficiency']:.2f} / {r['efficiency']:.2f} |")
+                 + f"{r['reference_gflops']:.2f} / {r['gflops']:.2f} | "
+                 f"{r['reference_efficiency']:.2f} / {r['efficiency']:.2f} |")
     out += ['', "Efficiency: the exit's GFLOP/s over the backbone's, i.e. the measured over the "
             'FLOPs-predicted speedup of sending every sample to that exit (predictor and '
             'router aside).']

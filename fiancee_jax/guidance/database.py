@@ -9,8 +9,9 @@ Our design (the paper leaves it open):
 - entries: `num_entries` prototypes picked by k-means over the patches of `num_images`
   training inputs (for each centroid, the member nearest to it, so values stay sharp).
 A query pools and projects its own block features, finds the top-k keys per patch with
-one matmul + an exact top-k (`exact_top_k`) per chunk of keys, blends their values (softmax of similarity /
-temperature) and tiles them into a guiding image [B, H, W, 3].
+one matmul + an exact top-k (ops/top_k.py, the implementation named by `top_k_impl`) per
+chunk of keys, blends their values (softmax of similarity / temperature) and tiles them into
+a guiding image [B, H, W, 3].
 """
 import dataclasses
 import functools
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiancee_jax import checkpoint
-from fiancee_jax.models import conv
+from fiancee_jax.ops import top_k as top_k_lib
 
 SCHEMA_VERSION = 1
 
@@ -80,32 +81,10 @@ def _project(spec: DatabaseSpec, db: dict, pooled: jax.Array) -> jax.Array:
   return q
 
 
-_TOP_K_GROUP = 16
-
-
-def exact_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k` over the last axis of s [M, N]: (values [M, k], int32 indices [M, k]).
-
-  On the CPU, when N >= 4 * k * 16, in two exact stages: the k groups of 16 with the largest
-  maxima hold the top k (a group holding one of them has a maximum >= the k-th value), so
-  the top k of those k * 16 candidates is the answer; groups are taken in index order, so
-  ties resolve as in lax.top_k (lowest index first). XLA:CPU's TopK took 11.4 ms for
-  [4096, 2048] at k = 4 (the default lookup at batch 64), the two stages 4.6 ms. Their
-  max-reductions are XLA-counted (~1 % of the lookup's GFLOPs; TopK counts none).
-  """
-  m, n = s.shape
-  g = _TOP_K_GROUP
-  if not conv.cpu_lowerings_active() or n < 4 * k * g:
-    return jax.lax.top_k(s, k)
-  grouped = jnp.pad(s, ((0, 0), (0, -n % g)), constant_values=-jnp.inf).reshape(m, -1, g)
-  groups = jnp.sort(jax.lax.top_k(grouped.max(axis=-1), k)[1], axis=-1)  # [M, k]
-  cand = jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(m, k * g)
-  values, j = jax.lax.top_k(cand, k)
-  return values, jnp.take_along_axis(groups, j // g, axis=1) * g + j % g
-
-
-def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """q [M, D] -> (scores [M, k], indices [M, k]); keys processed in chunks."""
+def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array,
+           impl: str = 'xla') -> tuple[jax.Array, jax.Array]:
+  """q [M, D] -> (scores [M, k], indices [M, k]); keys processed in chunks; `impl` names the
+  top-k implementation (ops/top_k.py)."""
   keys = db['keys']
   n = keys.shape[0]
   k = spec.top_k
@@ -117,7 +96,7 @@ def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.A
     return s
 
   if n <= spec.chunk:
-    return exact_top_k(scores_of(keys), k)
+    return top_k_lib.exact_top_k(scores_of(keys), k, impl)
   num_chunks = -(-n // spec.chunk)
   pad = num_chunks * spec.chunk - n
   kp = jnp.pad(keys, ((0, pad), (0, 0))).reshape(num_chunks, spec.chunk, -1)
@@ -127,7 +106,7 @@ def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.A
     best_s, best_i = carry
     kc, vc, c = xs
     s = jnp.where(vc[None], scores_of(kc), -jnp.inf)
-    cs, ci = exact_top_k(s, k)
+    cs, ci = top_k_lib.exact_top_k(s, k, impl)
     all_s = jnp.concatenate([best_s, cs], axis=1)
     all_i = jnp.concatenate([best_i, ci + c * spec.chunk], axis=1)
     ts, ti = jax.lax.top_k(all_s, k)
@@ -138,10 +117,23 @@ def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array) -> tuple[jax.Array, jax.A
   return s, i
 
 
-def make_lookup(spec: DatabaseSpec):
-  """Returns lookup(db, feats [B, h, w, C], out_hw) -> guide [B, H', W', 3] (pure, jittable)."""
+@dataclasses.dataclass(frozen=True)
+class Lookup:
+  """lookup(db, feats [B, h, w, C], out_hw) -> guide [B, H', W', 3] (pure, jittable).
 
-  def lookup(db: dict, feats: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  `top_k_impl` names the top-k implementation (ops/top_k.py); every one returns the same
+  entries, so it changes how the lookup runs, not what it returns.
+  """
+  spec: DatabaseSpec
+  top_k_impl: str = 'xla'
+
+  def __post_init__(self):
+    if self.top_k_impl not in top_k_lib.TOP_K_IMPLS:
+      raise ValueError(f'unknown top-k implementation {self.top_k_impl!r} '
+                       f'(config.kernels.top_k); known: {top_k_lib.TOP_K_IMPLS}')
+
+  def __call__(self, db: dict, feats: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    spec = self.spec
     if feats.shape[-1] != spec.feature_width:
       raise ValueError(f'database keys were built from {spec.feature_width}-wide features, '
                        f'got {feats.shape[-1]}')
@@ -149,7 +141,7 @@ def make_lookup(spec: DatabaseSpec):
     gh, gw = spec.grid
     ph, pw = spec.patch
     q = _project(spec, db, pool(feats, spec.grid)).reshape(b * gh * gw, -1)
-    s, idx = _top_k(spec, db, q)
+    s, idx = _top_k(spec, db, q, self.top_k_impl)
     w = jax.nn.softmax(s / spec.temperature, axis=-1) if spec.top_k > 1 else jnp.ones_like(s)
     vals = jnp.einsum('mk,mkv->mv', w, db['values'][idx])
     img = vals.reshape(b, gh, gw, ph, pw, 3).transpose(0, 1, 3, 2, 4, 5)
@@ -158,7 +150,10 @@ def make_lookup(spec: DatabaseSpec):
       img = jax.image.resize(img, (b, *out_hw, 3), 'linear')
     return img
 
-  return lookup
+
+def make_lookup(spec: DatabaseSpec, top_k_impl: str = 'xla') -> Lookup:
+  """The lookup of databases of this spec, its top-k run by `top_k_impl` (ops/top_k.py)."""
+  return Lookup(spec, top_k_impl)
 
 
 def patches_of(spec: DatabaseSpec, images: jax.Array) -> jax.Array:

@@ -1,4 +1,12 @@
-"""Builds the models named by a config; dispatches on config.backbone.name."""
+"""Builds the models named by a config; dispatches on config.backbone.name.
+
+Models run the kernel implementations `kernels(config)` names (config.kernels with 'auto'
+resolved for the default backend, ops/kernels.py); pass `kernels=` to build the same model
+on others (metrics/costs.py counts FLOPs on ops.kernels.XLA). Parameters never depend on it.
+"""
+from collections.abc import Mapping
+
+import jax
 import ml_collections
 from flax import linen as nn
 
@@ -7,34 +15,51 @@ from fiancee_jax.models import exits
 from fiancee_jax.models import oasis
 from fiancee_jax.models import predictor
 from fiancee_jax.models import reenact
+from fiancee_jax.ops import kernels as kernels_lib
 
 
-def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
+def kernels(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, str]:
+  """The concrete kernel implementations of config.kernels on `platform` (default: JAX's
+  default backend): {'conv': ..., 'top_k': ...}. ValueError names an unknown op or name."""
+  return kernels_lib.resolve(config.get('kernels'),
+                             jax.default_backend() if platform is None else platform)
+
+
+def _kernels(config, given: Mapping[str, str] | None) -> dict[str, str]:
+  return kernels(config) if given is None else kernels_lib.check_concrete(given)
+
+
+def make_generator(config: ml_collections.ConfigDict, *,
+                   kernels: Mapping[str, str] | None = None) -> nn.Module:
   """The staged backbone: OasisGenerator ('oasis') or ReenactGenerator ('reenact')."""
   b = config.backbone
   tasks.get_task(config)  # names the known backbones if b.name is unknown
+  conv_impl = _kernels(config, kernels)['conv']
   if b.name == 'reenact':
-    return reenact.make_generator(config)
+    return reenact.make_generator(config, conv_impl)
   return oasis.OasisGenerator(
       num_classes=config.data.num_classes, ch=b.ch, width_ratios=tuple(b.width_ratios),
-      spade_hidden=b.spade_hidden, z_dim=b.z_dim, spectral_norm=b.spectral_norm)
+      spade_hidden=b.spade_hidden, z_dim=b.z_dim, spectral_norm=b.spectral_norm,
+      conv_impl=conv_impl)
 
 
-def make_discriminator(config: ml_collections.ConfigDict) -> nn.Module:
+def make_discriminator(config: ml_collections.ConfigDict, *,
+                       kernels: Mapping[str, str] | None = None) -> nn.Module:
   """OASIS's U-Net discriminator, or the reenactment backbone's patch discriminator."""
   b = config.backbone
+  conv_impl = _kernels(config, kernels)['conv']
   if b.name == 'reenact':
-    return reenact.make_discriminator(config)
+    return reenact.make_discriminator(config, conv_impl)
   return oasis.OasisDiscriminator(
       num_classes=config.data.num_classes,
       widths=tuple(b.d_ch * r for r in b.d_width_ratios), out_width=b.d_ch,
-      spectral_norm=b.spectral_norm)
+      spectral_norm=b.spectral_norm, conv_impl=conv_impl)
 
 
 def database_spec(config: ml_collections.ConfigDict):
   """The DatabaseSpec the config's model expects."""
   from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
-  g = make_generator(config)
+  g = make_generator(config, kernels=kernels_lib.XLA)  # only its widths are read
   db = config.database
   if not 0 <= db.key_block < g.num_blocks:
     raise ValueError(f'config.database.key_block={db.key_block} is not a block index '
@@ -47,12 +72,14 @@ def database_spec(config: ml_collections.ConfigDict):
       top_k=db.top_k, temperature=db.temperature, chunk=db.chunk)
 
 
-def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool) -> exits.ExitModel:
+def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool,
+                    kernels: Mapping[str, str] | None = None) -> exits.ExitModel:
   """Backbone + exits as configured; `guided` selects the database-fed variant."""
   from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
-  lookup = database.make_lookup(database_spec(config)) if guided else None
+  k = _kernels(config, kernels)
+  lookup = database.make_lookup(database_spec(config), k['top_k']) if guided else None
   return exits.ExitModel(
-      backbone=make_generator(config), attach_after=tuple(config.exits.attach_after),
+      backbone=make_generator(config, kernels=k), attach_after=tuple(config.exits.attach_after),
       width_mult=config.exits.width_mult, guided=guided,
       key_block=config.database.key_block, lookup=lookup)
 

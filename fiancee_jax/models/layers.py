@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fiancee_jax.models import conv
+from fiancee_jax.ops import conv
 
 
 class SNConv(nn.Module):
@@ -13,12 +13,14 @@ class SNConv(nn.Module):
   [kh * kw * in, out]). Training runs one power-iteration step and stores `u` and
   `sigma` in the `batch_stats` collection (PyTorch `spectral_norm` keeps them as
   buffers, so they are not parameters); inference divides by the stored `sigma`.
+  `conv_impl` names the conv implementation (ops/conv.py).
   """
   features: int
   kernel_size: int = 3
   use_bias: bool = True
   spectral_norm: bool = True
   eps: float = 1e-12
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -46,7 +48,7 @@ class SNConv(nn.Module):
       else:
         sigma = sigma_var.value
       kernel = kernel / sigma
-    y = conv.conv2d_same(x, kernel)
+    y = conv.conv2d_same(x, kernel, self.conv_impl)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y

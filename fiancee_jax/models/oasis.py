@@ -3,7 +3,8 @@
 The generator exposes `conditioning`, `stem`, `block(i)` and `head` so that the path to
 any exit is a composition of pure functions (`Module.apply(..., method=...)`).
 Block i maps widths[i] -> widths[i + 1] and is followed by x2 nearest upsampling except
-for the last block; the stem works at resolution / 2**(K - 1).
+for the last block; the stem works at resolution / 2**(K - 1). Every module takes the conv
+implementation (ops/conv.py) as its `conv_impl` field; it changes no parameter.
 """
 import dataclasses
 from collections.abc import Sequence
@@ -13,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fiancee_jax.models import conv
 from fiancee_jax.models import layers
 from fiancee_jax.models import spade
+from fiancee_jax.ops import conv
 
 
 def block_widths(ch: int, width_ratios: Sequence[int]) -> tuple[int, ...]:
@@ -41,21 +42,25 @@ class LightSpadeBlock(nn.Module):
   spade_hidden: int
   upsample: bool
   spectral_norm: bool = True
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, h: jax.Array, seg: jax.Array, *, train: bool = False,
                momentum: float = 0.9) -> jax.Array:
     h = spade.SpadeResBlock(self.features, self.spade_hidden, self.spectral_norm,
-                            name='res')(h, seg, train=train, momentum=momentum)
+                            conv_impl=self.conv_impl, name='res')(
+                                h, seg, train=train, momentum=momentum)
     return layers.upsample2x(h) if self.upsample else h
 
 
 class ImageHead(nn.Module):
   """LeakyReLU(0.2) -> 3x3 conv to RGB -> tanh."""
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    return jnp.tanh(conv.Conv(3, name='conv_img')(nn.leaky_relu(h, 0.2)))
+    return jnp.tanh(conv.Conv(3, conv_impl=self.conv_impl, name='conv_img')(
+        nn.leaky_relu(h, 0.2)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +70,7 @@ class OasisLightFactory:
   spade_hidden: int
   spectral_norm: bool = True
   num_classes: int | None = None  # when set, light blocks see only the label channels
+  conv_impl: str = 'xla'
 
   @property
   def num_blocks(self) -> int:
@@ -86,10 +92,11 @@ class OasisLightFactory:
   def block(self, j: int, width_mult: float, name: str) -> nn.Module:
     return LightSpadeBlock(
         self.block_width(j, width_mult), max(1, round(self.spade_hidden * width_mult)),
-        upsample=j < self.num_blocks - 1, spectral_norm=self.spectral_norm, name=name)
+        upsample=j < self.num_blocks - 1, spectral_norm=self.spectral_norm,
+        conv_impl=self.conv_impl, name=name)
 
   def head(self, name: str) -> nn.Module:
-    return ImageHead(name=name)
+    return ImageHead(self.conv_impl, name=name)
 
 
 class OasisGenerator(nn.Module):
@@ -100,6 +107,7 @@ class OasisGenerator(nn.Module):
   spade_hidden: int
   z_dim: int
   spectral_norm: bool = True
+  conv_impl: str = 'xla'
 
   @property
   def num_blocks(self) -> int:
@@ -112,16 +120,17 @@ class OasisGenerator(nn.Module):
   @property
   def light_factory(self) -> OasisLightFactory:
     return OasisLightFactory(self.widths, self.spade_hidden, self.spectral_norm,
-                             self.num_classes)
+                             self.num_classes, self.conv_impl)
 
   def setup(self):
     widths = self.widths
-    self.fc = conv.Conv(widths[0])
+    self.fc = conv.Conv(widths[0], conv_impl=self.conv_impl)
     self.blocks = [
-        spade.SpadeResBlock(widths[i + 1], self.spade_hidden, self.spectral_norm)
+        spade.SpadeResBlock(widths[i + 1], self.spade_hidden, self.spectral_norm,
+                            conv_impl=self.conv_impl)
         for i in range(self.num_blocks)
     ]
-    self.conv_img = conv.Conv(3)
+    self.conv_img = conv.Conv(3, conv_impl=self.conv_impl)
 
   def conditioning(self, labels: jax.Array, z: jax.Array) -> jax.Array:
     """labels: int32 [B, H, W], z: float32 [B, z_dim] -> float32 [B, H, W, C + z_dim]."""
@@ -164,11 +173,12 @@ class DiscriminatorBlock(nn.Module):
   up_or_down: int
   first: bool = False
   spectral_norm: bool = True
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     fin, fout = x.shape[-1], self.features
-    sn = dict(spectral_norm=self.spectral_norm)
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
     # Shortcut.
     xs = x
     if self.first:
@@ -202,13 +212,14 @@ class OasisDiscriminator(nn.Module):
   widths: tuple[int, ...]  # encoder widths, e.g. 2 * ch * (1, 1, 2, 2, 4, 4)
   out_width: int  # width of the last decoder block (ch in OASIS)
   spectral_norm: bool = True
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, image: jax.Array, *, train: bool = False) -> jax.Array:
     """image: float32 [B, H, W, 3] -> logits [B, H, W, num_classes + 1]."""
     chex.assert_rank(image, 4)
     n = len(self.widths)
-    sn = dict(spectral_norm=self.spectral_norm)
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
     x, skips = image, []
     for i, w in enumerate(self.widths):
       x = DiscriminatorBlock(w, -1, first=(i == 0), name=f'down_{i}', **sn)(x, train=train)

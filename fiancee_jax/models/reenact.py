@@ -26,7 +26,8 @@ the source.
 
 Inference is deterministic and per-example: GroupNorm (no batch statistics) and spectral
 norm on the G2D and discriminator convs, whose sigmas are stored in `batch_stats` and only
-updated when `train=True`.
+updated when `train=True`. Those convs run through ops/conv.py with the implementation named
+by the modules' `conv_impl` field (it changes no parameter).
 """
 import dataclasses
 import math
@@ -37,7 +38,6 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from fiancee_jax.metrics import flops
 from fiancee_jax.models import layers
 
 
@@ -160,13 +160,14 @@ class ResBlock2D(nn.Module):
   features: int
   factor: int = 1  # nearest upsampling at the block input (1 = none)
   spectral_norm: bool = True
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array | None = None, *,
                train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin], skip: [B, H, W, S] or None -> [B, h f, w f, features], f = factor;
     (H, W) must be integer multiples of (h f, w f)."""
-    sn = dict(spectral_norm=self.spectral_norm)
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
     up = (lambda t: t) if self.factor == 1 else (
         lambda t: jnp.repeat(jnp.repeat(t, self.factor, 1), self.factor, 2))
     dx = up(nn.leaky_relu(_gn(x, 'norm_0'), 0.2))
@@ -202,8 +203,8 @@ class DownBlock2D(nn.Module):
 
 
 class Conv3x3x3(nn.Module):
-  """A 3x3x3 'SAME' conv computed as one 2-D conv: ~10x faster on XLA:CPU than nn.Conv's 3-D
-  convolution (forward and backward), with nn.Conv's parameters ('kernel' [3, 3, 3, Cin,
+  """A 3x3x3 'SAME' conv computed as one 2-D conv, which XLA:CPU runs far faster than nn.Conv's
+  3-D convolution (forward and backward), with nn.Conv's parameters ('kernel' [3, 3, 3, Cin,
   Cout], 'bias' [Cout]) and result.
 
   The depth neighbours d-1, d, d+1 are stacked into channels ([B, D, H, W, 3 Cin], zeros
@@ -339,6 +340,7 @@ class PatchDiscriminator(nn.Module):
   """Patch discriminator: (SNConv3x3-LReLU-avgpool) per width, then 3x3 convs to one logit."""
   widths: tuple[int, ...]
   spectral_norm: bool = True
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, image: jax.Array, *, train: bool = False) -> jax.Array:
@@ -346,7 +348,7 @@ class PatchDiscriminator(nn.Module):
     if image.ndim != 4 or image.shape[-1] != 3:
       raise ValueError(f'the discriminator takes images float32 [B, H, W, 3], got '
                        f'{image.shape}')
-    sn = dict(spectral_norm=self.spectral_norm)
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
     x = image
     for i, w in enumerate(self.widths):
       x = layers.avgpool2x(nn.leaky_relu(
@@ -368,6 +370,7 @@ class ReenactLightFactory:
   spectral_norm: bool = True
   source_skip: bool = False  # blocks see the source image (and a guide, if any)
   head_norm: bool = True  # GroupNorm in the image heads
+  conv_impl: str = 'xla'
 
   @property
   def num_blocks(self) -> int:
@@ -385,7 +388,7 @@ class ReenactLightFactory:
   def block(self, j: int, width_mult: float, name: str) -> nn.Module:
     """Light G2D block j: same upsampling as backbone block j, fewer channels."""
     return LightG2DBlock(self.block_width(j, width_mult), self.factors[j],
-                         self.spectral_norm, self.source_skip, name=name)
+                         self.spectral_norm, self.source_skip, self.conv_impl, name=name)
 
   def head(self, name: str) -> nn.Module:
     return ImageHead(self.head_norm, name=name)
@@ -402,6 +405,7 @@ class LightG2DBlock(nn.Module):
   factor: int
   spectral_norm: bool = True
   source_skip: bool = False
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, h: jax.Array, cond: jax.Array | None = None, *, train: bool = False,
@@ -409,8 +413,8 @@ class LightG2DBlock(nn.Module):
     """h: [B, h, w, C] -> [B, h f, w f, features]; cond: [B, H, W, S] or None."""
     del momentum  # there are no batch statistics
     skip = cond if self.source_skip else None
-    return ResBlock2D(self.features, self.factor, self.spectral_norm, name='res')(
-        h, skip, train=train)
+    return ResBlock2D(self.features, self.factor, self.spectral_norm, self.conv_impl,
+                      name='res')(h, skip, train=train)
 
 
 class ReenactGenerator(nn.Module):
@@ -439,6 +443,7 @@ class ReenactGenerator(nn.Module):
     warp_padding: what warps read outside the volume ('border' or 'zeros';
       `trilinear_sample`).
     head_norm: GroupNorm at the input of the image head (and of the exits' heads).
+    conv_impl: implementation of the G2D convs (ops/conv.py), light blocks included.
   """
   enc_widths: tuple[int, ...]
   volume_depth: int
@@ -459,6 +464,7 @@ class ReenactGenerator(nn.Module):
   source_skip: bool = False
   warp_padding: str = 'border'
   head_norm: bool = True
+  conv_impl: str = 'xla'
 
   @property
   def num_blocks(self) -> int:
@@ -476,7 +482,7 @@ class ReenactGenerator(nn.Module):
   @property
   def light_factory(self) -> ReenactLightFactory:
     return ReenactLightFactory(self.widths, self.block_factors, self.spectral_norm,
-                               self.source_skip, self.head_norm)
+                               self.source_skip, self.head_norm, self.conv_impl)
 
   def latent_size(self, resolution: Sequence[int]) -> tuple[int, int]:
     """(h, w) of the volume and of G2D's first blocks; ValueError if they do not fit."""
@@ -504,7 +510,8 @@ class ReenactGenerator(nn.Module):
     self.g3d = [ResBlock3D() for _ in range(self.g3d_blocks)]
     self.g2d_in = nn.Conv(self.g2d_width, (1, 1))
     self.g2d_blocks = [ResBlock2D(self.widths[i + 1], self.block_factors[i],
-                                  self.spectral_norm) for i in range(self.num_blocks)]
+                                  self.spectral_norm, self.conv_impl)
+                       for i in range(self.num_blocks)]
     self.g2d_head = ImageHead(self.head_norm)
 
   # -- Staged interface (what fiancee_jax.models.exits uses). --
@@ -606,11 +613,13 @@ class ReenactGenerator(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# From a config (the lead's factory.make_generator can dispatch here on backbone.name).
+# From a config (models/factory.py dispatches here on backbone.name).
 
 
-def make_generator(config: ml_collections.ConfigDict) -> ReenactGenerator:
-  """The ReenactGenerator of config.backbone (name 'reenact')."""
+def make_generator(config: ml_collections.ConfigDict,
+                   conv_impl: str = 'xla') -> ReenactGenerator:
+  """The ReenactGenerator of config.backbone (name 'reenact'), its convs run by `conv_impl`
+  (ops/conv.py; models/factory.py passes the one config.kernels names)."""
   b = config.backbone
   if b.name != 'reenact':
     raise ValueError(f"config.backbone.name={b.name!r} is not the reenactment backbone "
@@ -625,38 +634,10 @@ def make_generator(config: ml_collections.ConfigDict) -> ReenactGenerator:
       up_factors=tuple(b.up_factors), spectral_norm=b.spectral_norm,
       # Keys that configs may leave out.
       source_skip=b.get('source_skip', False), warp_padding=b.get('warp_padding', 'border'),
-      head_norm=b.get('head_norm', True))
+      head_norm=b.get('head_norm', True), conv_impl=conv_impl)
 
 
-def make_discriminator(config: ml_collections.ConfigDict) -> PatchDiscriminator:
+def make_discriminator(config: ml_collections.ConfigDict,
+                       conv_impl: str = 'xla') -> PatchDiscriminator:
   b = config.backbone
-  return PatchDiscriminator(tuple(b.d_widths), b.spectral_norm)
-
-
-def _abstract_images(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
-  h, w = config.data.resolution
-  return jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-
-
-def g2d_param_count(params: dict) -> int:
-  """Parameters of G2D (1x1 reduction, blocks, head) in generator params."""
-  return sum(flops.param_count(v) for k, v in params.items() if k.startswith('g2d'))
-
-
-def reenact_stats(config: ml_collections.ConfigDict) -> dict:
-  """Costs of the reenactment generator at batch 1, from XLA's cost analysis.
-
-  Returns:
-    {'params': int, 'gflops': float, 'g2d_params': int, 'g2d_gflops': float}: the whole
-    generator (source, driver -> image) and G2D alone (projected volume -> image, the part
-    exits replace). Multiply-add = 2 FLOPs.
-  """
-  g = make_generator(config)
-  img = _abstract_images(config)
-  variables = jax.eval_shape(g.init, jax.random.key(0), img, img)
-  gf = flops.gflops(lambda v, s, d: g.apply(v, s, d), variables, img, img)
-  h, w = g.latent_size(config.data.resolution)
-  feats = jax.ShapeDtypeStruct((1, h, w, g.volume_depth * g.volume_channels), jnp.float32)
-  g2d_gf = flops.gflops(lambda v, f, s: g.apply(v, f, s, method='g2d'), variables, feats, img)
-  return {'params': flops.param_count(variables['params']), 'gflops': gf,
-          'g2d_params': g2d_param_count(variables['params']), 'g2d_gflops': g2d_gf}
+  return PatchDiscriminator(tuple(b.d_widths), b.spectral_norm, conv_impl)

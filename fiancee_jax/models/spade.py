@@ -4,9 +4,9 @@ The convolutions that read the same tensor run as one convolution: the three SPA
 convs of a residual block (they all read the label map at the block's resolution) and each
 SPADE's gamma and beta convs (they read the same hidden activation). The parameters keep
 nn.Conv's layout, names and initialisation, so checkpoints are unchanged; only the
-number of (small, badly vectorised) conv calls drops. On XLA:CPU a 3x3 conv with 4 output
-channels runs at ~10 GFLOP/s and one with 16 at ~100, so the light blocks of the exits gain
-most.
+number of (small, badly vectorised) conv calls drops. XLA:CPU runs 3x3 convs with few output
+channels far below the speed of wider ones, so the thin light blocks of the exits gain most.
+Every conv runs through ops/conv.py with the implementation named by `conv_impl`.
 """
 from collections.abc import Sequence
 
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fiancee_jax.models import conv
 from fiancee_jax.models import layers
+from fiancee_jax.ops import conv
 
 
 class ParamFreeBatchNorm(nn.Module):
@@ -59,18 +59,20 @@ class ConvParams(nn.Module):
     return kernel, bias
 
 
-def fused_conv(x: jax.Array, convs: Sequence[tuple[jax.Array, jax.Array]]) -> list[jax.Array]:
+def fused_conv(x: jax.Array, convs: Sequence[tuple[jax.Array, jax.Array]],
+               conv_impl: str = 'xla') -> list[jax.Array]:
   """Runs 'SAME' stride-1 convs that share their input as one conv.
 
   Args:
     x: [B, H, W, C].
     convs: (kernel [kh, kw, C, F_i], bias [F_i]) per conv.
+    conv_impl: the conv implementation (ops/conv.py).
   Returns:
     [B, H, W, F_i] per conv, in order.
   """
   kernel = jnp.concatenate([k for k, _ in convs], axis=-1)
   bias = jnp.concatenate([b for _, b in convs])
-  y = conv.conv2d_same(x, kernel) + bias
+  y = conv.conv2d_same(x, kernel, conv_impl) + bias
   return jnp.split(y, np.cumsum([b.shape[0] for _, b in convs])[:-1].tolist(), axis=-1)
 
 
@@ -82,6 +84,7 @@ class SPADE(nn.Module):
   """
   hidden: int
   features: int  # channels of the normalised input x
+  conv_impl: str = 'xla'
 
   def setup(self):
     self.norm = ParamFreeBatchNorm()
@@ -98,7 +101,7 @@ class SPADE(nn.Module):
     """x: [B, h, w, features]; actv: [B, h, w, hidden] -> [B, h, w, features]."""
     normalized = self.norm(x, train=train, momentum=momentum)
     h = actv.shape[-1]
-    gamma, beta = fused_conv(actv, [self.gamma(h), self.beta(h)])
+    gamma, beta = fused_conv(actv, [self.gamma(h), self.beta(h)], self.conv_impl)
     return normalized * (1 + gamma) + beta
 
 
@@ -107,6 +110,7 @@ class SpadeResBlock(nn.Module):
   features: int
   spade_hidden: int
   spectral_norm: bool = True
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, seg: jax.Array, *, train: bool,
@@ -115,24 +119,26 @@ class SpadeResBlock(nn.Module):
     fin, fout = x.shape[-1], self.features
     fmid = min(fin, fout)
     kw = dict(train=train, momentum=momentum)
+    impl = dict(conv_impl=self.conv_impl)
     norms = {}
     if fin != fout:
-      norms['s'] = SPADE(self.spade_hidden, fin, name='norm_s')
-    norms['0'] = SPADE(self.spade_hidden, fin, name='norm_0')
-    norms['1'] = SPADE(self.spade_hidden, fmid, name='norm_1')
+      norms['s'] = SPADE(self.spade_hidden, fin, name='norm_s', **impl)
+    norms['0'] = SPADE(self.spade_hidden, fin, name='norm_0', **impl)
+    norms['1'] = SPADE(self.spade_hidden, fmid, name='norm_1', **impl)
     seg = layers.resize_nearest(seg, x.shape[1:3])
-    actv = fused_conv(seg, [n.hidden_params(seg.shape[-1]) for n in norms.values()])
+    actv = fused_conv(seg, [n.hidden_params(seg.shape[-1]) for n in norms.values()],
+                      self.conv_impl)
     actv = dict(zip(norms, (nn.relu(a) for a in actv)))
     if fin != fout:
       xs = norms['s'](x, actv['s'], **kw)
       xs = layers.SNConv(fout, 1, use_bias=False, spectral_norm=self.spectral_norm,
-                         name='conv_s')(xs, train=train)
+                         name='conv_s', **impl)(xs, train=train)
     else:
       xs = x
     dx = norms['0'](x, actv['0'], **kw)
-    dx = layers.SNConv(fmid, spectral_norm=self.spectral_norm, name='conv_0')(
+    dx = layers.SNConv(fmid, spectral_norm=self.spectral_norm, name='conv_0', **impl)(
         nn.leaky_relu(dx, 0.2), train=train)
     dx = norms['1'](dx, actv['1'], **kw)
-    dx = layers.SNConv(fout, spectral_norm=self.spectral_norm, name='conv_1')(
+    dx = layers.SNConv(fout, spectral_norm=self.spectral_norm, name='conv_1', **impl)(
         nn.leaky_relu(dx, 0.2), train=train)
     return xs + dx

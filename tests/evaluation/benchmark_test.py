@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from fiancee_jax.evaluation import bench_markdown
 from fiancee_jax.evaluation import benchmark
 from tests.routing.router_test import bucketed, switch, tiny_labels, tiny_model
 
@@ -40,7 +41,7 @@ def bench():
 def test_bench_has_every_key_with_finite_values(bench):
   for key in ('hardware', 'device', 'protocol', 'batch_size', 'resolution', 'matmul_gflops_per_s',
               'predictor', 'exits', 'exit_parts', 'backbone', 'routing', 'switch', 'vmap_switch',
-              'cpu_lowerings', 'router_compiles'):
+              'kernels', 'router_compiles'):
     assert key in bench, key
   for path, value in _finite_numbers(bench):
     assert math.isfinite(value), path
@@ -103,17 +104,54 @@ def test_bench_counts_and_ratios(bench):
                                                                  rel=0.05)
   prefix = [x['parts'][0]['gflops'] for x in parts]
   assert prefix == sorted(prefix)  # later exits run more of the backbone
-  # On the CPU: every exit with and without the CPU lowerings, interleaved.
-  low = bench['cpu_lowerings']
-  assert [r['exit'] for r in low] == list(range(e))
-  for r, ex in zip(low, bench['exits']):
-    assert r['rounds'] == 3 and r['speedup_ci95'][0] <= r['speedup'] <= r['speedup_ci95'][1]
-    assert r['gflops'] == pytest.approx(ex['cost_batch']['gflops'])  # the benchmarked form
-    assert r['xla_gflops'] > 0 and r['gflops'] >= 0.99 * r['xla_gflops']
-    for pre in ('xla_', ''):
+  # The kernels every figure ran with are the model's own (config.kernels, resolved).
+  assert bench['kernels']['model'] == benchmark.model_kernels(m)
+  assert bench['kernels']['reference'] == {'conv': 'xla', 'top_k': None}  # unguided: no top-k
+
+
+def _check_ab(ab, num_exits, rounds):
+  assert [r['exit'] for r in ab] == list(range(num_exits))
+  for r in ab:
+    assert r['rounds'] == rounds and r['speedup_ci95'][0] <= r['speedup'] <= r['speedup_ci95'][1]
+    assert r['reference_gflops'] > 0 and r['gflops'] > 0
+    for pre in ('reference_', ''):
       assert r[f'{pre}efficiency'] == pytest.approx(
-          (r[f'{pre}gflops'] / low[-1][f'{pre}gflops']) / (r[f'{pre}ms'] / low[-1][f'{pre}ms']))
-  assert low[-1]['efficiency'] == pytest.approx(1.0)
+          (r[f'{pre}gflops'] / ab[-1][f'{pre}gflops']) / (r[f'{pre}ms'] / ab[-1][f'{pre}ms']))
+  assert ab[-1]['efficiency'] == pytest.approx(1.0)
+
+
+@pytest.mark.cpu_only
+def test_bench_times_the_auto_kernels_against_plain_xla(bench, tmp_path):
+  # On the CPU 'auto' resolves to other kernels than XLA: the benchmark times both.
+  assert bench['kernels']['model']['conv'] == 'toeplitz_even'
+  _check_ab(bench['kernels']['ab'], len(bench['exits']), rounds=3)
+  for r, ex in zip(bench['kernels']['ab'], bench['exits']):
+    assert r['gflops'] == pytest.approx(ex['cost_batch']['gflops'])  # the benchmarked form
+  _, md_path = benchmark.write_bench(bench, str(tmp_path))
+  md = open(md_path).read()
+  assert 'Against conv xla' in md and 'efficiency vs backbone' in md
+
+
+def test_kernel_ab_builds_a_second_model_on_other_kernels():
+  # Explicit kernels: the same on every backend.
+  fast = benchmark.with_kernels(tiny_model(), {'conv': 'toeplitz_even', 'top_k': 'two_stage'})
+  plain = benchmark.with_kernels(fast, {'conv': 'xla', 'top_k': 'xla'})
+  assert benchmark.model_kernels(fast) == {'conv': 'toeplitz_even', 'top_k': None}
+  assert benchmark.model_kernels(plain) == {'conv': 'xla', 'top_k': None}
+  assert plain.params is fast.params and plain.exit_model.attach_after == (1, 2)
+  inputs = jax.device_put(fast.make_inputs(tiny_labels(BATCH), jax.random.key(0)))
+  out = benchmark.kernel_ab(fast, inputs, warmup=1, rounds=2)
+  assert out['model'] == benchmark.model_kernels(fast)
+  assert out['reference'] == benchmark.model_kernels(plain)
+  _check_ab(out['ab'], fast.num_exits, rounds=2)
+  # The Toeplitz stem (2x2 map, batch 4) multiplies the MACs XLA counts for the conv.
+  assert [r['gflops'] for r in out['ab']] == pytest.approx(
+      [r['reference_gflops'] for r in out['ab']], rel=0.05)
+  # Nothing to compare: the model already runs the reference kernels, or no rounds.
+  assert benchmark.kernel_ab(plain, inputs, warmup=1, rounds=2)['ab'] == []
+  assert benchmark.kernel_ab(fast, inputs, warmup=1, rounds=0)['ab'] == []
+  with pytest.raises(ValueError, match='exactly the ops'):
+    benchmark.with_kernels(fast, {'conv': 'xla'})
 
 
 def test_write_bench(bench, tmp_path):
@@ -127,16 +165,16 @@ def test_write_bench(bench, tmp_path):
     assert heading in md
   assert md.count('\n| ') >= 2 * tiny_model().num_exits
   assert "Where each exit's time goes" in md and 'interleaved over 3 rounds' in md
-  assert '## CPU lowerings' in md
-  # A bench.json written before interleaved timing, the parts and the lowerings still
+  assert '## Kernels' in md and f"conv {bench['kernels']['model']['conv']}" in md
+  # A bench.json written before interleaved timing, the parts and the kernels still
   # renders, and says so.
   old = copy.deepcopy(bench)
-  del old['protocol']['switch_rounds'], old['exit_parts'], old['cpu_lowerings']
+  del old['protocol']['switch_rounds'], old['exit_parts'], old['kernels']
   for s in old['switch']['per_exit']:
     del s['overhead_ratio_ci95']
-  md = benchmark.render_markdown(old)
+  md = bench_markdown.render_markdown(old)
   assert 'separate loops of 2 calls' in md and "Where each exit's time goes" not in md
-  assert '## CPU lowerings' not in md
+  assert '## Kernels' not in md
 
 
 def test_run_benchmark_validates_before_compiling():

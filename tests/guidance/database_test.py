@@ -5,7 +5,6 @@ import pytest
 
 from fiancee_jax import checkpoint
 from fiancee_jax.guidance import database
-from fiancee_jax.models import conv
 
 
 def _spec(**kw):
@@ -100,22 +99,13 @@ def test_bad_spec_is_refused():
                  np.zeros((10, 48), np.float32), jax.random.key(0))
 
 
-@pytest.mark.parametrize('n,k', [(2048, 4), (1000, 4), (257, 1), (300, 3), (64, 4)])
-def test_exact_top_k_equals_lax_top_k_with_ties(n, k):
-  # Coarse values make many ties, and 1000 / 257 / 300 are not multiples of the group size.
-  s = jnp.round(jax.random.normal(jax.random.key(n), (37, n)) * 4) / 4
-  s = s.at[0].set(0.0)  # a row of ties only
-  s = s.at[1, -1].set(100.0)  # the best in the padded last group
-  values, idx = jax.jit(database.exact_top_k, static_argnums=1)(s, k)
-  ref_v, ref_i = jax.lax.top_k(s, k)
-  np.testing.assert_array_equal(values, ref_v)
-  np.testing.assert_array_equal(idx, ref_i)
-  assert idx.dtype == jnp.int32
-
-
-def test_exact_top_k_is_lax_top_k_when_cpu_lowerings_are_off():
-  s = jax.random.normal(jax.random.key(0), (8, 2048))
-  count = lambda: str(jax.make_jaxpr(lambda s: database.exact_top_k(s, 4))(s)).count('top_k')
-  assert count() == 2  # the two stages
-  with conv.cpu_lowerings(False):
-    assert count() == 1
+def test_lookup_returns_the_same_guide_on_every_top_k_implementation():
+  # 256 entries in chunks of 128: the two-stage top-k groups them (128 >= 4 * 2 * 16).
+  spec = _spec(num_entries=256, top_k=2, chunk=128)
+  db, _, _ = _fit(spec, m=512)
+  feats = jax.random.normal(jax.random.key(3), (2, 8, 8, 8))
+  a = jax.jit(database.make_lookup(spec, 'xla'), static_argnums=2)(db, feats, (16, 16))
+  b = jax.jit(database.make_lookup(spec, 'two_stage'), static_argnums=2)(db, feats, (16, 16))
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match=r'config\.kernels\.top_k'):
+    database.make_lookup(spec, 'approx')

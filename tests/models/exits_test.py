@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 
 from configs import landscapes
-from fiancee_jax import stats
 from fiancee_jax.guidance import database
-from fiancee_jax.metrics import flops
-from fiancee_jax.models import conv
+from fiancee_jax.metrics import costs
 from fiancee_jax.models import exits
 from fiancee_jax.models import factory
 
@@ -48,49 +46,10 @@ def test_guidance_changes_the_exit_output(setup):
     model.branch_outputs(params['exits'], outs, cond, None)
 
 
-def test_exit_costs_increase_and_stay_below_backbone():
-  config = landscapes.get_config('tiny')
-  costs = stats.exit_stats(config)
-  g = [c['gflops'] for c in costs]
-  assert all(a < b for a, b in zip(g, g[1:])), g
-  assert costs[-1]['gflops'] == pytest.approx(stats.backbone_stats(config)['gflops'])
-  assert [c['attach_after'] for c in costs] == [1, 2, 3]
-
-
-def test_reported_costs_count_every_chunk_of_the_lookup():
-  # The tiny database (64 entries, chunks of 32) is scanned in two chunks; XLA counts a loop
-  # body once, so the costs are counted on the unchunked lookup (the same arithmetic).
-  config = landscapes.get_config('tiny')
-  assert config.database.chunk < config.database.num_entries
-  one = config.copy_and_resolve_references()
-  with one.unlocked():
-    one.database.chunk = config.database.num_entries
-  assert stats.lookup_gflops(config) == pytest.approx(stats.lookup_gflops(one))
-  assert [c['gflops'] for c in stats.exit_stats(config)] == pytest.approx(
-      [c['gflops'] for c in stats.exit_stats(one)])
-  # The loop really is undercounted: one chunk's worth of key scores, not two.
-  spec = factory.database_spec(config)
-  q = jnp.zeros((256, spec.key_dim))
-  db = {'keys': jnp.zeros((spec.num_entries, spec.key_dim))}
-  chunked = flops.gflops(lambda d, q: database._top_k(spec, d, q), db, q)  # pylint: disable=protected-access
-  whole = flops.gflops(lambda d, q: database._top_k(factory.database_spec(one), d, q), db, q)  # pylint: disable=protected-access
-  assert chunked < 0.75 * whole
-
-
-def test_exit_stats_are_kept_per_cpu_lowering_state():
-  # The tiny guided exits read 12 label + 3 guide channels: the lowerings pad them to 16.
-  config = landscapes.get_config('tiny')
-  on = [c['gflops'] for c in stats.exit_stats(config)]
-  with conv.cpu_lowerings(False):
-    off = [c['gflops'] for c in stats.exit_stats(config)]
-  assert on[0] > off[0]
-  assert [c['gflops'] for c in stats.exit_stats(config)] == on
-
-
 def test_default_config_exits_span_the_compute_range():
   # Issue 3 target: earliest exit <= 35 % and latest <= 70 % of the backbone (lookup incl.).
   config = landscapes.get_config()
-  s = stats.compute_stats(config)
+  s = costs.compute_stats(config)
   frac = [e['gflops'] / s['backbone']['gflops'] for e in s['exits'][:-1]]
   assert frac[0] <= 0.35 and frac[-1] <= 0.70, frac
   assert s['database']['lookup_gflops'] <= 0.03 * s['backbone']['gflops']

@@ -5,7 +5,7 @@ import pytest
 
 from configs import landscapes
 from configs import oasis_ade20k
-from fiancee_jax import stats
+from fiancee_jax.metrics import costs
 from fiancee_jax.models import factory
 from fiancee_jax.models import layers
 from fiancee_jax.models import oasis
@@ -21,7 +21,7 @@ def _init(config, batch=2):
 
 
 def test_ade20k_generator_matches_official_size_and_compute():
-  s = stats.compute_stats(oasis_ade20k.get_config())['backbone']
+  s = costs.backbone_stats(oasis_ade20k.get_config())
   assert abs(s['params'] - 74.31e6) / 74.31e6 < 0.01
   assert abs(s['gflops'] - 388.8) / 388.8 < 0.03
 
@@ -32,7 +32,7 @@ def test_small_generator_matches_design_numbers():
   with config.unlocked():
     config.data.num_classes = 151
     config.backbone.update(ch=16, spade_hidden=32)
-  s = stats.backbone_stats(config)
+  s = costs.backbone_stats(config)
   assert abs(s['params'] - 5.76e6) / 5.76e6 < 0.01
   assert abs(s['gflops'] - 3.04) / 3.04 < 0.05
 

@@ -5,7 +5,7 @@ import pytest
 
 from configs import avatars
 from configs import landscapes
-from fiancee_jax import stats
+from fiancee_jax.metrics import costs
 from fiancee_jax.models import factory
 from fiancee_jax.training import predictor as predictor_training
 
@@ -61,12 +61,12 @@ def test_pair_predictor_for_reenactment():
 
 def test_default_predictor_stays_within_two_percent_of_the_backbone():
   config = landscapes.get_config()
-  cost = stats.predictor_stats(config)['gflops']
-  assert cost < 0.02 * stats.backbone_stats(config)['gflops']
+  cost = costs.predictor_stats(config)['gflops']
+  assert cost < 0.02 * costs.backbone_stats(config)['gflops']
   one = config.copy_and_resolve_references()
   with one.unlocked():
     one.predictor.members = 1
-  single = stats.predictor_stats(one)['gflops']
+  single = costs.predictor_stats(one)['gflops']
   members = config.predictor.members
   # One trunk per member; the input features are computed once and shared.
   assert members - 0.5 < cost / single < members

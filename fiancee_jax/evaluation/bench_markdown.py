@@ -1,0 +1,134 @@
+"""bench.json (evaluation/benchmark.py) rendered as markdown tables: `render_markdown`."""
+from collections.abc import Sequence
+from typing import Any
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+  if isinstance(x, float):
+    return f'{x:.{nd}g}' if abs(x) < 1e3 else f'{x:.0f}'
+  return str(x)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(_fmt(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+  return '-' if ci is None else f'{ci[0]:.3f} - {ci[1]:.3f}'
+
+
+def _switch_protocol(bench: dict[str, Any]) -> str:
+  rounds = bench['protocol'].get('switch_rounds')
+  if rounds is None:  # bench.json from before interleaved timing
+    return (f"Switch and direct timed in separate loops of {bench['protocol']['iters']} calls; "
+            'ratio of their medians.')
+  return (f'Each pair timed interleaved over {rounds} rounds; ratio: median of the per-round '
+          'ratios, with its 95 % interval.')
+
+
+def _parts_markdown(bench: dict[str, Any]) -> list[str]:
+  if not bench.get('exit_parts'):  # not measured, or written before the breakdown existed
+    return []
+  rows = [[x['exit'], p['part'], p['ms'], p['gflops'], p['gflop_per_s']]
+          for x in bench['exit_parts'] for p in x['parts']]
+  return [f"### Where each exit's time goes (batch {bench['batch_size']}, each part timed alone)",
+          '', _table(['exit', 'part', 'ms', 'XLA GFLOPs', 'GFLOP/s'], rows), '',
+          'Exits run at fewer GFLOP/s than the backbone where their thin branches dominate: '
+          'that, not routing, is the gap between the FLOPs-predicted and measured speedups.',
+          '']
+
+
+def _kernels_markdown(bench: dict[str, Any]) -> list[str]:
+  kernels = bench.get('kernels')
+  if not kernels:  # written before kernels were recorded
+    return []
+  used = ', '.join(f'{op} {impl}' for op, impl in kernels['model'].items() if impl)
+  out = ["## Kernels (ops/kernels.py)", '',
+         f'Every figure above ran on: {used or "-"}.', '']
+  rows = kernels['ab']
+  if not rows:  # the model runs the reference kernels, or the A/B was not measured
+    return out
+  ref = ', '.join(f'{op} {impl}' for op, impl in kernels['reference'].items() if impl)
+  return out + [
+      f"Against {ref} (batch {bench['batch_size']}):", '',
+      _table(['exit', 'reference ms', 'ms', 'speedup', '95 % interval', 'reference GFLOPs',
+              'GFLOPs', 'efficiency vs backbone (reference / model)'],
+             [[r['exit'], r['reference_ms'], r['ms'], r['speedup'],
+               _interval(r['speedup_ci95']), r['reference_gflops'], r['gflops'],
+               f"{r['reference_efficiency']:.2f} / {r['efficiency']:.2f}"] for r in rows]), '',
+      f"Each exit path built on both kernel sets and timed interleaved over "
+      f"{rows[0]['rounds']} rounds; efficiency: the exit's GFLOP/s over the backbone's on the "
+      'same kernels (the measured over the FLOPs-predicted speedup of sending every sample '
+      'to it).', '']
+
+
+def render_markdown(bench: dict[str, Any]) -> str:
+  """bench.json as markdown tables."""
+  b = bench['batch_size']
+  parts = [
+      '# Benchmark',
+      '',
+      f"Hardware: {bench['hardware']}; jax {bench['device']['jax']}, jaxlib "
+      f"{bench['device']['jaxlib']}, flax {bench['device']['flax']}. Matmul "
+      f"({bench['matmul_n']}^2, float32): {_fmt(bench['matmul_gflops_per_s'])} GFLOP/s. "
+      f"Resolution {bench['resolution'][0]}x{bench['resolution'][1]}; "
+      f"{bench['protocol']['iters']} timed calls after {bench['protocol']['warmup']} warm-up "
+      'calls; median (p90) in ms.',
+      '',
+      '## Exits',
+      '',
+      _table(['exit', 'attach after', 'GFLOPs', 'batch 1 ms', f'batch {b} ms', 'images/s'],
+             [[x['exit'], 'backbone' if x['is_backbone'] else x['attach_after'], x['gflops'],
+               f"{_fmt(x['batch1']['median_ms'])} ({_fmt(x['batch1']['p90_ms'])})",
+               f"{_fmt(x['batch']['median_ms'])} ({_fmt(x['batch']['p90_ms'])})",
+               x['images_per_s']] for x in bench['exits']]),
+      '',
+      *_parts_markdown(bench),
+      f"Predictor: {_fmt(bench['predictor']['gflops'])} GFLOPs, batch 1 "
+      f"{_fmt(bench['predictor']['batch1']['median_ms'])} ms, batch {b} "
+      f"{_fmt(bench['predictor']['batch']['median_ms'])} ms.",
+      '',
+      f'## Routing (batch {b}, end to end)',
+      '',
+      _table(['threshold', 'images/s', 'backbone images/s', 'measured speedup',
+              'FLOPs speedup', 'latency-model speedup', 'saved', 'exit histogram'],
+             [[r['threshold'], r['images_per_s'], r['backbone_images_per_s'],
+               r['measured_speedup'], r['flops_speedup'], r.get('latency_speedup', '-'),
+               r['saved_fraction'], ' / '.join(map(str, r['exit_histogram']))]
+              for r in bench['routing']]),
+      '',
+      'FLOPs speedup: backbone GFLOPs / mean routed GFLOPs. Latency-model speedup: backbone '
+      'time / (predictor + every exit call of the routed batch, each executable timed alone); '
+      'measured below it is router overhead, FLOPs above it is exits running at fewer '
+      'GFLOP/s than the backbone.',
+      '',
+      '## lax.switch at batch 1',
+      '',
+      _switch_protocol(bench),
+      '',
+      _table(['exit', 'switch ms', 'direct ms', 'overhead ratio', '95 % interval'],
+             [[s['exit'], s['switch_ms'], s['direct_ms'], s['overhead_ratio'],
+               _interval(s.get('overhead_ratio_ci95'))]
+              for s in bench['switch']['per_exit']]),
+      '',
+      _table(['threshold', 'exit', 'routed ms (predictor + switch)', 'direct ms', 'ratio',
+              '95 % interval'],
+             [[s['threshold'], s['exit'], s['routed_ms'], s['direct_ms'], s['ratio'],
+               _interval(s.get('ratio_ci95'))]
+              for s in bench['switch']['routed']]),
+      '',
+      f'## Counter-example: vmap of a per-sample switch (batch {b})',
+      '',
+      _table(['variant', 'ms', 'XLA GFLOPs'],
+             [['vmap(switch)', bench['vmap_switch']['ms'], bench['vmap_switch']['gflops']],
+              ['backbone', bench['vmap_switch']['backbone_ms'],
+               bench['vmap_switch']['backbone_gflops']]]),
+      '',
+      f"vmap(switch) / backbone time: {_fmt(bench['vmap_switch']['ratio_to_backbone'])}; "
+      'every exit runs for every sample.',
+      '',
+      *_kernels_markdown(bench),
+  ]
+  return '\n'.join(parts)

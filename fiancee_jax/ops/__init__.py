@@ -1,0 +1,1 @@
+"""Backend kernels (conv, top-k), each in implementations chosen by `config.kernels`."""
