@@ -142,10 +142,15 @@ def compute_stats(config: ml_collections.ConfigDict) -> dict:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required')
-  print(json.dumps(compute_stats(_CONFIG.value), indent=2))
+  try:
+    stats = compute_stats(_CONFIG.value)
+  except config_checks.ConfigError as e:
+    raise SystemExit(f'FATAL: {e}') from None
+  print(json.dumps(stats, indent=2))
 
 
 if __name__ == '__main__':
