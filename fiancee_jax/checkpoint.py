@@ -490,12 +490,20 @@ class Checkpointer:
 
   def _refusal(self, step: int, damage: Exception) -> CheckpointError:
     """The error for a damaged step: what is wrong, and the two ways on."""
-    older = [s for s in self.all_steps() if s < step]
-    then = (f'the stage then resumes from step {older[-1]}' if older else
-            'it is the only step, so the stage then starts from scratch')
+    doomed = [step]
+    intact = None
+    for older in reversed([s for s in self.all_steps() if s < step]):
+      if self._is_intact(older, checksums=True):
+        intact = older
+        break
+      doomed.append(older)
+    then = (f'the stage then resumes from step {intact}' if intact is not None else
+            'no intact step is left, so the stage then starts from scratch')
+    also = (f' and the damaged older steps {", ".join(self._where(s) for s in doomed[1:])}'
+            if len(doomed) > 1 else '')
     return CheckpointError(
         f'{damage}. Refusing to resume from an older step or from scratch silently. Either '
-        f'delete {self._where(step)} and rerun ({then}), or rerun with '
+        f'delete {self._where(step)}{also} and rerun ({then}), or rerun with '
         '--config.checkpoint.allow_restart=True to fall back past damaged steps (to scratch '
         'if none is intact).')
 

@@ -234,7 +234,10 @@ def test_every_step_damaged(tmp_path, caplog):
   _corrupt(os.path.join(directory, '1'), 'truncate')
   _corrupt(os.path.join(directory, '2'), 'truncate')
   with checkpoint.Checkpointer(directory) as ckpt:
-    with pytest.raises(checkpoint.CheckpointError, match=f'delete {directory}/2 .*from step 1'):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f'delete {directory}/2 and the damaged older steps {directory}/1 '
+                             r'and rerun \(no intact step is left, so the stage then starts '
+                             'from scratch'):
       ckpt.restore({'x': jnp.ones(16)})
   with checkpoint.Checkpointer(directory, allow_restart=True) as ckpt:
     with caplog.at_level(logging.WARNING):
@@ -252,7 +255,7 @@ def test_only_step_damaged_says_scratch(tmp_path):
   _corrupt(os.path.join(directory, '4'), 'garbage')
   with checkpoint.Checkpointer(directory) as ckpt:
     with pytest.raises(checkpoint.CheckpointError,
-                       match='only step, so the stage then starts from scratch'):
+                       match='no intact step is left, so the stage then starts from scratch'):
       ckpt.restore({'x': jnp.ones(16)})
 
 
