@@ -153,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # lowering_rounds: each exit on config.kernels against 'xla' kernels (0 = not measured).
   config.benchmark = dict(batch_size=64, warmup=2, iters=5, switch_rounds=100,
                           exit_parts=True, lowering_rounds=10)
+  # A damaged checkpoint (truncated, overwritten, no file list) stops its stage with a message
+  # naming the step; True falls back past damaged steps instead (to scratch if none is left).
+  config.checkpoint = dict(allow_restart=False)
   config.lock()
 
   if arg == 'tiny':

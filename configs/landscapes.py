@@ -133,6 +133,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # kernels (0 = not measured; nothing to compare where they resolve to 'xla').
   config.benchmark = dict(batch_size=64, warmup=3, iters=10, switch_rounds=200,
                           exit_parts=True, lowering_rounds=20)
+  # A damaged checkpoint (truncated, overwritten, no file list) stops its stage with a message
+  # naming the step; True falls back past damaged steps instead (to scratch if none is left).
+  config.checkpoint = dict(allow_restart=False)
   config.lock()
 
   if arg == 'tiny':

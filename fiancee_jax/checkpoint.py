@@ -4,21 +4,26 @@ Two entry points:
 
 - `Checkpointer`: a directory of numbered steps (`DIR/100`, `DIR/200`, ...) for resumable
   training. Every step holds the state pytree, a JSON metadata dict (data position, config hash,
-  ...) and a small layout record, all written by one orbax `CheckpointManager` save.
+  ...) and a small layout record.
 - `save_pytree` / `load_pytree`: one directory holding one pytree + metadata (e.g. the guiding
   database), replaced atomically.
 
 Guarantees, and how they are kept:
 
-- Atomic, synchronous saves. Orbax writes a step into `STEP.orbax-checkpoint-tmp-*` and renames
-  it to `STEP` when complete; step listings ignore the tmp names. Async checkpointing is off, so
-  when `save()` returns the step is finalised and a SIGKILL cannot damage it.
-- Integrity. After a step is finalised we add `_FILES.json`, the size and CRC-32 of every file
-  in it. A step is *valid* when every listed file exists with that size (checked by
-  `latest_step()`, which only stats files) and that checksum (checked by `restore()`, which reads
-  them). Steps without `_FILES.json` (killed between the rename and our write) are trusted to
-  orbax. `restore(step=None)` walks back from the newest step past corrupt ones, logging a
-  warning that names each bad directory; it never silently starts from scratch.
+- Atomic, synchronous saves. A step is written by orbax into a staging directory
+  (`STEP.staging-*`), its file list `_FILES.json` (size and CRC-32 of every file) is added,
+  and only then is it renamed to `STEP`; old steps are renamed away before they are deleted.
+  So a step directory always has its file list, and a SIGKILL at any moment leaves only
+  complete steps plus staging leftovers, which step listings ignore and the next
+  `Checkpointer` removes.
+- Damage is never resumed from silently. A step is intact when its `_FILES.json` exists and
+  every listed file exists with its size and checksum (checked by `restore()`, which reads
+  them). A step without `_FILES.json` is damaged. `restore()` refuses a damaged newest step
+  with a `CheckpointError` naming the step and the way on: delete it (the stage then resumes
+  from the step before, or from scratch), or run with `allow_restart=True`
+  (`--config.checkpoint.allow_restart=True`), which falls back past damaged steps with a
+  warning naming each, and to scratch when none is intact. Damage means missing, truncated
+  or rewritten files alike: the outcome does not depend on how the files were damaged.
 - Typed PRNG keys (`jax.random.key`) are stored as their `key_data` (uint32) and re-wrapped on
   restore with the implementation recorded at save time.
 - Structure and shapes are checked against the target before reading any array, so a config
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 import zlib
 from collections.abc import Mapping
@@ -51,8 +57,12 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, corrupt, or does not match the model it is restored into."""
 
 
-class _CorruptCheckpointError(CheckpointError):
-  """The files of one step/directory are damaged; an older step may still be good."""
+class CorruptCheckpointError(CheckpointError):
+  """The files of one step/directory are damaged (missing, truncated, rewritten, no file list);
+  an older step may still be good."""
+
+
+_CorruptCheckpointError = CorruptCheckpointError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +236,11 @@ def _verify_manifest(root: epath.Path, where: str, *, checksums: bool) -> None:
   if not root.exists():
     raise _CorruptCheckpointError(f'checkpoint {where} does not exist')
   if not manifest.exists():
-    return  # Killed between orbax's rename and our manifest write: trust orbax.
+    # Saves add the file list before the directory gets its final name: without it, nothing
+    # says the files are complete and unchanged.
+    raise _CorruptCheckpointError(
+        f'checkpoint {where} is corrupt: it has no file list {_MANIFEST}, so its files cannot '
+        'be checked')
   try:
     files = json.loads(manifest.read_text())['files']
   except (ValueError, KeyError, TypeError) as e:
@@ -284,6 +298,12 @@ def _as_corrupt(where: str, e: Exception) -> _CorruptCheckpointError:
 # Checkpointer: numbered steps for resumable training.
 
 
+# Names a Checkpointer gives directories that are not (or no longer) steps: a step being
+# written, a step being deleted, and orbax's own staging names inside them.
+_STAGING, _DELETING = 'staging', 'deleting'
+_LEFTOVER = re.compile(rf'^\d+\.({_STAGING}-|{_DELETING}-|orbax-checkpoint-tmp-)')
+
+
 class Checkpointer:
   """Saves and restores training state as numbered steps under one directory.
 
@@ -296,17 +316,23 @@ class Checkpointer:
         state, measurements = train_step(state, batch)
         ckpt.save(step + 1, state, metadata={'data_position': ...})
 
-  Saves are synchronous: once `save()` returns, the step is finalised on disk.
+  Saves are synchronous: once `save()` returns, the step is finalised on disk, file list
+  included. A damaged newest step stops `restore()` with a CheckpointError that says how to
+  go on, unless the Checkpointer was opened with `allow_restart=True`.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 100):
-    """Opens (and creates) a checkpoint directory.
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 100,
+               allow_restart: bool = False):
+    """Opens (and creates) a checkpoint directory; removes leftovers of interrupted saves.
 
     Args:
       directory: where step directories go, e.g. `runs/x/checkpoints/backbone`; local or any
         path orbax supports (gs://...).
       max_to_keep: how many of the newest steps to keep; older ones are deleted after a save.
       save_every: `should_save(step)` is true every this many steps.
+      allow_restart: fall back past damaged steps (with a warning naming each) instead of
+        refusing them; with no intact step, `latest_step()` is None (train from scratch).
+        `config.checkpoint.allow_restart` in the pipeline.
     """
     if max_to_keep < 1:
       raise ValueError(f'max_to_keep={max_to_keep}; keep at least 1 checkpoint')
@@ -315,16 +341,19 @@ class Checkpointer:
     self._display_dir = str(directory)
     self._directory = epath.Path(
         directory if '://' in str(directory) else os.path.abspath(directory))
+    self._max_to_keep = max_to_keep
     self._save_every = save_every
+    self._allow_restart = bool(allow_restart)
+    self._verified: set[int] = set()  # steps whose checksums this object has verified
     self.restored_step: int | None = None
     """Step that the last `restore()` actually read (differs from the newest after a fallback)."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=False,  # save() returns only when the step is finalised
-        create=True,
-    )
-    self._manager = ocp.CheckpointManager(
-        self._directory, options=options, handler_registry=_handler_registry())
+    self._directory.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      for path in self._directory.iterdir():
+        if _LEFTOVER.match(path.name):
+          logging.info('Removing %s, left by an interrupted save or deletion.', path)
+          _remove(path)
+    _sync(f'fiancee_checkpoint_open_{self._directory.name}')
 
   @property
   def directory(self) -> str:
@@ -337,29 +366,44 @@ class Checkpointer:
     return self._directory / str(step)
 
   def all_steps(self) -> list[int]:
-    """All finalised steps on disk, oldest first (including corrupt ones; see latest_step)."""
-    self._manager.reload()
-    return sorted(self._manager.all_steps())
+    """All steps on disk, oldest first (damaged ones included; see latest_step)."""
+    if not self._directory.exists():
+      return []
+    return sorted(int(p.name) for p in self._directory.iterdir()
+                  if p.name.isdigit() and p.is_dir())
 
   def _is_intact(self, step: int, *, checksums: bool) -> bool:
+    if checksums and step in self._verified:
+      return True
     try:
       _verify_manifest(self._step_dir(step), self._where(step), checksums=checksums)
     except _CorruptCheckpointError as e:
       logging.warning('%s', e)
       return False
+    if checksums:
+      self._verified.add(step)
     return True
 
   def latest_step(self) -> int | None:
-    """Newest finalised step whose files are all present with their recorded sizes.
+    """The step `restore()` reads: the newest on disk, or None to start from scratch.
 
-    Checksums are verified by `restore()`, which falls back further if they fail.
-
-    Returns:
-      The step, or None when there is no usable checkpoint (train from scratch).
+    Without allow_restart this is the newest step whatever its state (restore refuses it if
+    it is damaged). With allow_restart, damaged steps are skipped with a warning (every file
+    is read to verify its checksum), and None means that no step is intact.
     """
-    for step in reversed(self.all_steps()):
-      if self._is_intact(step, checksums=False):
+    steps = self.all_steps()
+    if not steps:
+      return None
+    if not self._allow_restart:
+      return steps[-1]
+    for step in reversed(steps):
+      if self._is_intact(step, checksums=True):
+        if step != steps[-1]:
+          logging.warning('allow_restart: resuming from %s, the newest intact step.',
+                          self._where(step))
         return step
+    logging.warning('allow_restart: every checkpoint in %s is damaged (steps %s); the stage '
+                    'starts from scratch and replaces them.', self._display_dir, steps)
     return None
 
   def should_save(self, step: int) -> bool:
@@ -376,10 +420,11 @@ class Checkpointer:
   ) -> bool:
     """Saves `state` (and JSON `metadata`) as `step` if `should_save(step)` or `force`.
 
-    Call on every process. Blocks until the step is finalised on disk.
+    Call on every process. Blocks until the step is finalised on disk, with its file list.
 
     If `step` already exists and is intact, nothing is written (a resumed run reaching a step it
-    already saved). If it exists but is corrupt (left by a crash), it is replaced.
+    already saved). If it exists but is damaged (a run that fell back past it with
+    allow_restart), it is replaced.
 
     Args:
       step: the training step; names the directory.
@@ -392,45 +437,75 @@ class Checkpointer:
     """
     if not force and not self.should_save(step):
       return False
+    final = self._step_dir(step)
     if step in self.all_steps():
       if self._is_intact(step, checksums=True):
         logging.info('Checkpoint %s already exists; not saving it again.', self._where(step))
         return False
-      logging.warning('Replacing corrupt checkpoint %s.', self._where(step))
-      self._manager.delete(step)
+      logging.warning('Replacing damaged checkpoint %s.', self._where(step))
     args = _save_args(state, metadata)
-    # force=True: our should_save decided; orbax's own policy would refuse any step <= the
-    # newest on disk, even a corrupt one we just fell back from.
-    saved = self._manager.save(step, args=args, force=True)
-    self._manager.wait_until_finished()
-    if saved and jax.process_index() == 0:
-      _write_manifest(self._step_dir(step))
-    _sync(f'fiancee_checkpoint_manifest_{step}')
+    token = uuid.uuid4().hex[:8] if jax.process_count() == 1 else 'multihost'
+    staging = self._directory / f'{step}.{_STAGING}-{token}'
+    with _composite_checkpointer() as checkpointer:
+      checkpointer.save(staging, args=args, force=True)
+    if jax.process_index() == 0:
+      _write_manifest(staging)
+      if final.exists():
+        _remove(final)
+      staging.rename(final)
+      self._verified.discard(step)
+      for old in self.all_steps()[:-self._max_to_keep]:
+        _remove(self._step_dir(old))
+    _sync(f'fiancee_checkpoint_saved_{step}')
     logging.info('Saved checkpoint %s.', self._where(step))
-    return bool(saved)
+    return True
 
   def _restore_step(self, step: int, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
     where = self._where(step)
-    _verify_manifest(self._step_dir(step), where, checksums=True)
-    try:
-      layout = self._manager.restore(
-          step, args=ocp.args.Composite(**{_LAYOUT: ocp.args.JsonRestore()}))[_LAYOUT]
-      saved_tree = self._manager.item_metadata(step)[_STATE]
-      if saved_tree is None:
-        raise ValueError('no state metadata')
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      raise _as_corrupt(where, e) from e
-    abstract = _abstract_target(target)
-    _check_matches(where, saved_tree, abstract)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(abstract),
-          _METADATA: ocp.args.JsonRestore(),
-      }))
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      raise _as_corrupt(where, e) from e
+    root = self._step_dir(step)
+    if step not in self._verified:
+      _verify_manifest(root, where, checksums=True)
+      self._verified.add(step)
+    with _composite_checkpointer() as checkpointer:
+      try:
+        item_metadata = checkpointer.metadata(root).item_metadata
+        saved_tree = item_metadata[_STATE] if item_metadata else None
+        if saved_tree is None:
+          raise ValueError(f'no "{_STATE}" item')
+        layout = checkpointer.restore(
+            root, args=ocp.args.Composite(**{_LAYOUT: ocp.args.JsonRestore()}))[_LAYOUT]
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        raise _as_corrupt(where, e) from e
+      abstract = _abstract_target(target)
+      _check_matches(where, saved_tree, abstract)
+      try:
+        restored = checkpointer.restore(root, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract),
+            _METADATA: ocp.args.JsonRestore(),
+        }))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        raise _as_corrupt(where, e) from e
     state = _decode_keys(restored[_STATE], target, layout.get('prng_keys', {}))
     return state, dict(restored[_METADATA] or {})
+
+  def _refusal(self, step: int, damage: Exception) -> CheckpointError:
+    """The error for a damaged step: what is wrong, and the two ways on."""
+    doomed = [step]
+    intact = None
+    for older in reversed([s for s in self.all_steps() if s < step]):
+      if self._is_intact(older, checksums=True):
+        intact = older
+        break
+      doomed.append(older)
+    then = (f'the stage then resumes from step {intact}' if intact is not None else
+            'no intact step is left, so the stage then starts from scratch')
+    also = (f' and the damaged older steps {", ".join(self._where(s) for s in doomed[1:])}'
+            if len(doomed) > 1 else '')
+    return CheckpointError(
+        f'{damage}. Refusing to resume from an older step or from scratch silently. Either '
+        f'delete {self._where(step)}{also} and rerun ({then}), or rerun with '
+        '--config.checkpoint.allow_restart=True to fall back past damaged steps (to scratch '
+        'if none is intact).')
 
   def restore(
       self, target: PyTree, step: int | None = None
@@ -440,58 +515,74 @@ class Checkpointer:
     Args:
       target: a pytree like the saved state: concrete arrays (their sharding is used) or
         `jax.ShapeDtypeStruct`s with `sharding=`; NumPy leaves come back as NumPy.
-      step: the step to read; None reads the newest intact step, falling back past corrupt ones
-        with a warning. `self.restored_step` tells which step was read.
+      step: the step to read; None reads `latest_step()`: the newest step (refused if
+        damaged), or with allow_restart the newest intact one. `self.restored_step` tells
+        which step was read.
 
     Returns:
       (state, metadata).
 
     Raises:
-      CheckpointError: no checkpoint exists, `step` (or, for step=None, every step) is corrupt,
-        or the checkpoint's structure or shapes differ from `target`.
+      CheckpointError: no checkpoint exists; the step is damaged (the message names it and
+        the way on); with allow_restart, no step is intact; or the checkpoint's structure or
+        shapes differ from `target`.
     """
-    if step is not None:
-      if step not in self.all_steps():
-        raise CheckpointError(
-            f'checkpoint {self._where(step)} does not exist; available steps: '
-            f'{self.all_steps()}')
-      result = self._restore_step(step, target)
-      self.restored_step = step
-      return result
     steps = self.all_steps()
+    if step is not None and step not in steps:
+      raise CheckpointError(
+          f'checkpoint {self._where(step)} does not exist; available steps: {steps}')
     if not steps:
       raise CheckpointError(
           f'no checkpoint in {self._display_dir}; check latest_step() is not None before '
           'restoring, or initialise the state from scratch')
+    if step is None and self._allow_restart:
+      candidates = list(reversed(steps))
+    else:
+      candidates = [steps[-1] if step is None else step]
     failures = []
-    for candidate in reversed(steps):
+    for candidate in candidates:
       try:
         result = self._restore_step(candidate, target)
       except _CorruptCheckpointError as e:
+        if not self._allow_restart or step is not None:
+          raise self._refusal(candidate, e) from e
         failures.append(str(e))
-        logging.warning('%s; falling back to the previous checkpoint.', e)
+        logging.warning('%s; allow_restart: falling back to the previous step.', e)
         continue
       if failures:
-        logging.warning('Restored %s instead of the newest step.', self._where(candidate))
+        logging.warning('allow_restart: restored %s instead of the newest step.',
+                        self._where(candidate))
       self.restored_step = candidate
       return result
     raise CheckpointError(
-        f'every checkpoint in {self._display_dir} is corrupt, refusing to start from scratch '
-        'silently; delete the directory to retrain, or repair it. Problems: '
-        + ' | '.join(failures))
+        f'every checkpoint in {self._display_dir} is damaged; with allow_restart the stage '
+        'starts from scratch when latest_step() is None. Problems: ' + ' | '.join(failures))
 
   def wait(self) -> None:
-    """Waits for pending saves (none: saves are synchronous) and deletions."""
-    self._manager.wait_until_finished()
+    """Nothing to wait for: saves and deletions are synchronous."""
 
   def close(self) -> None:
-    self._manager.close()
+    """Nothing to release (kept so that `with Checkpointer(...)` reads naturally)."""
 
   def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _remove(path: epath.Path) -> None:
+  """Deletes a directory so that no half-deleted step remains: renamed away first."""
+  if not path.exists():
+    return
+  doomed = path
+  if not _LEFTOVER.match(path.name):
+    doomed = path.parent / f'{path.name}.{_DELETING}-{uuid.uuid4().hex[:8]}'
+    path.rename(doomed)
+  if doomed.is_dir():
+    doomed.rmtree()
+  else:
+    doomed.unlink()
 
 
 # ----------------------------------------------------------------------------------------------

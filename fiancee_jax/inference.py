@@ -61,6 +61,7 @@ def generate(model: model_lib.FianceeModel, data: Any, *, threshold: float, seed
       without a predictor, or a router built for another model.
   """
   threshold = model_lib.check_threshold(threshold)
+  seed = model_lib.check_seed(seed)
   data = model.check_data(data)
   if router is not None and router.model is not model:
     raise ValueError('router was built for a different FianceeModel; build it with '

@@ -6,6 +6,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fiancee_jax import config_checks
 from fiancee_jax import pipeline
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -15,7 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and reports go.',
                                required=True)
 _STAGES = flags.DEFINE_string(
-    'stages', 'backbone,database,exits,predictor,evaluate,benchmark',
+    'stages', ','.join(config_checks.KNOWN_STAGES),
     'Comma-separated stages to run (in pipeline order).')
 
 
@@ -23,7 +24,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+  except config_checks.ConfigError as e:
+    # Raised before any compute: the message is the whole story, a traceback adds nothing.
+    raise SystemExit(f'FATAL: {e}') from None
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ Exit paths take a tuple of inputs (`(labels, z)` for OASIS, `(source, driver)` f
 reenactment backbone); `make_inputs` builds them from the data (tasks.py).
 """
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -69,12 +70,14 @@ class FianceeModel:
     label-map synthesis; (source, driver) unchanged for reenactment."""
     return tasks.make_inputs(self.task, tasks.as_tuple(data), key)
 
-  def check_data(self, data: Any) -> tuple[np.ndarray, ...]:
-    """Validates a batch of data on the host before any compute (see tasks.py)."""
+  def check_data(self, data: Any) -> tuple[np.ndarray | jax.Array, ...]:
+    """Validates a batch of data before any compute (see tasks.py); device arrays are checked
+    on their device and stay there."""
     return self.task.check_data(data)
 
-  def check_inputs(self, inputs: Any) -> tuple[np.ndarray, ...]:
-    """Validates exit-path inputs (data, then z if any) on the host before any compute."""
+  def check_inputs(self, inputs: Any) -> tuple[np.ndarray | jax.Array, ...]:
+    """Validates exit-path inputs (data, then z if any) before any compute, NumPy or device
+    arrays alike (see tasks.check_inputs)."""
     return tasks.check_inputs(self.task, inputs)
 
   def paths(self) -> list[Callable[..., jax.Array]]:
@@ -86,12 +89,30 @@ class FianceeModel:
     return self.predictor.apply
 
 
-def check_threshold(threshold: Any) -> float:
-  """A finite, non-negative float, else ValueError."""
-  try:
-    t = float(threshold)
-  except (TypeError, ValueError):
-    raise ValueError(f'threshold must be a finite non-negative number, got {threshold!r}') from None
-  if not np.isfinite(t) or t < 0:
-    raise ValueError(f'threshold must be a finite non-negative number, got {threshold!r}')
-  return t
+def check_threshold(threshold: Any, name: str = 'threshold') -> float:
+  """A real, finite, non-negative number (int, float, NumPy scalar) as a float, else ValueError.
+
+  Strings and bools are refused, not converted: '0.2' or True as a distance budget is a bug
+  in the caller, not a threshold of 0.2 or 1.0.
+  """
+  value = threshold
+  if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
+    value = np.asarray(value)[()]  # a 0-d array: its scalar
+  if (not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_))
+      or not np.isfinite(float(value)) or float(value) < 0):
+    raise ValueError(f'{name} must be a finite non-negative number (a distance budget such '
+                     f'as 0.1; int, float or a NumPy scalar), got {threshold!r} '
+                     f'({type(threshold).__name__})')
+  return float(value)
+
+
+def check_seed(seed: Any, name: str = 'seed') -> int:
+  """An integer seed (int or NumPy integer, in int64) as an int, else ValueError."""
+  value = seed
+  if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
+    value = np.asarray(value)[()]  # a 0-d array: its scalar
+  if (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
+      or not -2**63 <= int(value) < 2**63):
+    raise ValueError(f'{name} must be an integer (e.g. 0; int or a NumPy integer in int64), '
+                     f'got {seed!r} ({type(seed).__name__})')
+  return int(value)

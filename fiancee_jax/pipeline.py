@@ -58,44 +58,20 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return bench
 
 
-# Sections that change no stored artifact (only how the benchmark stage times the model): a
-# workdir accepts a config that differs there, and config.json is updated to it.
-REPLACEABLE_SECTIONS = ('benchmark',)
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """workdir/config.json; refuses a workdir made with a different config.
-
-  Only the REPLACEABLE_SECTIONS may differ; then config.json is rewritten with this config.
-  """
-  path = os.path.join(workdir, 'config.json')
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  new = json.loads(text)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old == new:
-      return
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not set(differ) <= set(REPLACEABLE_SECTIONS):
-      raise ValueError(
-          f'{path} holds a different config than this run (sections {differ} differ); '
-          'resume with the same config or use a new --workdir')
-    logging.info('config sections %s changed; updating %s', differ, path)
-  if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict:
-  """Runs `stages` (comma-separated) on `workdir`; returns {stage: result}."""
-  config_checks.check_config(config)
+  """Runs `stages` (comma-separated) on `workdir`; returns {stage: result}.
+
+  Raises:
+    config_checks.ConfigError: a bad config, stage list or workdir, before any compute and
+      before config.json is written.
+  """
+  # Everything is checked before the first stage: no stage fails on a setting of a later one.
   names = config_checks.parse_stages(stages)
+  config_checks.check_config(config)
   parallel.maybe_initialize_distributed(config.distributed)
-  os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
+  config_checks.check_devices(config, jax.device_count())
+  workdir = config_checks.check_workdir(workdir)
+  config_checks.write_config(config, workdir, process_index=jax.process_index())
   fns = _stage_fns()
   results = {}
   for name in names:

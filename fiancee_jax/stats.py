@@ -10,6 +10,7 @@ import json
 from absl import app
 from ml_collections import config_flags
 
+from fiancee_jax import config_checks
 from fiancee_jax.metrics import costs
 
 
@@ -19,7 +20,11 @@ def main(argv):
                          'e.g. --config=configs/landscapes.py')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config=configs/landscapes.py')
-  print(json.dumps(costs.compute_stats(_CONFIG.value), indent=2))
+  try:
+    stats = costs.compute_stats(_CONFIG.value)
+  except config_checks.ConfigError as e:
+    raise SystemExit(f'FATAL: {e}') from None
+  print(json.dumps(stats, indent=2))
 
 
 if __name__ == '__main__':

@@ -33,6 +33,56 @@ def as_tuple(data: Any) -> tuple[Any, ...]:
   return tuple(data) if isinstance(data, (tuple, list)) else (data,)
 
 
+# -- Value checks that treat device arrays as NumPy arrays: same rules, same messages. A
+# device array is summarised on its device by one jitted reduction, so only a few scalars
+# cross to the host, never the data.
+
+
+def _array(x: Any) -> np.ndarray | jax.Array:
+  """x itself if it is a device array, else as a NumPy array (shape and dtype readable)."""
+  return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
+@jax.jit
+def _device_int_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return jnp.min(x), jnp.max(x)
+
+
+@jax.jit
+def _device_float_summary(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  finite = jnp.isfinite(x)
+  return (jnp.sum(~finite), jnp.min(jnp.where(finite, x, jnp.inf)),
+          jnp.max(jnp.where(finite, x, -jnp.inf)))
+
+
+def _int_range(x: np.ndarray | jax.Array) -> tuple[int, int]:
+  """(min, max) of a non-empty integer array."""
+  if isinstance(x, jax.Array):
+    lo, hi = jax.device_get(_device_int_range(x))
+  else:
+    lo, hi = x.min(), x.max()
+  return int(lo), int(hi)
+
+
+def _float_summary(x: np.ndarray | jax.Array) -> tuple[int, float, float]:
+  """(number of non-finite values, min and max of the finite ones) of a non-empty array."""
+  if isinstance(x, jax.Array):
+    bad, lo, hi = jax.device_get(_device_float_summary(x))
+  else:
+    finite = np.isfinite(x)
+    bad = int(x.size - finite.sum())
+    lo = x[finite].min() if bad < x.size else np.inf
+    hi = x[finite].max() if bad < x.size else -np.inf
+  return int(bad), float(lo), float(hi)
+
+
+def _as_dtype(x: np.ndarray | jax.Array, dtype: Any) -> np.ndarray | jax.Array:
+  """x in `dtype`, on the device for a device array (no host copy)."""
+  if x.dtype == dtype:
+    return x
+  return x.astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Synthesis:
   """Label map (+ noise z) -> image."""
@@ -49,31 +99,35 @@ class Synthesis:
   def data_specs(self, b: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     return (jax.ShapeDtypeStruct((b, *self.resolution), jnp.int32),)
 
-  def check_data(self, data: Any) -> Data:
-    """Validates label maps on the host, before any compute; returns (int32 [B, H, W],).
+  def check_data(self, data: Any) -> tuple[np.ndarray | jax.Array, ...]:
+    """Validates label maps before any compute; returns (int32 [B, H, W],).
 
-    Accepts the array itself or a 1-tuple.
+    Accepts the array itself or a 1-tuple; NumPy (or array-like) data comes back as NumPy, a
+    device array stays on its device (its class ids are checked there).
     """
     data = as_tuple(data)
     if len(data) != 1:
       raise ValueError(f'label-map synthesis takes one array (labels int32 [B, H, W]), got '
                        f'{len(data)} arrays')
-    arr = np.asarray(data[0])
+    arr = _array(data[0])
     if arr.ndim == 2:
       raise ValueError(f'labels must be int32 [B, H, W], got a single map of shape '
                        f'{arr.shape}; add a batch axis (labels[None])')
     if arr.ndim != 3:
       raise ValueError(f'labels must be int32 [B, H, W], got shape {arr.shape}')
     if not np.issubdtype(arr.dtype, np.integer):
-      raise ValueError(f'labels must be an integer array (class ids), got dtype {arr.dtype}')
+      raise ValueError(f'labels must be an integer array (class ids), got dtype {arr.dtype}; '
+                       'convert with labels.astype(int32) if the values are whole class ids')
     if tuple(arr.shape[1:]) != tuple(self.resolution):
       raise ValueError(f'labels are {arr.shape[1]}x{arr.shape[2]} but the model was trained '
                        f'at {self.resolution[0]}x{self.resolution[1]} (config.data.resolution)')
-    if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
-      bad = int(arr.max()) if arr.max() >= self.num_classes else int(arr.min())
-      raise ValueError(f'labels has class id {bad} but the config has {self.num_classes} '
-                       'classes (config.data.num_classes)')
-    return (arr.astype(np.int32),)
+    if arr.size:
+      lo, hi = _int_range(arr)
+      if lo < 0 or hi >= self.num_classes:
+        bad = hi if hi >= self.num_classes else lo
+        raise ValueError(f'labels has class id {bad} but the config has {self.num_classes} '
+                         'classes (config.data.num_classes)')
+    return (_as_dtype(arr, np.int32),)
 
   def columns(self, data: Data) -> list[np.ndarray]:
     """uint8 [B, H, W, 3] pictures of the data, for sample grids."""
@@ -96,15 +150,19 @@ class Reenactment:
     s = jax.ShapeDtypeStruct((b, *self.resolution, 3), jnp.float32)
     return (s, s)
 
-  def check_data(self, data: Any) -> Data:
-    """Validates (source, driver) on the host, before any compute; float32 [B, H, W, 3]."""
+  def check_data(self, data: Any) -> tuple[np.ndarray | jax.Array, ...]:
+    """Validates (source, driver) before any compute; float32 [B, H, W, 3] in [-1, 1].
+
+    NumPy (or array-like) data comes back as NumPy, device arrays stay on their device (their
+    values are checked there).
+    """
     data = as_tuple(data)
     if len(data) != 2:
       raise ValueError(f'reenactment takes (source, driver), two float32 [B, H, W, 3] '
                        f'arrays in [-1, 1], got {len(data)} arrays')
     out = []
     for name, x in zip(self.data_keys, data):
-      arr = np.asarray(x)
+      arr = _array(x)
       if arr.ndim == 3:
         raise ValueError(f'{name} must be float32 [B, H, W, 3], got a single image of shape '
                          f'{arr.shape}; add a batch axis ({name}[None])')
@@ -118,12 +176,15 @@ class Reenactment:
         raise ValueError(f'{name} is {arr.shape[1]}x{arr.shape[2]} but the model was trained '
                          f'at {self.resolution[0]}x{self.resolution[1]} '
                          '(config.data.resolution)')
-      if not np.isfinite(arr).all():
-        raise ValueError(f'{name} has {int((~np.isfinite(arr)).sum())} non-finite values')
-      if arr.size and (arr.min() < -1.0 - 1e-6 or arr.max() > 1.0 + 1e-6):
-        raise ValueError(f'{name} must be in [-1, 1], got [{arr.min():.3f}, '
-                         f'{arr.max():.3f}]; convert uint8 images with x / 127.5 - 1')
-      out.append(arr.astype(np.float32))
+      if arr.size:
+        bad, lo, hi = _float_summary(arr)
+        if bad:
+          raise ValueError(f'{name} has {bad} non-finite values (NaN or inf); images must be '
+                           'finite, in [-1, 1]')
+        if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+          raise ValueError(f'{name} must be in [-1, 1], got [{lo:.3f}, {hi:.3f}]; convert '
+                           'uint8 images with x / 127.5 - 1')
+      out.append(_as_dtype(arr, np.float32))
     if out[0].shape != out[1].shape:
       raise ValueError(f'source {out[0].shape} and driver {out[1].shape} must have the same '
                        'shape')
@@ -177,8 +238,12 @@ def make_inputs(task: Task, data: Sequence[Any], key: jax.Array) -> tuple[Any, .
   return with_noise(task, data, z)
 
 
-def check_inputs(task: Task, inputs: Any) -> tuple[np.ndarray, ...]:
-  """Validates exit-path inputs on the host: the data, then z [B, noise_dim]."""
+def check_inputs(task: Task, inputs: Any) -> tuple[np.ndarray | jax.Array, ...]:
+  """Validates exit-path inputs before any compute: the data (`task.check_data`), then z.
+
+  z: float [B, noise_dim], finite. NumPy inputs come back as NumPy (z float32), device
+  arrays stay on their device and are checked there (a few scalars reach the host).
+  """
   inputs = as_tuple(inputs)
   n = num_data(task) + (1 if task.noise_dim else 0)
   if len(inputs) != n:
@@ -188,11 +253,20 @@ def check_inputs(task: Task, inputs: Any) -> tuple[np.ndarray, ...]:
   data = task.check_data(inputs[:num_data(task)])
   if not task.noise_dim:
     return data
-  z = np.asarray(inputs[-1], np.float32)
-  if z.shape != (data[0].shape[0], task.noise_dim):
-    raise ValueError(f'z must be float32 [B, z_dim] = [{data[0].shape[0]}, {task.noise_dim}], '
-                     f'got shape {z.shape}; build inputs with model.make_inputs(data, key)')
-  return data + (z,)
+  z = _array(inputs[-1])
+  b = data[0].shape[0]
+  if tuple(z.shape) != (b, task.noise_dim):
+    raise ValueError(f'z must be float32 [B, z_dim] = [{b}, {task.noise_dim}], got shape '
+                     f'{z.shape}; build inputs with model.make_inputs(data, key)')
+  if not np.issubdtype(z.dtype, np.floating):
+    raise ValueError(f'z must be float32 [B, z_dim] (Gaussian noise), got dtype {z.dtype}; '
+                     'build inputs with model.make_inputs(data, key)')
+  if z.size:
+    bad, _, _ = _float_summary(z)
+    if bad:
+      raise ValueError(f'z has {bad} non-finite values (NaN or inf); z must be finite '
+                       'Gaussian noise, e.g. from model.make_inputs(data, key)')
+  return data + (_as_dtype(z, np.float32),)
 
 
 # -- Datasets. --

@@ -54,7 +54,7 @@ def test_other_config_errors():
   with pytest.raises(ValueError, match='config.train.ema_decay'):
     config_checks.check_config(config)
   for key, value, match in (('calibration', 'conformal', "calibration='conformal'"),
-                            ('target_met', 1.0, r'target_met must be a share in \(0, 1\)')):
+                            ('target_met', 1.0, r'target_met must be a finite number in \(0, 1\)')):
     config = landscapes.get_config('tiny')
     with config.unlocked():
       config.router[key] = value

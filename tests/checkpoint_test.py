@@ -165,47 +165,98 @@ def test_structure_mismatch_names_missing_leaf(tmp_path):
       ckpt.restore({})
 
 
-@pytest.mark.parametrize('mode', ['delete', 'garbage', 'truncate'])
-def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, mode):
-  directory = str(tmp_path / 'ck')
+def _two_steps(directory):
   with checkpoint.Checkpointer(directory, save_every=100) as ckpt:
     ckpt.save(100, {'x': jnp.full((64,), 1.0)})
     # Incompressible, so the array data is the largest file and the one corrupted.
     ckpt.save(200, {'x': jax.random.normal(jax.random.key(0), (64,))})
-  bad_file = _corrupt(os.path.join(directory, '200'), mode)
+
+
+def _damage(step_dir, mode):
+  """Damages a step as a disk, a user or a kill might; returns the file named in errors."""
+  if mode == 'no_manifest':
+    os.remove(os.path.join(step_dir, checkpoint._MANIFEST))
+    return checkpoint._MANIFEST
+  return os.path.relpath(_corrupt(step_dir, mode), step_dir)
+
+
+_MODES = ['delete', 'garbage', 'truncate', 'no_manifest']
+
+
+@pytest.mark.parametrize('mode', _MODES)
+def test_damaged_latest_is_refused_whatever_the_damage(tmp_path, mode):
+  directory = str(tmp_path / 'ck')
+  _two_steps(directory)
+  bad = _damage(os.path.join(directory, '200'), mode)
   with checkpoint.Checkpointer(directory, save_every=100) as ckpt:
+    assert ckpt.latest_step() == 200  # no silent fallback, whatever the damage
+    for step in (None, 200):
+      with pytest.raises(checkpoint.CheckpointError) as e:
+        ckpt.restore({'x': jnp.zeros((64,))}, step=step)
+      message = str(e.value)
+      assert f'checkpoint {directory}/200 is corrupt' in message
+      assert bad in message
+      assert (f'delete {directory}/200 and rerun (the stage then resumes from step 100)'
+              in message)
+      assert '--config.checkpoint.allow_restart=True' in message
+    # The older, intact step is still readable when asked for.
+    restored, _ = ckpt.restore({'x': jnp.zeros((64,))}, step=100)
+    np.testing.assert_array_equal(restored['x'], 1.0)
+
+
+@pytest.mark.parametrize('mode', _MODES)
+def test_allow_restart_falls_back_with_warning_and_replaces(tmp_path, caplog, mode):
+  directory = str(tmp_path / 'ck')
+  _two_steps(directory)
+  bad = _damage(os.path.join(directory, '200'), mode)
+  with checkpoint.Checkpointer(directory, save_every=100, allow_restart=True) as ckpt:
     caplog.clear()
     with caplog.at_level(logging.WARNING):
+      assert ckpt.latest_step() == 100
       restored, _ = ckpt.restore({'x': jnp.zeros((64,))})
     assert ckpt.restored_step == 100
     np.testing.assert_array_equal(restored['x'], 1.0)
     warnings = ' '.join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-    assert f'{directory}/200' in warnings
-    assert os.path.relpath(bad_file, os.path.join(directory, '200')) in warnings
-    assert '/ocdbt.process_0/d/' in bad_file or '/state/d/' in bad_file, bad_file
-    # An explicit request for the corrupt step raises instead of falling back.
-    with pytest.raises(checkpoint.CheckpointError, match=f'{directory}/200'):
-      ckpt.restore({'x': jnp.zeros((64,))}, step=200)
-    if mode != 'garbage':  # size changes are seen without reading the data
-      assert ckpt.latest_step() == 100
-    # Training continues from 100 and reaches 200 again: the corrupt step is replaced.
+    assert f'{directory}/200' in warnings and bad in warnings
+    # Training continues from 100 and reaches 200 again: the damaged step is replaced.
     assert ckpt.save(200, {'x': jnp.full((64,), 3.0)})
     restored, _ = ckpt.restore({'x': jnp.zeros((64,))})
     assert ckpt.restored_step == 200
     np.testing.assert_array_equal(restored['x'], 3.0)
+  assert os.path.exists(os.path.join(directory, '200', checkpoint._MANIFEST))
 
 
-def test_all_corrupt_raises(tmp_path):
+def test_every_step_damaged(tmp_path, caplog):
   directory = str(tmp_path / 'ck')
   with checkpoint.Checkpointer(directory, save_every=1) as ckpt:
     ckpt.save(1, {'x': jax.random.normal(jax.random.key(1), (16,))})
     ckpt.save(2, {'x': jax.random.normal(jax.random.key(2), (16,))})
-  _corrupt(os.path.join(directory, '1'), 'garbage')
-  _corrupt(os.path.join(directory, '2'), 'delete')
+  _corrupt(os.path.join(directory, '1'), 'truncate')
+  _corrupt(os.path.join(directory, '2'), 'truncate')
   with checkpoint.Checkpointer(directory) as ckpt:
-    with pytest.raises(checkpoint.CheckpointError, match='every checkpoint .* is corrupt') as e:
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f'delete {directory}/2 and the damaged older steps {directory}/1 '
+                             r'and rerun \(no intact step is left, so the stage then starts '
+                             'from scratch'):
+      ckpt.restore({'x': jnp.ones(16)})
+  with checkpoint.Checkpointer(directory, allow_restart=True) as ckpt:
+    with caplog.at_level(logging.WARNING):
+      assert ckpt.latest_step() is None  # explicitly allowed: the stage starts from scratch
+    assert 'every checkpoint in' in caplog.text and 'starts from scratch' in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match='every checkpoint .* is damaged') as e:
       ckpt.restore({'x': jnp.ones(16)})
   assert f'{directory}/1' in str(e.value) and f'{directory}/2' in str(e.value)
+
+
+def test_only_step_damaged_says_scratch(tmp_path):
+  directory = str(tmp_path)
+  with checkpoint.Checkpointer(directory) as ckpt:
+    ckpt.save(4, {'x': jax.random.normal(jax.random.key(1), (16,))}, force=True)
+  _corrupt(os.path.join(directory, '4'), 'garbage')
+  with checkpoint.Checkpointer(directory) as ckpt:
+    with pytest.raises(checkpoint.CheckpointError,
+                       match='no intact step is left, so the stage then starts from scratch'):
+      ckpt.restore({'x': jnp.ones(16)})
 
 
 def test_no_checkpoint_raises(tmp_path):
@@ -214,22 +265,26 @@ def test_no_checkpoint_raises(tmp_path):
       ckpt.restore({'x': jnp.ones(2)})
 
 
-def test_leftover_tmp_dir_and_missing_manifest(tmp_path):
+def test_every_saved_step_has_its_file_list_and_leftovers_are_removed(tmp_path):
   directory = str(tmp_path)
+  with checkpoint.Checkpointer(directory, save_every=1, max_to_keep=2) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, {'x': jnp.full((4,), float(step))})
+  assert sorted(os.listdir(directory)) == ['2', '3']
+  for step in ('2', '3'):
+    assert os.path.exists(os.path.join(directory, step, checkpoint._MANIFEST))
+  # What kills leave behind: a step being written (orbax's and ours), a step being deleted.
+  for name in ('4.orbax-checkpoint-tmp-1700000000', '4.staging-0123abcd',
+               '4.staging-0123abcd.orbax-checkpoint-tmp-17', '1.deleting-89abcdef'):
+    os.makedirs(os.path.join(directory, name, 'state'))
+    with open(os.path.join(directory, name, 'state', '_METADATA'), 'w') as f:
+      f.write('{"trunc')
   with checkpoint.Checkpointer(directory) as ckpt:
-    ckpt.save(100, {'x': jnp.ones(4)}, force=True)
-  # What a kill in the middle of saving step 200 leaves behind.
-  tmp_dir = os.path.join(directory, '200.orbax-checkpoint-tmp-1700000000')
-  os.makedirs(os.path.join(tmp_dir, 'state'))
-  with open(os.path.join(tmp_dir, 'state', '_METADATA'), 'w') as f:
-    f.write('{"trunc')
-  # And a kill between orbax's rename and our file list: still a valid step.
-  os.remove(os.path.join(directory, '100', checkpoint._MANIFEST))
-  with checkpoint.Checkpointer(directory) as ckpt:
-    assert ckpt.all_steps() == [100]
-    assert ckpt.latest_step() == 100
+    assert ckpt.all_steps() == [2, 3]
+    assert ckpt.latest_step() == 3
     restored, _ = ckpt.restore({'x': jnp.zeros(4)})
-  np.testing.assert_array_equal(restored['x'], 1.0)
+  np.testing.assert_array_equal(restored['x'], 3.0)
+  assert sorted(os.listdir(directory)) == ['2', '3']
 
 
 def test_save_and_load_pytree(tmp_path):
@@ -261,6 +316,9 @@ def test_load_pytree_missing_or_corrupt(tmp_path):
   checkpoint.save_pytree(path, {'x': jax.random.normal(jax.random.key(0), (100,))})
   _corrupt(path, 'garbage')
   with pytest.raises(checkpoint.CheckpointError, match=f'{path} is corrupt'):
+    checkpoint.load_pytree(path)
+  os.remove(os.path.join(path, checkpoint._MANIFEST))
+  with pytest.raises(checkpoint.CheckpointError, match=f'{path} is corrupt: it has no file list'):
     checkpoint.load_pytree(path)
 
 
@@ -342,6 +400,10 @@ def test_sigkill_mid_save_leaves_latest_finalised_step_intact(tmp_path):
   with checkpoint.Checkpointer(directory, save_every=1, max_to_keep=3) as ckpt:
     latest = ckpt.latest_step()
     assert latest is not None and latest >= last_saved
+    # Only complete steps, each with its file list: a kill never leaves a damaged step.
+    assert set(os.listdir(directory)) == {str(s) for s in ckpt.all_steps()}
+    for step in ckpt.all_steps():
+      assert os.path.exists(os.path.join(directory, str(step), checkpoint._MANIFEST))
     restored, _ = ckpt.restore({'w': jnp.zeros((512, 1024)), 'step': 0})
     assert ckpt.restored_step == latest
   assert restored['step'] == latest

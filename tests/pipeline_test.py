@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
 from fiancee_jax import tasks
@@ -102,10 +103,10 @@ def test_workdir_accepts_another_benchmark_section(workdir):
   other = config.copy_and_resolve_references()
   with other.unlocked():
     other.benchmark.switch_rounds = config.benchmark.switch_rounds + 1
-  pipeline.write_config(other, wd)
+  config_checks.write_config(other, wd)
   with open(path) as f:
     assert json.load(f)['benchmark']['switch_rounds'] == config.benchmark.switch_rounds + 1
-  pipeline.write_config(config, wd)  # back, so later tests see the fixture's config
+  config_checks.write_config(config, wd)  # back, so later tests see the fixture's config
   with open(path) as f:
     assert json.load(f) == json.loads(config.to_json_best_effort())
 

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fiancee_jax import checkpoint
 from fiancee_jax import tasks
 from fiancee_jax.guidance import database
 from fiancee_jax.models import factory
@@ -24,8 +25,12 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec = factory.database_spec(config)
   path = database_path(workdir)
   if os.path.exists(path):
-    logging.info('database: found %s', path)
-    return database.load(path, spec)
+    try:
+      db = database.load(path, spec)
+      logging.info('database: found %s', path)
+      return db
+    except checkpoint.CorruptCheckpointError as e:  # an optional artifact: made again
+      logging.warning('database: %s; rebuilding it from the backbone.', e)
   bb, _ = backbone_training.load_backbone(config, workdir)
   model = factory.make_exit_model(config, guided=False)
   task = tasks.get_task(config)

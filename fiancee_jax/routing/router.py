@@ -191,8 +191,8 @@ class SwitchRouter:
     if inputs and np.shape(inputs[0])[:1] != (1,):
       raise ValueError(f'SwitchRouter serves a batch of one ([1, ...] inputs), got a first '
                        f'input of shape {np.shape(inputs[0])}; use BucketedRouter for batches')
-    if inputs and all(isinstance(x, jax.Array) for x in inputs):
-      return inputs  # already on the device; the executable checks shapes and dtypes
+    # Device arrays are checked on their device like NumPy ones (tasks.check_inputs): class
+    # ids, finiteness and dtypes alike, with no copy of the data to the host.
     return self.model.check_inputs(inputs)
 
 

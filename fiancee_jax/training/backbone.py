@@ -173,7 +173,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> BackboneState:
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', STAGE),
                                  max_to_keep=tc.keep_checkpoints,
-                                 save_every=tc.checkpoint_every)
+                                 save_every=tc.checkpoint_every,
+                                 allow_restart=config.checkpoint.allow_restart)
   # Resume order: this stage's latest valid checkpoint in the workdir, else scratch.
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)

@@ -140,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   state = jax.jit(lambda k: init_state(config, k, bb, db), out_shardings=repl)(key)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', STAGE),
-                                 max_to_keep=e.keep_checkpoints, save_every=e.checkpoint_every)
+                                 max_to_keep=e.keep_checkpoints, save_every=e.checkpoint_every,
+                                 allow_restart=config.checkpoint.allow_restart)
   # Resume order: this stage's latest valid checkpoint in the workdir, else scratch.
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)

@@ -6,6 +6,7 @@ inputs with a fixed z per dataset index (so the numbers are reproducible).
 """
 import hashlib
 import os
+import zipfile
 from typing import Any, NamedTuple
 
 import jax
@@ -115,10 +116,15 @@ def split_distances(config, workdir, split: str, n: int, variant: str | None = N
   key = _inputs_key(config, variant, inputs)
   cache = os.path.join(workdir, 'checkpoints', STAGE, f'distances_{split}_{variant}.npz')
   if os.path.exists(cache):
-    with np.load(cache) as f:
-      # Same count is not enough: (maps, draws) = (4096, 8) and (2048, 16) differ.
-      if 'key' in f and str(f['key']) == key:
-        return inputs, f['distances']
+    try:
+      with np.load(cache) as f:
+        # Same count is not enough: (maps, draws) = (4096, 8) and (2048, 16) differ.
+        if 'key' in f and str(f['key']) == key:
+          return inputs, f['distances']
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+      # A cache: measured again, never trusted half-read.
+      logging.warning('predictor: cached distances %s are damaged (%s: %s); measuring them '
+                      'again.', cache, type(e).__name__, e)
   model = factory.make_exit_model(config, guided=(variant == 'guided'))
   params = trained_exit_params(config, workdir, variant)
   d = measure_distances(config, model, params, inputs, config.predictor.measure_batch)
@@ -209,7 +215,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.predictor.loss={p.loss!r}: use 'l1' or 'mse'")
   directory = os.path.join(workdir, 'checkpoints', STAGE)
   ckpt = checkpoint.Checkpointer(directory, max_to_keep=2,
-                                 save_every=max(1, p.num_steps // 3))
+                                 save_every=max(1, p.num_steps // 3),
+                                 allow_restart=config.checkpoint.allow_restart)
   if ckpt.latest_step() is not None:
     # A finished stage is not measured again (its targets can take most of the stage).
     state, meta = ckpt.restore(_state_template(config))
