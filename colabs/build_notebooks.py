@@ -85,7 +85,7 @@ else:
 # The evaluate stage draws its PNGs with matplotlib's Agg backend; back to inline figures.
 %matplotlib inline
 
-model = fiancee_jax.load_model(config, WORKDIR)
+model = fiancee_jax.load_model(WORKDIR)  # with the config the job stored (config.json)
 with open(os.path.join(WORKDIR, 'report', 'report.json')) as f:
   report = json.load(f)
 with open(os.path.join(WORKDIR, 'report', 'bench.json')) as f:

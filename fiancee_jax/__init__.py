@@ -1,16 +1,11 @@
 """fiancee-jax: FIANCEE conditional early exits for GAN generators in JAX/Flax.
 
-Public entry points: `fiancee_jax.generate` (routed inference), `fiancee_jax.load_model`
-(a trained workdir), `python -m fiancee_jax.main` (the pipeline), `python -m fiancee_jax.stats`.
+Public entry points: `fiancee_jax.load_model` (a trained workdir's artifacts),
+`fiancee_jax.generate` (routed inference), `fiancee_jax.FianceeModel` (what both share),
+`python -m fiancee_jax.main` (the pipeline), `python -m fiancee_jax.stats` (costs).
 """
+from fiancee_jax.inference.generate import generate
+from fiancee_jax.inference.loading import load_model
+from fiancee_jax.model import FianceeModel
 
-
-def __getattr__(name):
-  # Lazy, so that `import fiancee_jax` does not import JAX-heavy modules.
-  if name == 'generate':
-    from fiancee_jax.inference import generate  # pylint: disable=g-import-not-at-top
-    return generate
-  if name == 'load_model':
-    from fiancee_jax.workdir import load_model  # pylint: disable=g-import-not-at-top
-    return load_model
-  raise AttributeError(name)
+__all__ = ['FianceeModel', 'generate', 'load_model']

@@ -160,20 +160,34 @@ def load(workdir: str, kind: str, template: Any = None, *,
   p = path(workdir, kind)
   if not os.path.isdir(p):
     raise ArtifactError(f'no {kind} artifact at {p}; run --stages={STAGE_OF[kind]}')
+  # Where it came from is checked on the manifest before the arrays are read, so that an
+  # artifact of another config or run is named as such, not as one of unexpected shapes.
   try:
+    _check_manifest(p, kind, checkpoint.read_pytree_metadata(p), config, parents)
     tree, manifest = checkpoint.load_pytree(p, template)
   except checkpoint.CheckpointError as e:
     raise ArtifactError(f'{kind} artifact at {p} cannot be read ({e}); rebuild it with '
                         f'--stages={STAGE_OF[kind]} after deleting {p}') from e
-  if manifest.get('format') != FORMAT or manifest.get('kind') != kind:
-    raise ArtifactError(f'{p} is not a {kind} artifact of format {FORMAT} (manifest kind '
-                        f'{manifest.get("kind")!r}, format {manifest.get("format")!r})')
-  values = manifest.get('config', {})
-  fp = fingerprint(kind, tree, values, manifest.get('parents', {}))
+  fp = fingerprint(kind, tree, manifest.get('config', {}), manifest.get('parents', {}))
   if fp != manifest.get('fingerprint'):
     raise ArtifactError(f'{kind} artifact at {p} is damaged: its arrays hash to {fp[:12]} but '
                         f'its manifest says {str(manifest.get("fingerprint"))[:12]}; delete {p} '
                         f'and rerun --stages={STAGE_OF[kind]}')
+  _check_manifest(p, kind, manifest, config, parents)
+  return Artifact(tree=tree, fingerprint=manifest['fingerprint'],
+                  parents=dict(manifest.get('parents', {})),
+                  metadata=dict(manifest.get('metadata', {})))
+
+
+def _check_manifest(p: str, kind: str, manifest: Mapping[str, Any],
+                    config: ml_collections.ConfigDict | None,
+                    parents: Mapping[str, str] | None) -> None:
+  """Raises ArtifactError unless `manifest` is a `kind` artifact of this format, built with
+  `config`'s values (when given) from `parents` (when given)."""
+  if manifest.get('format') != FORMAT or manifest.get('kind') != kind:
+    raise ArtifactError(f'{p} is not a {kind} artifact of format {FORMAT} (manifest kind '
+                        f'{manifest.get("kind")!r}, format {manifest.get("format")!r})')
+  values = manifest.get('config', {})
   if config is not None:
     want = config_values(config, kind)
     differ = sorted(k for k in want if want[k] != values.get(k))
@@ -190,6 +204,3 @@ def load(workdir: str, kind: str, template: Any = None, *,
           f'{kind} artifact at {p} was built from {parent} {str(got)[:12]} but this workdir\'s '
           f'{parent} is {want_fp[:12]}: it belongs to another run; rebuild it with '
           f'--stages={STAGE_OF[kind]}')
-  return Artifact(tree=tree, fingerprint=manifest['fingerprint'],
-                  parents=dict(manifest.get('parents', {})),
-                  metadata=dict(manifest.get('metadata', {})))

@@ -6,7 +6,7 @@ reenactment backbone); `make_inputs` builds them from the data (tasks.py).
 """
 import dataclasses
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +17,10 @@ from fiancee_jax import tasks
 from fiancee_jax.models import exits as exits_lib
 
 
-@dataclasses.dataclass
+# () -> (GFLOPs per exit path at batch 1, the backbone last; GFLOPs of the predictor).
+CostFn = Callable[[], tuple[Sequence[float], float]]
+
+
 class FianceeModel:
   """Everything inference needs.
 
@@ -28,24 +31,78 @@ class FianceeModel:
     predictor_params: its variables.
     margins: float32 [E - 1] calibration margins added to predictions before routing.
     exit_gflops: GFLOPs per exit path at batch 1 (database lookup included), E values,
-      the last being the backbone.
-    predictor_gflops: GFLOPs of the predictor at batch 1.
+      the last being the backbone. Given, or computed by `costs` on first use (compiling
+      every exit path once) and then kept on this object.
+    predictor_gflops: GFLOPs of the predictor at batch 1 (given, or from `costs`).
     task: what the backbone consumes (tasks.Synthesis or tasks.Reenactment): the data a
       user passes, and the inputs of the exit paths (data, plus z if the generator has noise).
     distance: name of the distance the predictor predicts (e.g. '1-msssim').
     risk_control: a routing.calibration.RiskControl when the margins depend on the
       threshold (config.router.calibration = 'risk_control'); then `margins` is unused.
+    fingerprints: {artifact kind: fingerprint} of the artifacts the model was loaded from
+      (artifacts.py); empty for a model built in memory.
+    routers: routers built for this model by `generate` ({'switch' | 'bucketed': router});
+      they hold its compiled executables and live as long as the model.
   """
-  exit_model: exits_lib.ExitModel
-  params: dict
-  predictor: nn.Module | None
-  predictor_params: Any
-  margins: np.ndarray
-  exit_gflops: tuple[float, ...]
-  predictor_gflops: float
-  task: tasks.Task
-  distance: str = ''
-  risk_control: Any = None
+
+  def __init__(self, exit_model: exits_lib.ExitModel, params: dict,
+               predictor: nn.Module | None, predictor_params: Any, margins: np.ndarray,
+               exit_gflops: Sequence[float] | None = None,
+               predictor_gflops: float | None = None, task: tasks.Task | None = None,
+               distance: str = '', risk_control: Any = None, *,
+               costs: CostFn | None = None, fingerprints: dict[str, str] | None = None):
+    if (exit_gflops is None or predictor_gflops is None) and costs is None:
+      raise ValueError('FianceeModel needs exit_gflops and predictor_gflops, or costs= '
+                       'to compute them on first use')
+    self.exit_model = exit_model
+    self.params = params
+    self.predictor = predictor
+    self.predictor_params = predictor_params
+    self.margins = margins
+    self.task = task
+    self.distance = distance
+    self.risk_control = risk_control
+    self.fingerprints = dict(fingerprints or {})
+    self.routers: dict[str, Any] = {}
+    self._exit_gflops = None if exit_gflops is None else tuple(float(g) for g in exit_gflops)
+    self._predictor_gflops = None if predictor_gflops is None else float(predictor_gflops)
+    self._costs = costs
+
+  def replace(self, **changes: Any) -> 'FianceeModel':
+    """A new model with some constructor arguments changed (and no routers yet)."""
+    args = dict(exit_model=self.exit_model, params=self.params, predictor=self.predictor,
+                predictor_params=self.predictor_params, margins=self.margins,
+                exit_gflops=self._exit_gflops, predictor_gflops=self._predictor_gflops,
+                task=self.task, distance=self.distance, risk_control=self.risk_control,
+                costs=self._costs, fingerprints=self.fingerprints)
+    unknown = set(changes) - set(args)
+    if unknown:
+      raise TypeError(f'FianceeModel has no argument(s) {sorted(unknown)}')
+    return FianceeModel(**{**args, **changes})
+
+  def __repr__(self) -> str:
+    fps = {k: v[:12] for k, v in self.fingerprints.items()}
+    return (f'FianceeModel(num_exits={self.num_exits}, task={self.task!r}, '
+            f'distance={self.distance!r}, fingerprints={fps})')
+
+  def _compute_costs(self) -> None:
+    exit_gflops, predictor_gflops = self._costs()
+    if self._exit_gflops is None:
+      self._exit_gflops = tuple(float(g) for g in exit_gflops)
+    if self._predictor_gflops is None:
+      self._predictor_gflops = float(predictor_gflops)
+
+  @property
+  def exit_gflops(self) -> tuple[float, ...]:
+    if self._exit_gflops is None:
+      self._compute_costs()
+    return self._exit_gflops
+
+  @property
+  def predictor_gflops(self) -> float:
+    if self._predictor_gflops is None:
+      self._compute_costs()
+    return self._predictor_gflops
 
   def margins_at(self, threshold: float) -> np.ndarray:
     """float32 [E - 1] margins the router adds to predictions at this threshold."""

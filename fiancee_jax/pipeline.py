@@ -25,37 +25,9 @@ def _stage_fns():
 
 
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage `benchmark`: report/bench.json and report/bench.md from the trained model."""
-  # pylint: disable=g-import-not-at-top
-  from fiancee_jax import workdir as workdir_lib
-  from fiancee_jax.evaluation import benchmark
-  from fiancee_jax.evaluation import report
-  from fiancee_jax.training import predictor
-  model = workdir_lib.load_model(config, workdir)
-  n = min(config.router.num_eval, config.data.num_test)
-  inputs, true = predictor.split_distances(config, workdir, 'test', n)
-  data = inputs[:len(model.task.data_keys)]
-  report_path = os.path.join(workdir, 'report', 'report.json')
-  if config.router.thresholds:
-    thresholds = list(config.router.thresholds)
-  elif os.path.exists(report_path):  # the evaluate stage's sweep, with its operating point
-    with open(report_path) as f:
-      rep = json.load(f)
-    rows = rep['routing']
-    thresholds = {rows[i]['threshold'] for i in range(0, len(rows), max(1, len(rows) // 4))}
-    if rep['headline'].get('threshold') is not None:
-      thresholds.add(rep['headline']['threshold'])
-    thresholds = sorted(thresholds)
-  else:
-    thresholds = [float(t) for t in report.default_thresholds(true, num=4)]
-  b = config.benchmark
-  bench = benchmark.run_benchmark(model, data, batch_size=b.batch_size,
-                                  thresholds=thresholds, warmup=b.warmup, iters=b.iters,
-                                  switch_rounds=b.switch_rounds, parts=b.exit_parts,
-                                  lowering_rounds=b.lowering_rounds, seed=config.seed)
-  if jax.process_index() == 0:
-    benchmark.write_bench(bench, os.path.join(workdir, 'report'))
-  return bench
+  """Stage `benchmark`: report/bench.json and report/bench.md (evaluation/benchmark.py)."""
+  from fiancee_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
+  return benchmark.run_stage(config, workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict:

@@ -1,33 +1,34 @@
-"""Loads what a workdir holds into a FianceeModel (after the predictor stage)."""
-import jax
+"""What a workdir holds about itself: the config it was made with (config.json)."""
+import json
+import os
+
 import ml_collections
-import numpy as np
-
-from fiancee_jax import model as model_lib
-from fiancee_jax import tasks
-from fiancee_jax.metrics import costs
-from fiancee_jax.models import factory
-from fiancee_jax.training import exits as exits_training
-from fiancee_jax.training import predictor as predictor_training
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str,
-               variant: str | None = None) -> model_lib.FianceeModel:
-  """The trained model of `workdir` (the guided exits unless `variant='unguided'`).
+def config_path(workdir: str) -> str:
+  """WORKDIR/config.json, written by the pipeline before any stage runs."""
+  return os.path.join(workdir, 'config.json')
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config `workdir` was made with (locked; sequences come back as lists).
 
   Raises:
-    checkpoint.CheckpointError naming the missing stage, ValueError if the database or a
-    checkpoint does not belong to this config.
+    FileNotFoundError: no config.json (names the path and the way on).
+    ValueError: config.json is not a JSON object (names the path).
   """
-  variant = variant or exits_training.variants(config)[0]
-  guided = variant == 'guided'
-  params = predictor_training.trained_exit_params(config, workdir, variant)
-  pp, cal = predictor_training.load_predictor(config, workdir)
-  exit_costs = costs.exit_stats(config, guided=guided)
-  return model_lib.FianceeModel(
-      exit_model=factory.make_exit_model(config, guided=guided),
-      params=jax.device_put(params), predictor=factory.make_predictor(config),
-      predictor_params=pp, margins=cal['margins'], risk_control=cal['risk_control'],
-      exit_gflops=tuple(c['gflops'] for c in exit_costs),
-      predictor_gflops=costs.predictor_stats(config)['gflops'],
-      task=tasks.get_task(config), distance=exits_training.get_distance(config).name)
+  path = config_path(workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: {workdir!r} is not a fiancee-jax workdir (run '
+        'python -m fiancee_jax.main --workdir=... first), or pass the config explicitly')
+  with open(path) as f:
+    text = f.read()
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); it may be truncated: restore it, or '
+                     'pass the config explicitly') from None
+  if not isinstance(values, dict):
+    raise ValueError(f'{path} holds a JSON {type(values).__name__}, not a config object')
+  return ml_collections.ConfigDict(values).lock()

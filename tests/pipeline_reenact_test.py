@@ -63,7 +63,7 @@ def test_ground_truth_baselines_are_the_copies(workdir):
 def test_generate_routes_face_pairs(workdir):
   import fiancee_jax  # pylint: disable=g-import-not-at-top
   wd, config = workdir
-  model = fiancee_jax.load_model(config, wd)
+  model = fiancee_jax.load_model(wd, config)
   assert model.task.name == 'reenactment'
   source, driver = tasks.load_data(config, 'test', 5)
   strict = fiancee_jax.generate(model, (source, driver), threshold=0.0)

@@ -114,7 +114,7 @@ def test_workdir_accepts_another_benchmark_section(workdir):
 def test_generate_routes_by_threshold(workdir):
   import fiancee_jax  # pylint: disable=g-import-not-at-top
   wd, config = workdir
-  model = fiancee_jax.load_model(config, wd)
+  model = fiancee_jax.load_model(wd, config)
   labels = tasks.load_data(config, 'test', 6)[0]
   strict = fiancee_jax.generate(model, labels, threshold=0.0, seed=1)
   assert strict['images'].shape == (6, 16, 16, 3)

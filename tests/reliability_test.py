@@ -30,6 +30,7 @@ from fiancee_jax import pipeline
 from fiancee_jax import stats
 from fiancee_jax import tasks
 from fiancee_jax.routing import router as router_lib
+from fiancee_jax.metrics import costs
 from fiancee_jax.training import predictor as predictor_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +96,7 @@ def test_bad_setting_is_refused_before_any_stage(tmp_path, key, value, match):
     pipeline.run(config, str(tmp_path / 'wd'), 'backbone')
   assert not os.path.exists(tmp_path / 'wd')  # no config.json, nothing at all
   with pytest.raises(config_checks.ConfigError, match=match):
-    stats.compute_stats(config)  # python -m fiancee_jax.stats runs the same checks
+    costs.compute_stats(config)  # python -m fiancee_jax.stats runs the same checks
 
 
 def test_batch_sizes_must_divide_the_devices():

@@ -31,14 +31,18 @@ Measured (`run_benchmark` calls one function per item):
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from fiancee_jax import model as model_lib
 from fiancee_jax.evaluation import bench_markdown
+from fiancee_jax.evaluation import report
+from fiancee_jax.inference import loading
+from fiancee_jax.metrics import exit_distances
 from fiancee_jax.metrics import latency
 from fiancee_jax.ops import kernels as kernels_lib
 from fiancee_jax.routing import router as router_lib
@@ -485,3 +489,40 @@ def write_bench(bench: dict[str, Any], out_dir: str) -> tuple[str, str]:
   with open(md_path, 'w') as f:
     f.write(bench_markdown.render_markdown(bench))
   return json_path, md_path
+
+
+def stage_thresholds(config: ml_collections.ConfigDict, workdir: str,
+                     measured: Callable[[], np.ndarray]) -> list[float]:
+  """The thresholds the benchmark stage times: config.router.thresholds if set; else about
+  four of the evaluate stage's sweep plus its operating point (report/report.json); else
+  four spread over the distances `measured()` returns (float32 [N, E - 1])."""
+  if config.router.thresholds:
+    return [float(t) for t in config.router.thresholds]
+  report_path = os.path.join(workdir, 'report', 'report.json')
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      rep = json.load(f)
+    rows = rep['routing']
+    thresholds = {rows[i]['threshold'] for i in range(0, len(rows), max(1, len(rows) // 4))}
+    if rep['headline'].get('threshold') is not None:
+      thresholds.add(rep['headline']['threshold'])
+    return sorted(thresholds)
+  return [float(t) for t in report.default_thresholds(measured(), num=4)]
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Stage `benchmark`: report/bench.json and report/bench.md of the workdir's artifacts,
+  timed on the test split's first min(router.num_eval, data.num_test) examples."""
+  model = loading.load_model(workdir, config)
+  n = min(config.router.num_eval, config.data.num_test)
+  inputs = exit_distances.load_inputs(config, 'test', n)
+  thresholds = stage_thresholds(
+      config, workdir, lambda: exit_distances.of_model(config, workdir, model, 'test', n)[1])
+  b = config.benchmark
+  bench = run_benchmark(model, inputs[:len(model.task.data_keys)], batch_size=b.batch_size,
+                        thresholds=thresholds, warmup=b.warmup, iters=b.iters,
+                        switch_rounds=b.switch_rounds, parts=b.exit_parts,
+                        lowering_rounds=b.lowering_rounds, seed=config.seed)
+  if jax.process_index() == 0:
+    write_bench(bench, os.path.join(workdir, 'report'))
+  return bench

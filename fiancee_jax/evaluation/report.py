@@ -17,13 +17,13 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from fiancee_jax import tasks
-from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import plots
 from fiancee_jax.guidance import database as database_lib
+from fiancee_jax.inference import loading
 from fiancee_jax.metrics import costs
+from fiancee_jax.metrics import distances
+from fiancee_jax.metrics import exit_distances
 from fiancee_jax.routing import router
-from fiancee_jax.training import exits as exits_training
-from fiancee_jax.training import predictor as predictor_training
 
 
 def route_ids(scores: np.ndarray, threshold: float, margins: np.ndarray) -> np.ndarray:
@@ -114,12 +114,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes workdir/report/report.json and the plots; returns the report."""
   n = min(config.router.num_eval, config.data.num_test)
   fid_fn = _fid_feature_fn(config)  # a bad weights file fails here, before any compute
-  variants = exits_training.variants(config)
-  model = workdir_lib.load_model(config, workdir)
-  inputs, true = predictor_training.split_distances(config, workdir, 'test', n, variants[0])
+  model = loading.load_model(workdir, config)
+  inputs, true = exit_distances.of_model(config, workdir, model, 'test', n)
   no_guide = None
-  if 'unguided' in variants and variants[0] == 'guided':
-    no_guide = predictor_training.split_distances(config, workdir, 'test', n, 'unguided')[1]
+  if model.exit_model.guided and config.exits.train_unguided:
+    unguided = loading.load_model(workdir, config, variant='unguided')
+    no_guide = exit_distances.of_model(config, workdir, unguided, 'test', n)[1]
   pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
   # Threshold-free margins shift the scores; risk-control margins are set per threshold.
   scores = pred + model.margins_at(0.0)[None] if model.risk_control is None else None
@@ -212,7 +212,7 @@ def truth_table(config: ml_collections.ConfigDict, model, inputs: tuple[np.ndarr
     target: float32 [N, H, W, 3] ground truth (identity of the source, motion of the driver).
     pred: [N, E - 1] predicted distances (routing at each threshold of `routing`).
   """
-  dist = jax.jit(exits_training.get_distance(config).fn)
+  dist = jax.jit(distances.from_config(config).fn)
   b = config.predictor.measure_batch
 
   def score(images):  # per-sample distance and L1 to the truth, [N] each

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import tasks
 from fiancee_jax.guidance import database
@@ -28,6 +29,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       db = database.load(path, spec)
       logging.info('database: found %s', path)
+      _export_artifact(config, workdir, spec, db)
       return db
     except checkpoint.CorruptCheckpointError as e:  # an optional artifact: made again
       logging.warning('database: %s; rebuilding it from the backbone.', e)
@@ -58,7 +60,17 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
     database.save(path, spec, db)
   logging.info('database: %d entries from %d images, %.1f MB', spec.num_entries, n,
                database.nbytes(db) / 1e6)
+  _export_artifact(config, workdir, spec, db)
   return db
+
+
+def _export_artifact(config, workdir: str, spec, db: dict) -> None:
+  """WORKDIR/artifacts/database (artifacts.py), built from this workdir's backbone, once."""
+  if not artifacts.exists(workdir, 'database'):
+    parent = artifacts.read_manifest(workdir, 'backbone')['fingerprint']
+    artifacts.save(workdir, 'database', db, config=config, parents={'backbone': parent},
+                   metadata={'spec': database._meta(spec)['spec'],  # pylint: disable=protected-access
+                             'num_images': config.database.num_images})
 
 
 def load(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -5,8 +5,10 @@ resolved for the default backend, ops/kernels.py); pass `kernels=` to build the 
 on others (metrics/costs.py counts FLOPs on ops.kernels.XLA). Parameters never depend on it.
 """
 from collections.abc import Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
@@ -92,3 +94,60 @@ def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:
   return predictor.Predictor(num_classes=config.data.num_classes, num_outputs=n,
                              width=p.width, pool=p.pool, use_z=p.get('use_z', False),
                              members=p.get('members', 1))
+
+
+def exit_variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The exit variants a config trains, in order: 'guided' and/or 'unguided'."""
+  e = config.exits
+  if not e.guided:
+    return ('unguided',)
+  return ('guided', 'unguided') if e.train_unguided else ('guided',)
+
+
+def variable_templates(config: ml_collections.ConfigDict, kind: str,
+                       variant: str | None = None) -> Any:
+  """Abstract variables (jax.ShapeDtypeStruct leaves) of a params-only artifact.
+
+  Built with jax.eval_shape: nothing is initialised, compiled or run. What each kind holds
+  (artifacts.py):
+    'backbone': generator variables {'params', 'batch_stats'};
+    'database': {'keys' [N, key_dim], 'values' [N, patch_h * patch_w * 3],
+                 'mean' [feature_width], 'proj' [feature_width, key_dim]}, float32;
+    'exits': {variant: [variables_k per branch]}, for `variant` or, when None, for every
+      variant the config trains (exit_variants);
+    'predictor': predictor variables.
+  No optimizer state, no discriminator.
+
+  Raises:
+    ValueError: unknown kind or variant.
+  """
+  specs = tasks.input_specs(tasks.get_task(config), 1)
+  if kind == 'backbone':
+    g = make_generator(config)
+    return jax.eval_shape(lambda *x: g.init(jax.random.key(0), *x), *specs)
+  if kind == 'database':
+    spec = database_spec(config)
+    f32 = jnp.float32
+    return {'keys': jax.ShapeDtypeStruct((spec.num_entries, spec.key_dim), f32),
+            'values': jax.ShapeDtypeStruct((spec.num_entries, spec.value_dim), f32),
+            'mean': jax.ShapeDtypeStruct((spec.feature_width,), f32),
+            'proj': jax.ShapeDtypeStruct((spec.feature_width, spec.key_dim), f32)}
+  if kind == 'exits':
+    names = exit_variants(config) if variant is None else (variant,)
+    for v in names:
+      if v not in ('guided', 'unguided'):
+        raise ValueError(f"exit variant {v!r}: use 'guided' or 'unguided'")
+    bb = variable_templates(config, 'backbone')
+    db = variable_templates(config, 'database') if 'guided' in names else None
+    out = {}
+    for v in names:
+      model = make_exit_model(config, guided=(v == 'guided'))
+      out[v] = jax.eval_shape(
+          lambda b, d, *x, m=model: m.init_exits(jax.random.key(0), b, d, *x),
+          bb, db if v == 'guided' else None, *specs)
+    return out
+  if kind == 'predictor':
+    p = make_predictor(config)
+    return jax.eval_shape(lambda *x: p.init(jax.random.key(0), *x), *specs)
+  raise ValueError(f"unknown artifact kind {kind!r}; use 'backbone', 'database', 'exits' or "
+                   "'predictor'")

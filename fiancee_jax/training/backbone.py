@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
@@ -180,6 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> BackboneState:
     state, meta = ckpt.restore(state)
     logging.info('backbone: resumed at step %d', int(state.step))
     if meta.get('finished'):
+      _export_artifact(config, workdir, state)
       return state
   start = int(state.step)
 
@@ -217,7 +219,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> BackboneState:
   ckpt.save(int(state.step), state, metadata={'data_position': int(state.step),
                                               'finished': True}, force=True)
   ckpt.close()
+  _export_artifact(config, workdir, state)
   return state
+
+
+def _export_artifact(config, workdir: str, state) -> None:
+  """WORKDIR/artifacts/backbone: the EMA generator variables (artifacts.py), once."""
+  if not artifacts.exists(workdir, 'backbone'):
+    artifacts.save(workdir, 'backbone',
+                   {'params': state.ema_params, 'batch_stats': state.ema_stats},
+                   config=config, metadata={'steps': int(state.step)})
 
 
 def _recompute_ema_stats(config, state: BackboneState, source, mesh) -> BackboneState:

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
@@ -147,6 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
     state, meta = ckpt.restore(state)
     logging.info('exits: resumed at step %d', int(state.step))
     if meta.get('finished'):
+      _export_artifact(config, workdir, state)
       return state
   start = int(state.step)
   step_fn = jax.jit(make_train_step(config, bb, dvars, db), in_shardings=(repl, data_sh),
@@ -174,7 +176,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
   ckpt.save(int(state.step), state, metadata={'data_position': int(state.step),
                                               'finished': True}, force=True)
   ckpt.close()
+  _export_artifact(config, workdir, state)
   return state
+
+
+def _export_artifact(config, workdir: str, state: ExitsState) -> None:
+  """WORKDIR/artifacts/exits: every trained variant's exit variables (artifacts.py), once."""
+  if not artifacts.exists(workdir, 'exits'):
+    parents = {'backbone': artifacts.read_manifest(workdir, 'backbone')['fingerprint']}
+    if config.exits.guided:
+      parents['database'] = artifacts.read_manifest(workdir, 'database')['fingerprint']
+    tree = {v: [{'params': p, 'batch_stats': s}
+                for p, s in zip(state.params[v], state.stats[v])] for v in state.params}
+    artifacts.save(workdir, 'exits', tree, config=config, parents=parents,
+                   metadata={'steps': int(state.step), 'variants': list(variants(config))})
 
 
 def load_exits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict]]:

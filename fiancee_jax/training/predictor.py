@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import tasks
@@ -222,6 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, meta = ckpt.restore(_state_template(config))
     if meta.get('finished'):  # its params are already folded
       ckpt.close()
+      _export_artifact(config, workdir, state.params, meta)
       return {'params': state.params, **_calibration_of(meta)}
   inputs, targets = split_distances(config, workdir, 'train', p.num_train,
                                     draws=p.get('z_draws', 1))
@@ -245,15 +247,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step + 1, state)
   state = state._replace(params=fold_target_stats(state.params, mean, std))
   margins, risk_control = calibrate(config, workdir, state.params)
-  ckpt.save(p.num_steps, state, force=True,
-            metadata={'finished': True,
-                      # +inf (an exit never taken) is stored as None: metadata is JSON.
-                      'margins': [float(m) if np.isfinite(m) else None for m in margins],
-                      'calibration': config.router.calibration,
-                      'risk_control': None if risk_control is None else risk_control.to_dict(),
-                      'distance': exits_training.get_distance(config).name})
+  meta = {'finished': True,
+          # +inf (an exit never taken) is stored as None: metadata is JSON.
+          'margins': [float(m) if np.isfinite(m) else None for m in margins],
+          'calibration': config.router.calibration,
+          'risk_control': None if risk_control is None else risk_control.to_dict(),
+          'distance': exits_training.get_distance(config).name}
+  ckpt.save(p.num_steps, state, force=True, metadata=meta)
   ckpt.close()
+  _export_artifact(config, workdir, state.params, meta)
   return {'params': state.params, 'margins': margins, 'risk_control': risk_control}
+
+
+def _export_artifact(config, workdir: str, params: Any, meta: dict) -> None:
+  """WORKDIR/artifacts/predictor: folded variables + calibration (artifacts.py), once."""
+  if not artifacts.exists(workdir, STAGE):
+    parent = artifacts.read_manifest(workdir, 'exits')['fingerprint']
+    artifacts.save(workdir, STAGE, params, config=config, parents={'exits': parent},
+                   metadata={k: meta[k] for k in ('margins', 'calibration', 'risk_control',
+                                                  'distance')})
 
 
 def _calibration_of(meta: dict) -> dict:

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
@@ -271,6 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ReenactState:
     state, meta = ckpt.restore(state)
     logging.info('reenact backbone: resumed at step %d', int(state.step))
     if meta.get('finished'):
+      _export_artifact(config, workdir, state)
       return state
   start = int(state.step)
   samples = _sample_batch(config, val_src)
@@ -307,7 +309,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ReenactState:
   ckpt.save(int(state.step), state, metadata={'data_position': int(state.step),
                                               'finished': True}, force=True)
   ckpt.close()
+  _export_artifact(config, workdir, state)
   return state
+
+
+def _export_artifact(config, workdir: str, state) -> None:
+  """WORKDIR/artifacts/backbone: the EMA generator variables (artifacts.py), once."""
+  if not artifacts.exists(workdir, 'backbone'):
+    artifacts.save(workdir, 'backbone',
+                   {'params': state.ema_params, 'batch_stats': state.ema_stats},
+                   config=config, metadata={'steps': int(state.step)})
 
 
 def _evaluate(config, fns: _Compiled, variables, val_src) -> dict[str, float]:

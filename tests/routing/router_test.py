@@ -1,5 +1,4 @@
 """Routing rule, switch and bucketed dispatch, and `generate` on a tiny 16x16 model."""
-import dataclasses
 import functools
 
 import jax
@@ -9,9 +8,9 @@ import pytest
 from flax import linen as nn
 
 from configs import landscapes
-from fiancee_jax import inference
 from fiancee_jax import model as model_lib
 from fiancee_jax import tasks
+from fiancee_jax.inference import generate as generate_lib
 from fiancee_jax.metrics import latency
 from fiancee_jax.models import exits as exits_lib
 from fiancee_jax.models import factory
@@ -238,7 +237,7 @@ def test_bucketed_router_validates():
     bucketed()((np.full((2, 16, 16), 12, np.int32), tiny_z(2)), 0.1)
   with pytest.raises(ValueError, match='z must be'):
     bucketed()((tiny_labels(2), tiny_z(3)), 0.1)
-  no_pred = model_lib.FianceeModel(**{**m.__dict__, 'predictor': None})
+  no_pred = m.replace(predictor=None)
   with pytest.raises(ValueError, match='no predictor'):
     router.BucketedRouter(no_pred)
 
@@ -262,20 +261,20 @@ def test_generate_validates_before_any_compute():
   m = tiny_model()
   with latency.CompileCounter() as c:
     with pytest.raises(ValueError, match='threshold'):
-      inference.generate(m, tiny_labels(2), threshold=-0.1)
+      generate_lib.generate(m, tiny_labels(2), threshold=-0.1)
     with pytest.raises(ValueError, match='threshold'):
-      inference.generate(m, tiny_labels(2), threshold=float('nan'))
+      generate_lib.generate(m, tiny_labels(2), threshold=float('nan'))
     with pytest.raises(ValueError, match='class id 12'):
-      inference.generate(m, np.full((2, 16, 16), 12), threshold=0.1)
+      generate_lib.generate(m, np.full((2, 16, 16), 12), threshold=0.1)
     with pytest.raises(ValueError, match='add a batch axis'):
-      inference.generate(m, tiny_labels(1)[0], threshold=0.1)
+      generate_lib.generate(m, tiny_labels(1)[0], threshold=0.1)
   assert c.total == 0
 
 
 def test_generate_batch_and_single():
   m, r = tiny_model(), bucketed()
   labels = tiny_labels(3, seed=4)
-  out = inference.generate(m, labels, threshold=0.5, seed=1, router=r)
+  out = generate_lib.generate(m, labels, threshold=0.5, seed=1, router=r)
   assert out['images'].shape == (3, 16, 16, 3) and out['images'].dtype == np.float32
   assert out['exit_ids'].dtype == np.int32 and out['exit_ids'].shape == (3,)
   np.testing.assert_allclose(out['gflops'], np.asarray(m.exit_gflops)[out['exit_ids']] + 0.25)
@@ -283,13 +282,13 @@ def test_generate_batch_and_single():
   assert out['saved_fraction'] == pytest.approx(1 - out['mean_gflops'] / 4.0)
   assert np.all(np.abs(out['images']) <= 1.0)
   # Batch of one goes through the cached switch router; same result as the bucketed router.
-  one = inference.generate(m, labels[:1], threshold=0.5, seed=1)
-  ref = inference.generate(m, labels[:1], threshold=0.5, seed=1, router=r)
+  one = generate_lib.generate(m, labels[:1], threshold=0.5, seed=1)
+  ref = generate_lib.generate(m, labels[:1], threshold=0.5, seed=1, router=r)
   np.testing.assert_array_equal(one['exit_ids'], ref['exit_ids'])
   np.testing.assert_allclose(one['images'], ref['images'], atol=1e-5)
-  other = model_lib.FianceeModel(**m.__dict__)
+  other = m.replace()
   with pytest.raises(ValueError, match='different FianceeModel'):
-    inference.generate(other, labels, threshold=0.1, router=r)
+    generate_lib.generate(other, labels, threshold=0.1, router=r)
 
 
 def test_routers_take_the_risk_control_margin_of_each_threshold():
@@ -302,7 +301,7 @@ def test_routers_take_the_risk_control_margin_of_each_threshold():
   cal_pred = rng.uniform(0, 1, size=(200, 2))
   cal_true = cal_pred + rng.uniform(0, 0.2, size=(200, 2))
   rc = calibration.RiskControl(0.9, cal_pred, cal_true)
-  m = dataclasses.replace(base, risk_control=rc)
+  m = base.replace(risk_control=rc)
   r = router.BucketedRouter(m, BUCKETS)
   s = router.SwitchRouter(m)
   margins = set()

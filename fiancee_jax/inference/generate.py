@@ -6,11 +6,11 @@
   out['exit_ids']         # int32 [B]
   out['saved_fraction']   # 1 - mean GFLOPs / backbone GFLOPs
 
-Routers hold compiled executables; the ones `generate` builds itself are cached per model
-object, so repeated calls compile nothing new (a new batch size compiles at most the sampling
-of z). Pass `router=` to control bucket sizes or warm up ahead of time.
+Routers hold compiled executables; the ones `generate` builds itself are kept on the model
+(`model.routers`), so repeated calls compile nothing new (a new batch size compiles at most
+the sampling of z) and the executables go when the model goes. Pass `router=` to control
+bucket sizes or warm up ahead of time.
 """
-import weakref
 from typing import Any
 
 import jax
@@ -19,20 +19,13 @@ import numpy as np
 from fiancee_jax import model as model_lib
 from fiancee_jax.routing import router as router_lib
 
-# id(model) -> (weakref to model, {kind: router}); entries die with their model.
-_ROUTERS: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 
-
-def _cached_router(model: model_lib.FianceeModel, kind: str):
-  entry = _ROUTERS.get(id(model))
-  if entry is None or entry[0]() is not model:
-    entry = (weakref.ref(model, lambda _, i=id(model): _ROUTERS.pop(i, None)), {})
-    _ROUTERS[id(model)] = entry
-  routers = entry[1]
-  if kind not in routers:
-    routers[kind] = (router_lib.SwitchRouter(model) if kind == 'switch'
-                     else router_lib.BucketedRouter(model))
-  return routers[kind]
+def _router(model: model_lib.FianceeModel, kind: str):
+  """model.routers[kind], built on first use: 'switch' (batch of one) or 'bucketed'."""
+  if kind not in model.routers:
+    model.routers[kind] = (router_lib.SwitchRouter(model) if kind == 'switch'
+                           else router_lib.BucketedRouter(model))
+  return model.routers[kind]
 
 
 def generate(model: model_lib.FianceeModel, data: Any, *, threshold: float, seed: int = 0,
@@ -48,8 +41,8 @@ def generate(model: model_lib.FianceeModel, data: Any, *, threshold: float, seed
       the cheapest exit whose predicted distance plus its margin is <= threshold.
     seed: seed of the noise z (one z per image, as `model.make_inputs`); unused by
       noise-free backbones.
-    router: a BucketedRouter for `model`; by default one cached per model (a batch of one
-      uses a cached SwitchRouter instead: one executable, only the taken exit runs).
+    router: a BucketedRouter for `model`; by default the model's own (a batch of one uses
+      the model's SwitchRouter instead: one executable, only the taken exit runs).
 
   Returns:
     {'images': float32 [B, H, W, 3] in [-1, 1], 'exit_ids': int32 [B],
@@ -70,11 +63,11 @@ def generate(model: model_lib.FianceeModel, data: Any, *, threshold: float, seed
     raise ValueError(f'{model.task.data_keys[0]} is an empty batch; pass at least one sample')
   inputs = tuple(np.asarray(x) for x in model.make_inputs(data, jax.random.key(seed)))
   if router is None and data[0].shape[0] == 1:
-    image, k = _cached_router(model, 'switch')(inputs, threshold)
+    image, k = _router(model, 'switch')(inputs, threshold)
     images = np.asarray(image, np.float32)
     exit_ids = np.asarray(k, np.int32).reshape(1)
   else:
-    router = router or _cached_router(model, 'bucketed')
+    router = router or _router(model, 'bucketed')
     images, exit_ids, _ = router(inputs, threshold)
   gflops = router_lib.sample_gflops(model, exit_ids)
   mean = float(np.mean(gflops))
