@@ -4,6 +4,9 @@ import os
 import ml_collections
 
 from fiancee_jax import tasks
+from fiancee_jax.evaluation import intervals
+from fiancee_jax.metrics import anchors
+from fiancee_jax.metrics import distances
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
 from fiancee_jax.routing import calibration
@@ -18,6 +21,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if len(res) != 2 or not all(isinstance(r, int) and 16 <= r <= 1024 for r in res):
     raise ValueError(f'config.data.resolution must be (H, W) with 16 <= H, W <= 1024, got {res}')
   task = tasks.get_task(config)  # raises for an unknown config.backbone.name
+  distances.check_name(config.distance.name)
+  anchors.check_t_star(config.evaluate.t_star)
+  intervals.check_seeds(config.evaluate.seeds)
+  intervals.check_resamples(config.evaluate.bootstrap_resamples)
   for key in ('lpips_weights', 'fid_weights'):
     path = config.distance.get(key, '')
     if path and not os.path.isfile(path):

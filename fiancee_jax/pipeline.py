@@ -33,21 +33,11 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from fiancee_jax.training import predictor
   model = workdir_lib.load_model(config, workdir)
   n = min(config.router.num_eval, config.data.num_test)
-  inputs, true = predictor.split_distances(config, workdir, 'test', n)
+  inputs, _ = predictor.split_distances(config, workdir, 'test', n)
   data = inputs[:len(model.task.data_keys)]
-  report_path = os.path.join(workdir, 'report', 'report.json')
-  if config.router.thresholds:
-    thresholds = list(config.router.thresholds)
-  elif os.path.exists(report_path):  # the evaluate stage's sweep, with its operating point
-    with open(report_path) as f:
-      rep = json.load(f)
-    rows = rep['routing']
-    thresholds = {rows[i]['threshold'] for i in range(0, len(rows), max(1, len(rows) // 4))}
-    if rep['headline'].get('threshold') is not None:
-      thresholds.add(rep['headline']['threshold'])
-    thresholds = sorted(thresholds)
-  else:
-    thresholds = [float(t) for t in report.default_thresholds(true, num=4)]
+  # t* and fixed thresholds only: a threshold picked from the evaluate stage's results would
+  # always favour 'everyone to the earliest exit'.
+  thresholds = report.benchmark_thresholds(config, workdir, model)
   b = config.benchmark
   bench = benchmark.run_benchmark(model, data, batch_size=b.batch_size,
                                   thresholds=thresholds, warmup=b.warmup, iters=b.iters,
