@@ -139,15 +139,19 @@ def render_report(r: dict) -> list[str]:
     no_guide = _fmt(e.get('mean_distance_no_guidance'))
     if e.get('gflops_no_guidance') is not None:
       no_guide += f" at {_fmt(e['gflops_no_guidance'], 4)} GFLOPs"
+    mean = _figure(r, f'exits/{k}/mean_distance', e['mean_distance'],
+                   e.get('mean_distance_ci95'))
+    gain = (_figure(r, f'exits/{k}/guidance_gain/mean', gain['mean'], gain['ci95'])
+            if gain else 'n/a')
+    diff = (_figure(r, f'exits/{k}/difference_to_previous/mean', diff['mean'], diff['ci95'])
+            if diff else '-')
     lines.append(
         f"| {e['exit']} | {e['attach_after']} | {_fmt(e['gflops'], 4)} | "
-        f"{e['gflops'] / b['gflops']:.1%} | {_fmt(e['params'])} | "
-        f"{_figure(r, f'exits/{k}/mean_distance', e['mean_distance'], e.get('mean_distance_ci95'))}"
-        f" | {_fmt(e.get('p95_distance'))} | {_fmt(e.get('mean_distance_msssim'))} | {no_guide} | "
-        f"{_figure(r, f'exits/{k}/guidance_gain/mean', gain['mean'], gain['ci95']) if gain else 'n/a'}"
-        f" | {_figure(r, f'exits/{k}/difference_to_previous/mean', diff['mean'], diff['ci95']) if diff else '-'} |")
-  lines.append(f"| backbone | - | {_fmt(b['gflops'], 4)} | 100% | {b['params']} | 0 | 0 | 0 | 0 | - "
-               '| - |')
+        f"{e['gflops'] / b['gflops']:.1%} | {_fmt(e['params'])} | {mean} | "
+        f"{_fmt(e.get('p95_distance'))} | {_fmt(e.get('mean_distance_msssim'))} | {no_guide} | "
+        f"{gain} | {diff} |")
+  lines.append(f"| backbone | - | {_fmt(b['gflops'], 4)} | 100% | {b['params']} | 0 | 0 | 0 | 0 "
+               '| - | - |')
   lines.append('')
   lines.append(anchors_line(r))
   lines.append('')

@@ -44,9 +44,10 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 
 # The only (module, name) pairs a pickled NumPy array needs, under the names NumPy 1.x
 # (`numpy.core`) and 2.x (`numpy._core`) write.
+_RECONSTRUCT = _multiarray._reconstruct  # pylint: disable=protected-access
 _NUMPY_GLOBALS = {
-    ('numpy.core.multiarray', '_reconstruct'): _multiarray._reconstruct,  # pylint: disable=protected-access
-    ('numpy._core.multiarray', '_reconstruct'): _multiarray._reconstruct,  # pylint: disable=protected-access
+    ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,
+    ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,
     ('numpy', 'ndarray'): np.ndarray,
     ('numpy', 'dtype'): np.dtype,
 }
@@ -94,7 +95,8 @@ def check_array_tree(tree: Any, source: str, path: str = '') -> dict:
                        f'{REINSTALL_HINT}')
     if isinstance(value, dict):
       check_array_tree(value, source, where)
-    elif not isinstance(value, np.ndarray) or value.dtype.hasobject or value.dtype.kind not in 'biuf':
+    elif (not isinstance(value, np.ndarray) or value.dtype.hasobject
+          or value.dtype.kind not in 'biuf'):
       raise ValueError(f'{source}: {where} is a {type(value).__name__}'
                        f'{" of " + str(value.dtype) if isinstance(value, np.ndarray) else ""}, '
                        f'not a numeric NumPy array. {REINSTALL_HINT}')
