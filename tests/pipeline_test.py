@@ -10,6 +10,7 @@ from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
 from fiancee_jax import tasks
+from tests.evaluation import report_test
 
 # Tests that use the shared `tiny_run` job run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group('tiny_run')
@@ -40,22 +41,34 @@ def test_report_schema(workdir):
   wd, config = workdir
   with open(os.path.join(wd, 'report', 'report.json')) as f:
     r = json.load(f)
-  assert r['distance'] == '1-msssim'
+  assert set(r) >= report_test.TOP_KEYS  # DESIGN.md section 3
+  assert r['distance'] == 'lpips-alex'
   assert r['num_eval'] == 32 and r['resolution'] == [16, 16]
-  assert set(r['backbone']) >= {'gflops', 'params'}
+  assert set(r['backbone']) >= {'gflops', 'params', 'broadcast_z_share'}
   assert len(r['exits']) == 2
   for e in r['exits']:
-    assert set(e) >= {'exit', 'attach_after', 'gflops', 'params', 'mean_distance',
-                      'mean_distance_no_guidance'}
+    assert set(e) >= report_test.EXIT_KEYS
     assert 0 < e['gflops'] < r['backbone']['gflops']
     assert np.isfinite(e['mean_distance']) and np.isfinite(e['mean_distance_no_guidance'])
+    assert 0 <= e['mean_distance_msssim'] <= 1
+    lo, hi = e['guidance_gain']['ci95']
+    assert lo <= e['guidance_gain']['mean'] <= hi
+  # t* was measured on the validation split and recorded before the report used it.
+  with open(os.path.join(wd, 't_star.json')) as f:
+    assert json.load(f) == r['t_star']
+  assert r['t_star']['value'] > 0 and r['t_star']['num_samples'] == config.data.num_validation
+  assert set(r['at_t_star']) >= report_test.POINT_KEYS
+  assert r['at_t_star']['threshold'] == pytest.approx(r['t_star']['value'])
+  assert r['at_lpips_0.1']['threshold'] == pytest.approx(0.1)
+  assert set(r['distance_anchors']) == {'blur_sigma1', 'shift_1px', 'noise_sigma0.03',
+                                        'another_z', 'z_average_2'}
+  assert r['distance_anchors']['blur_sigma1'] > 0
+  assert 'headline' not in r
   assert set(r['predictor']) >= {'gflops', 'mae', 'spearman'}
   assert set(r['database']) >= {'entries', 'bytes', 'lookup_gflops'}
   assert r['database']['entries'] == config.database.num_entries
   for row in r['routing']:
-    assert set(row) >= {'threshold', 'mean_gflops', 'saved_fraction', 'met_fraction',
-                        'oracle_saved_fraction', 'best_static_saved_fraction',
-                        'exit_histogram'}
+    assert set(row) >= report_test.ROW_KEYS
     assert sum(row['exit_histogram']) == 32
     assert 0.0 <= row['met_fraction'] <= 1.0
     assert row['saved_fraction'] <= 1.0
@@ -77,6 +90,10 @@ def test_bench_schema(workdir):
   text = json.dumps(b)
   for key in ('matmul', 'switch', 'vmap'):
     assert key in text, key
+  with open(os.path.join(wd, 't_star.json')) as f:
+    t_star = json.load(f)['value']
+  # The benchmark routes at t* and the paper's LPIPS 0.1, nothing picked from the results.
+  assert sorted(r['threshold'] for r in b['routing']) == pytest.approx(sorted([t_star, 0.1]))
 
 
 def test_rerun_resumes_every_stage_without_retraining(workdir):

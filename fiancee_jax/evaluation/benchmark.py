@@ -491,33 +491,15 @@ def write_bench(bench: dict[str, Any], out_dir: str) -> tuple[str, str]:
   return json_path, md_path
 
 
-def stage_thresholds(config: ml_collections.ConfigDict, workdir: str,
-                     measured: Callable[[], np.ndarray]) -> list[float]:
-  """The thresholds the benchmark stage times: config.router.thresholds if set; else about
-  four of the evaluate stage's sweep plus its operating point (report/report.json); else
-  four spread over the distances `measured()` returns (float32 [N, E - 1])."""
-  if config.router.thresholds:
-    return [float(t) for t in config.router.thresholds]
-  report_path = os.path.join(workdir, 'report', 'report.json')
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      rep = json.load(f)
-    rows = rep['routing']
-    thresholds = {rows[i]['threshold'] for i in range(0, len(rows), max(1, len(rows) // 4))}
-    if rep['headline'].get('threshold') is not None:
-      thresholds.add(rep['headline']['threshold'])
-    return sorted(thresholds)
-  return [float(t) for t in report.default_thresholds(measured(), num=4)]
-
-
 def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Stage `benchmark`: report/bench.json and report/bench.md of the workdir's artifacts,
   timed on the test split's first min(router.num_eval, data.num_test) examples."""
   model = loading.load_model(workdir, config)
   n = min(config.router.num_eval, config.data.num_test)
   inputs = exit_distances.load_inputs(config, 'test', n)
-  thresholds = stage_thresholds(
-      config, workdir, lambda: exit_distances.of_model(config, workdir, model, 'test', n)[1])
+  # t* and fixed thresholds only: a threshold picked from the evaluate stage's results would
+  # always favour 'everyone to the earliest exit'.
+  thresholds = report.benchmark_thresholds(config, workdir, model)
   b = config.benchmark
   bench = run_benchmark(model, inputs[:len(model.task.data_keys)], batch_size=b.batch_size,
                         thresholds=thresholds, warmup=b.warmup, iters=b.iters,

@@ -1,34 +1,38 @@
 """Stage `evaluate`: quality vs compute on the test split -> report/report.json + plots.
 
-Routing figures follow DESIGN.md section 3: `saved_fraction` = 1 - mean routed GFLOPs
-(predictor and lookup included) / backbone GFLOPs; `met_fraction` = share of samples whose
-true distance (of the chosen exit) <= threshold; `oracle_saved_fraction` = the same with
-the true distances deciding (no predictor); `best_static_saved_fraction` = savings of the
-cheapest single exit whose mean distance meets the threshold (0 if only the backbone).
+The keys follow DESIGN.md section 3. Every figure is on the test split, in the configured
+distance (`distance`), with 1 - MS-SSIM as a second column per exit; `distance_anchors` puts
+the distances on a scale (metrics/anchors.py). The headline is `at_t_star`: routing at t*,
+which is fixed from the backbone alone before any exit is trained (anchors.fix_t_star), never
+a threshold picked after seeing the results; `at_lpips_0.1` gives the paper's absolute bar
+beside it when the distance is an LPIPS. The per-threshold figures and baselines are defined
+in tradeoff.py, the intervals in intervals.py.
+
+Everything after the model and the test distances are loaded is a function of arrays
+(`build_report`), so tests and other loaders can call it without a workdir.
 """
 import json
 import os
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from scipy import stats as scipy_stats
 
 from fiancee_jax import tasks
+from fiancee_jax.evaluation import intervals
 from fiancee_jax.evaluation import plots
+from fiancee_jax.evaluation import tradeoff
 from fiancee_jax.guidance import database as database_lib
 from fiancee_jax.inference import loading
+from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import costs
 from fiancee_jax.metrics import distances
 from fiancee_jax.metrics import exit_distances
-from fiancee_jax.routing import router
 
-
-def route_ids(scores: np.ndarray, threshold: float, margins: np.ndarray) -> np.ndarray:
-  """Cheapest exit whose score + margin <= threshold, else the backbone: int32 [N]."""
-  return np.asarray(router.route(jnp.asarray(scores), threshold, jnp.asarray(margins)))
+LPIPS_REFERENCE = 0.1  # the paper's absolute bar ("about half the compute at LPIPS <= 0.1")
+SECOND_DISTANCE = '1-msssim'
+route_ids = tradeoff.route_ids  # re-exported: routing decisions of the report's rule
 
 
 def _json_floats(x: np.ndarray) -> list[float | None]:
@@ -36,58 +40,15 @@ def _json_floats(x: np.ndarray) -> list[float | None]:
   return [float(v) if np.isfinite(v) else None for v in np.asarray(x, np.float64).ravel()]
 
 
-def routing_table(pred: np.ndarray, true: np.ndarray,
-                  margins: Callable[[float], np.ndarray] | np.ndarray,
-                  exit_gflops: np.ndarray, predictor_gflops: float,
-                  thresholds: np.ndarray) -> list[dict]:
-  """Routing figures per threshold (see module docstring).
+def report_thresholds(t_star: float, distance: str, *, multiples=(), configured=()) -> np.ndarray:
+  """The routing table's thresholds, all fixed before any exit is trained.
 
-  Args:
-    pred, true: [N, E - 1] predicted and measured distances of the branch exits.
-    margins: [E - 1] calibration margins, or threshold -> [E - 1] margins
-      (FianceeModel.margins_at).
-    exit_gflops: [E] GFLOPs per exit, the backbone last.
-    predictor_gflops: GFLOPs of the predictor per sample.
-    thresholds: thresholds on the distance.
+  `configured` (config.router.thresholds) if given, else t* x `multiples`; t* itself and,
+  for an LPIPS distance, the paper's 0.1 are always included. float64 [T], sorted, unique.
   """
-  n, e1 = true.shape
-  full = np.concatenate([true, np.zeros((n, 1), true.dtype)], axis=1)  # backbone: 0
-  backbone = exit_gflops[-1]
-  mean_dist = true.mean(axis=0)
-  rows = []
-  margins_at = margins if callable(margins) else (lambda t: margins)
-  for t in thresholds:
-    ids = route_ids(pred, float(t), margins_at(float(t)))
-    oracle = route_ids(true, float(t), np.zeros(e1, np.float32))
-    chosen = full[np.arange(n), ids]
-    mean_g = float(exit_gflops[ids].mean() + predictor_gflops)
-    ok = np.nonzero(mean_dist <= t)[0]
-    static = 1.0 - exit_gflops[ok[0]] / backbone if len(ok) else 0.0
-    rows.append({
-        'threshold': float(t),
-        'mean_gflops': mean_g,
-        'saved_fraction': 1.0 - mean_g / backbone,
-        'met_fraction': float((chosen <= t).mean()),
-        'mean_distance': float(chosen.mean()),
-        'oracle_saved_fraction': float(1.0 - exit_gflops[oracle].mean() / backbone),
-        'oracle_mean_distance': float(full[np.arange(n), oracle].mean()),
-        'best_static_saved_fraction': float(static),
-        'exit_histogram': np.bincount(ids, minlength=e1 + 1).astype(int).tolist(),
-    })
-  return rows
-
-
-def default_thresholds(true: np.ndarray, scores: np.ndarray | None = None,
-                       num: int = 12) -> np.ndarray:
-  """From the 5th percentile of the latest exit's distance up to where routing sends
-  (almost) everything to the earliest exit: the 99th percentile of its true distance (a
-  per-threshold calibration at target 0.95 sends everything there once the threshold passes
-  ~the 95th) and of its routing score (prediction + margin), whichever is larger."""
-  lo = float(np.percentile(true[:, -1], 5))
-  hi = float(np.percentile(true[:, 0], 99))
-  if scores is not None and np.all(np.isfinite(scores[:, 0])):
-    hi = max(hi, float(np.percentile(scores[:, 0], 95)))
-  return np.linspace(lo, max(hi, lo + 1e-6), num)
+  base = list(configured) if len(configured) else [t_star * m for m in multiples]
+  base += [t_star] + ([LPIPS_REFERENCE] if distances.is_lpips(distance) else [])
+  return np.unique(np.asarray(base, np.float64))
 
 
 def predictor_quality(pred: np.ndarray, true: np.ndarray) -> dict:
@@ -101,13 +62,136 @@ def predictor_quality(pred: np.ndarray, true: np.ndarray) -> dict:
           'per_exit': per_exit}
 
 
-def _fid_feature_fn(config: ml_collections.ConfigDict):
-  """The Inception feature function of config.distance.fid_weights, or None if unset."""
-  path = config.distance.get('fid_weights', '')
-  if not path:
-    return None
-  from fiancee_jax.metrics import fid  # pylint: disable=g-import-not-at-top
-  return fid.make_feature_fn(fid.load_params(path))
+def build_report(*, distance: str, pred: np.ndarray, true: np.ndarray,
+                 true_unguided: np.ndarray | None, second: np.ndarray | None, margins_at,
+                 exit_costs: list[dict], exit_gflops_unguided: list[float] | None,
+                 predictor_gflops: float, t_star: dict, distance_anchors: dict,
+                 target_met: float, thresholds: np.ndarray, resamples: int,
+                 bootstrap_seed: int, num_z_average: int) -> dict:
+  """The figures of report.json that come from arrays (DESIGN.md section 3).
+
+  Args:
+    distance: the distance's name (e.g. 'lpips-alex').
+    pred: float [N, E - 1] predicted distances of the early exits on the test samples.
+    true: float [N, E - 1] their measured distances (guided exits when guided).
+    true_unguided: float [N, E - 1] the unguided exits' distances on the same samples, or None.
+    second: float [N, E - 1] the early exits' 1 - MS-SSIM, or None.
+    margins_at: threshold -> float [E - 1] calibration margins (FianceeModel.margins_at).
+    exit_costs: per exit, the backbone last: {'exit', 'attach_after', 'gflops', 'params'}.
+    exit_gflops_unguided: GFLOPs of the unguided exit paths (E - 1), or None.
+    predictor_gflops: GFLOPs of the predictor per sample.
+    t_star: the t* record (anchors.fix_t_star).
+    distance_anchors: {anchor name: mean distance or None} (anchors.anchor_distances).
+    target_met: the calibration's target share (the rule the static baseline is held to).
+    thresholds: the routing table's thresholds (report_thresholds).
+    resamples, bootstrap_seed: the paired bootstrap (intervals.bootstrap_figures).
+    num_z_average: z draws of the 'z_average' anchor.
+
+  Returns:
+    {'distance', 'distance_anchors', 'distance_anchor_definitions', 'exits', 'routing',
+     'routing_uncalibrated', 't_star', 'at_t_star', 'at_lpips_0.1', 'curve_efficiency',
+     'efficiency_curves', 'intervals', 'calibration' (margins only)}.
+  """
+  true = np.asarray(true, np.float64)
+  e1 = true.shape[1]
+  g = np.asarray([c['gflops'] for c in exit_costs], np.float64)
+  t = float(t_star['value'])
+  rows = tradeoff.routing_table(pred, true, margins_at, g, predictor_gflops, thresholds,
+                                target_met=target_met)
+  uncalibrated = tradeoff.routing_table(pred, true, np.zeros(e1, np.float32), g,
+                                        predictor_gflops, thresholds, target_met=target_met)
+  ids_t = route_ids(pred, t, margins_at(t))
+  at_t = tradeoff.routing_row(ids_t, true, g, predictor_gflops, t, target_met)
+  ci = intervals.bootstrap_figures(
+      true, true_unguided=true_unguided,
+      saved=tradeoff.per_sample_saved(ids_t, g, predictor_gflops),
+      num_resamples=resamples, seed=bootstrap_seed)
+  exits = []
+  for k, c in enumerate(exit_costs[:-1]):
+    e = {**c, 'gflops_fraction': c['gflops'] / g[-1],
+         'mean_distance': float(true[:, k].mean()),
+         'mean_distance_ci95': ci['exits'][k]['mean_distance']['ci95'],
+         'p95_distance': float(np.percentile(true[:, k], 95)),
+         f'mean_distance_{SECOND_DISTANCE.replace("1-", "")}': (
+             float(np.mean(second[:, k])) if second is not None else None),
+         'difference_to_previous': ci['exits'][k]['difference_to_previous'],
+         'mean_distance_no_guidance': None, 'p95_distance_no_guidance': None,
+         'gflops_no_guidance': None, 'guidance_gain': None}
+    if true_unguided is not None:
+      e.update(mean_distance_no_guidance=float(true_unguided[:, k].mean()),
+               p95_distance_no_guidance=float(np.percentile(true_unguided[:, k], 95)),
+               gflops_no_guidance=(exit_gflops_unguided[k] if exit_gflops_unguided else None),
+               guidance_gain=ci['exits'][k]['guidance_gain'])
+    exits.append(e)
+  curve_efficiency, curves = tradeoff.efficiency(pred, true, margins_at, g, predictor_gflops)
+  report = {
+      'distance': distance,
+      'distance_anchors': distance_anchors,
+      'distance_anchor_definitions': anchors.anchor_definitions(num_z_average),
+      'exits': exits,
+      'routing': rows,
+      'routing_uncalibrated': uncalibrated,
+      't_star': dict(t_star),
+      'at_t_star': {**tradeoff.operating_point(at_t),
+                    'saved_fraction_ci95': ci['saved_fraction']['ci95']},
+      'at_lpips_0.1': None,
+      'curve_efficiency': curve_efficiency,
+      'efficiency_curves': curves,
+      'intervals': {k: ci[k] for k in ('method', 'resamples', 'seed', 'level')},
+      'calibration': {
+          'margins_per_threshold': [_json_floats(margins_at(r['threshold'])) for r in rows],
+          'met_fraction_per_threshold': [r['met_fraction'] for r in rows],
+          'met_fraction_uncalibrated': [r['met_fraction'] for r in uncalibrated]},
+  }
+  if distances.is_lpips(distance):
+    ids = route_ids(pred, LPIPS_REFERENCE, margins_at(LPIPS_REFERENCE))
+    report['at_lpips_0.1'] = tradeoff.operating_point(tradeoff.routing_row(
+        ids, true, g, predictor_gflops, LPIPS_REFERENCE, target_met))
+  else:
+    report['at_lpips_0.1_note'] = (f'the distance is {distance}, not an LPIPS: the paper\'s '
+                                   'absolute LPIPS 0.1 does not apply')
+  return report
+
+
+def backbone_fn(model, batch: int):
+  """inputs -> the backbone's outputs float32 [N, H, W, 3], in chunks of `batch` through one
+  compiled path (so t*, the anchors' z draws and every call share one executable)."""
+  path = jax.jit(model.paths()[-1])
+
+  def run(inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    n = len(inputs[0])
+    out = []
+    for s in range(0, n, batch):
+      x = tuple(np.asarray(v[s:s + batch]) for v in inputs)
+      pad = batch - len(x[0])
+      if pad:  # one compiled shape
+        x = tuple(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for v in x)
+      out.append(np.asarray(path(model.params, *x))[:batch - pad])
+    return np.concatenate(out)
+
+  return run
+
+
+def measure_anchors(config: ml_collections.ConfigDict, model, distance: distances.Distance,
+                    inputs: tuple[np.ndarray, ...], images: np.ndarray, backbone) -> dict:
+  """anchors.anchor_distances of the backbone's test outputs `images` [N, H, W, 3];
+  backbone: `backbone_fn(model, batch)`."""
+  task = model.task
+  generate, sampler = None, None
+  if task.noise_dim:
+    data = tuple(inputs[:tasks.num_data(task)])
+    generate = lambda z: backbone(tasks.with_noise(task, data, z))
+    sampler = lambda key, n: np.asarray(jax.random.normal(key, (n, task.noise_dim)))
+  key = jax.random.fold_in(jax.random.key(config.seed), 0xA7C)  # the anchors' own stream
+  return anchors.anchor_distances(distance.fn, images, key, generate_fn=generate,
+                                  z_sampler=sampler, num_average=config.evaluate.z_average,
+                                  batch=config.predictor.measure_batch)
+
+
+def second_distances(outputs: list[np.ndarray], batch: int) -> np.ndarray:
+  """float32 [N, E - 1]: 1 - MS-SSIM of every early exit's output to the backbone's."""
+  fn = distances.get_distance(SECOND_DISTANCE).fn
+  return np.stack([distances.batched(fn, o, outputs[-1], batch) for o in outputs[:-1]], -1)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -121,63 +205,114 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     unguided = loading.load_model(workdir, config, variant='unguided')
     no_guide = exit_distances.of_model(config, workdir, unguided, 'test', n)[1]
   pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
-  # Threshold-free margins shift the scores; risk-control margins are set per threshold.
-  scores = pred + model.margins_at(0.0)[None] if model.risk_control is None else None
-  thresholds = (np.asarray(config.router.thresholds, np.float32) if config.router.thresholds
-                else default_thresholds(true, scores))
-  exit_gflops = np.asarray(model.exit_gflops)
-  routing = routing_table(pred, true, model.margins_at, exit_gflops, model.predictor_gflops,
-                          thresholds)
-  uncalibrated = routing_table(pred, true, np.zeros(model.num_exits - 1, np.float32),
-                               exit_gflops, model.predictor_gflops, thresholds)
+  # t* was fixed after the backbone stage; if not, it is measured now, identically (it
+  # depends on the backbone and the validation inputs only).
+  validation = exit_distances.load_inputs(config, 'validation', config.data.num_validation)
+  return evaluate_model(config, workdir, model, inputs, true, no_guide, pred, validation,
+                        fid_fn=fid_fn)
+
+
+def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
+                   inputs: tuple[np.ndarray, ...], true: np.ndarray,
+                   no_guide: np.ndarray | None, pred: np.ndarray,
+                   validation: tuple[np.ndarray, ...], *, fid_fn=None) -> dict:
+  """The evaluate stage on loaded arrays: the report, written with its plots by process 0.
+
+  Args:
+    inputs: the exit paths' inputs of the N test samples (data, then z if any).
+    true, no_guide, pred: float [N, E - 1] guided and unguided distances, predictions.
+    validation: the exit paths' inputs of the first config.data.num_validation validation
+      samples (for t*, if it is not fixed yet).
+  """
+  batch = config.predictor.measure_batch
+  distance = distances.from_config(config)
+  backbone = backbone_fn(model, batch)
+  t_star = anchors.fix_t_star(config, workdir, lambda: backbone(validation), distance=distance)
+  outputs = exit_outputs(model, inputs, batch)
+  second = (true if distance.name == SECOND_DISTANCE else second_distances(outputs, batch))
   cstats = costs.exit_stats(config)
-  exits = []
-  for k, c in enumerate(cstats[:-1]):
-    exits.append({**c, 'mean_distance': float(true[:, k].mean()),
-                  'mean_distance_no_guidance': (float(no_guide[:, k].mean())
-                                                if no_guide is not None else None),
-                  'gflops_fraction': c['gflops'] / exit_gflops[-1]})
+  unguided_gflops = None
+  if no_guide is not None:
+    unguided_gflops = [c['gflops'] for c in costs.exit_stats(config, guided=False)[:-1]]
+  ev = config.evaluate
+  thresholds = report_thresholds(t_star['value'], distance.name,
+                                 multiples=ev.t_star_multiples,
+                                 configured=tuple(config.router.thresholds))
+  body = build_report(
+      distance=distance.name, pred=pred, true=true, true_unguided=no_guide, second=second,
+      margins_at=model.margins_at, exit_costs=cstats, exit_gflops_unguided=unguided_gflops,
+      predictor_gflops=model.predictor_gflops, t_star=t_star,
+      distance_anchors=measure_anchors(config, model, distance, inputs, outputs[-1],
+                                       backbone),
+      target_met=config.router.target_met, thresholds=thresholds,
+      resamples=ev.bootstrap_resamples, bootstrap_seed=ev.bootstrap_seed,
+      num_z_average=ev.z_average)
   db = model.params['database']
   h, w = config.data.resolution
   report = {
-      'distance': model.distance,
-      'num_eval': int(n),
+      'distance': body.pop('distance'),
+      'distance_anchors': body.pop('distance_anchors'),
+      'num_eval': int(len(true)),
       'resolution': [h, w],
-      'backbone': costs.backbone_stats(config),
-      'exits': exits,
+      'seeds': [int(config.seed)],
+      'backbone': {**costs.backbone_stats(config),
+                   'broadcast_z_share': costs.broadcast_z_share(config)},
       'predictor': {'gflops': model.predictor_gflops, **predictor_quality(pred, true)},
       'database': {'entries': config.database.num_entries,
                    'bytes': database_lib.nbytes(db) if db is not None else 0,
                    'lookup_gflops': costs.lookup_gflops(config)},
-      'calibration': {'method': config.router.calibration,
-                      'target_met': config.router.target_met,
-                      'margins': (None if model.risk_control is not None
-                                  else _json_floats(model.margins_at(0.0))),
-                      'margins_per_threshold': [_json_floats(model.margins_at(r['threshold']))
-                                                for r in routing],
-                      'met_fraction_per_threshold': [r['met_fraction'] for r in routing],
-                      'met_fraction_uncalibrated': [r['met_fraction'] for r in uncalibrated]},
-      'routing': routing,
-      'routing_uncalibrated': uncalibrated,
+      **body,
   }
-  split = tasks.load_split(config, 'test', n)
+  report['calibration'] = {
+      'method': config.router.calibration, 'target_met': config.router.target_met,
+      'margins': (None if model.risk_control is not None
+                  else _json_floats(model.margins_at(0.0))),
+      **report['calibration']}
+  split = tasks.load_split(config, 'test', len(true))
   target = split.get('target')
-  if target is not None or fid_fn is not None:
-    outputs = exit_outputs(model, inputs, config.predictor.measure_batch)
-    if target is not None:
-      report['ground_truth'] = truth_table(config, model, inputs, outputs, target, pred,
-                                           routing)
-    if fid_fn is not None:
-      report['fid'] = fid_table(fid_fn, outputs, split['image'] if target is None else target)
-  report['headline'] = headline(report)
-  out = os.path.join(workdir, 'report')
+  if target is not None:
+    report['ground_truth'] = truth_table(config, model, inputs, outputs, target, pred,
+                                         report['routing'])
+  if fid_fn is not None:
+    report['fid'] = fid_table(fid_fn, outputs, split['image'] if target is None else target)
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, 'report.json.tmp'), 'w') as f:
-      json.dump(_finite_or_none(report), f, indent=2, allow_nan=False)
-    os.replace(os.path.join(out, 'report.json.tmp'), os.path.join(out, 'report.json'))
-    plots.write_all(out, report, pred, true, model, inputs, target)
+    write_report(os.path.join(workdir, 'report'), report)
+    num = min(8, len(true))
+    data = inputs[:tasks.num_data(model.task)]
+    plots.write_all(os.path.join(workdir, 'report'), report, pred, true,
+                    columns=model.task.columns(tuple(x[:num] for x in data)),
+                    outputs=[o[:num] for o in outputs],
+                    routed_ids=route_ids(pred[:num], t_star['value'],
+                                         model.margins_at(t_star['value'])),
+                    target=None if target is None else target[:num])
   return report
+
+
+def write_report(out: str, report: dict) -> None:
+  """out/report.json, atomically (JSON has no inf/NaN: such numbers become null)."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'report.json.tmp'), 'w') as f:
+    json.dump(_finite_or_none(report), f, indent=2, allow_nan=False)
+  os.replace(os.path.join(out, 'report.json.tmp'), os.path.join(out, 'report.json'))
+
+
+def benchmark_thresholds(config: ml_collections.ConfigDict, workdir: str, model) -> list[float]:
+  """The benchmark's thresholds: t* and, for an LPIPS distance, 0.1, plus any configured ones
+  (config.router.thresholds); all fixed before the results are seen."""
+  validation = exit_distances.load_inputs(config, 'validation', config.data.num_validation)
+  backbone = backbone_fn(model, config.predictor.measure_batch)
+  t_star = anchors.fix_t_star(config, workdir, lambda: backbone(validation))
+  return [float(t) for t in report_thresholds(t_star['value'], config.distance.name,
+                                              configured=tuple(config.router.thresholds))]
+
+
+def _fid_feature_fn(config: ml_collections.ConfigDict):
+  """The Inception feature function of config.distance.fid_weights, or None if unset."""
+  path = config.distance.get('fid_weights', '')
+  if not path:
+    return None
+  from fiancee_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+  return fid.make_feature_fn(fid.load_params(path))
 
 
 def exit_outputs(model, inputs: tuple[np.ndarray, ...], batch: int) -> list[np.ndarray]:
@@ -269,18 +404,8 @@ def _finite_or_none(x):
     return {k: _finite_or_none(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [_finite_or_none(v) for v in x]
-  if isinstance(x, float) and not np.isfinite(x):
-    return None
+  if isinstance(x, (float, np.floating)):
+    return float(x) if np.isfinite(x) else None
+  if isinstance(x, np.integer):
+    return int(x)
   return x
-
-
-def headline(report: dict) -> dict:
-  """The operating point: most savings among thresholds with met_fraction >= the target."""
-  target = report['calibration']['target_met']
-  ok = [r for r in report['routing'] if r['met_fraction'] >= target]
-  if not ok:
-    return {'target_met': target, 'threshold': None}
-  r = max(ok, key=lambda r: r['saved_fraction'])
-  return {'target_met': target, **{k: r[k] for k in (
-      'threshold', 'met_fraction', 'saved_fraction', 'oracle_saved_fraction',
-      'best_static_saved_fraction')}}

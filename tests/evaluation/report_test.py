@@ -1,4 +1,6 @@
-"""Report helpers that the tiny pipeline runs do not reach: FID wiring and weight checks."""
+"""The report: FID wiring, weight checks, and every DESIGN.md section 3 key built from arrays."""
+import os
+
 import numpy as np
 import pytest
 
@@ -37,3 +39,149 @@ def test_missing_weights_file_is_refused_before_compute(key, tmp_path):
     config.distance[key] = str(tmp_path / 'nope.npz')
   with pytest.raises(ValueError, match=f'config.distance.{key}=.*nope.npz.* is not a file'):
     config_checks.check_config(config)
+
+
+# --- The report built from arrays ------------------------------------------------------------
+
+# DESIGN.md section 3: the keys every report.json holds.
+TOP_KEYS = {'distance', 'distance_anchors', 'num_eval', 'resolution', 'seeds', 'backbone', 'exits',
+            'predictor', 'database', 'routing', 't_star', 'at_t_star', 'at_lpips_0.1',
+            'curve_efficiency'}
+EXIT_KEYS = {'exit', 'attach_after', 'gflops', 'params', 'mean_distance', 'p95_distance',
+             'mean_distance_no_guidance', 'guidance_gain'}
+ROW_KEYS = {'threshold', 'mean_gflops', 'saved_fraction', 'met_fraction', 'early_exit_miss_rate',
+            'p95_distance', 'oracle_saved_fraction', 'best_static_saved_fraction',
+            'random_mix_saved_fraction', 'exit_histogram'}
+POINT_KEYS = {'threshold', 'saved_fraction', 'met_fraction', 'early_exit_miss_rate',
+              'oracle_saved_fraction', 'best_static_saved_fraction', 'random_mix_saved_fraction'}
+
+
+def _arrays(n=200, seed=0):
+  rng = np.random.default_rng(seed)
+  hard = rng.uniform(0, 1, n)
+  true = np.stack([0.03 + 0.1 * hard, 0.02 + 0.05 * hard], 1) * rng.uniform(0.9, 1.1, (n, 2))
+  pred = true + rng.normal(0, 0.005, true.shape)
+  return pred, true, true * 1.1
+
+
+def _built(distance='lpips-alex', t_star=0.06, seed=0):
+  pred, true, unguided = _arrays(seed=seed)
+  costs = [{'exit': 0, 'attach_after': 3, 'gflops': 0.2, 'params': 10},
+           {'exit': 1, 'attach_after': 4, 'gflops': 0.5, 'params': 20},
+           {'exit': 2, 'attach_after': 5, 'gflops': 1.0, 'params': 100}]
+  t = {'value': t_star, 'definition': 'test', 'distance': distance, 'num_samples': 8}
+  return report.build_report(
+      distance=distance, pred=pred, true=true, true_unguided=unguided, second=true * 0.5,
+      margins_at=lambda th: np.full(2, 0.01, np.float32), exit_costs=costs,
+      exit_gflops_unguided=[0.19, 0.49], predictor_gflops=0.01, t_star=t,
+      distance_anchors={'blur_sigma1': t_star, 'shift_1px': 0.01, 'noise_sigma0.03': 0.08,
+                        'another_z': 0.09, 'z_average_8': 0.05},
+      target_met=0.9,
+      thresholds=report.report_thresholds(t_star, distance, multiples=(0.5, 1.0, 2.0)),
+      resamples=100, bootstrap_seed=0, num_z_average=8)
+
+
+def _full(body, seed=0):
+  return {'num_eval': 200, 'resolution': [64, 64], 'seeds': [seed],
+          'backbone': {'gflops': 1.0, 'params': 100, 'broadcast_z_share': 0.1},
+          'predictor': {'gflops': 0.01, 'mae': 0.004, 'spearman': 0.9,
+                        'per_exit': [{'exit': 0, 'mae': 0.004, 'spearman': 0.9}] * 2},
+          'database': {'entries': 64, 'bytes': 1000, 'lookup_gflops': 0.001},
+          **body, 'calibration': {'method': 'risk_control', 'target_met': 0.9, 'margins': None,
+                                  **body['calibration']}}
+
+
+def test_build_report_holds_every_design_key():
+  r = _full(_built())
+  assert set(r) >= TOP_KEYS
+  for e in r['exits']:
+    assert set(e) >= EXIT_KEYS
+    assert set(e['guidance_gain']) == {'mean', 'ci95'}
+    assert e['guidance_gain']['mean'] == pytest.approx(1 - 1 / 1.1)
+    lo, hi = e['mean_distance_ci95']
+    assert lo < e['mean_distance'] < hi
+  assert r['exits'][0]['difference_to_previous'] is None
+  assert r['exits'][1]['difference_to_previous']['mean'] < 0
+  for row in r['routing']:
+    assert set(row) >= ROW_KEYS
+  thresholds = [row['threshold'] for row in r['routing']]
+  assert thresholds == pytest.approx(sorted({0.03, 0.06, 0.12, 0.1}))  # t* multiples + 0.1
+  assert set(r['at_t_star']) >= POINT_KEYS and r['at_t_star']['threshold'] == pytest.approx(0.06)
+  lo, hi = r['at_t_star']['saved_fraction_ci95']
+  assert lo <= r['at_t_star']['saved_fraction'] <= hi
+  assert set(r['at_lpips_0.1']) >= POINT_KEYS
+  assert r['at_lpips_0.1']['threshold'] == pytest.approx(0.1)
+  assert 0.0 < r['curve_efficiency'] <= 1.05
+  assert r['exits'][0]['mean_distance_msssim'] == pytest.approx(r['exits'][0]['mean_distance'] / 2)
+  assert 'headline' not in r
+
+
+def test_no_lpips_no_lpips_operating_point():
+  r = _built(distance='1-msssim')
+  assert r['at_lpips_0.1'] is None and 'not an LPIPS' in r['at_lpips_0.1_note']
+  assert 0.1 not in [row['threshold'] for row in r['routing']]
+
+
+def test_configured_thresholds_keep_t_star_and_lpips():
+  got = report.report_thresholds(0.05, 'lpips-vgg', multiples=(2.0,), configured=(0.2, 0.3))
+  np.testing.assert_allclose(got, [0.05, 0.1, 0.2, 0.3])
+
+
+def test_results_markdown_and_plots_render_a_built_report(tmp_path):
+  from fiancee_jax.evaluation import intervals  # pylint: disable=g-import-not-at-top
+  from fiancee_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  from fiancee_jax.evaluation import results_md  # pylint: disable=g-import-not-at-top
+  r = _full(_built())
+  text = '\n'.join(results_md.render_report(r))
+  assert '**At t\\***' in text and 'At the paper\'s LPIPS 0.1' in text
+  assert text.count('Anchors (lpips-alex from the backbone\'s output to): blur sigma 1 0.060') == 2
+  assert 'mean over 8 z 0.050' in text and 'Curve efficiency' in text
+  assert 'random mixture saved' in text and 'early-exit miss rate' in text
+  assert 'paired bootstrap' in text
+  agg = intervals.aggregate_seed_reports([_full(_built(seed=s), seed=s) for s in range(3)])
+  text = '\n'.join(results_md.render_report(agg))
+  assert 'means over 3 seeds (0, 1, 2) with 95 % t-intervals' in text
+  lo, hi = agg['seed_intervals']['exits/0/mean_distance']['ci95']
+  assert f'({lo:.3f} to {hi:.3f})' in text
+  path = tmp_path / 'q.png'
+  plots.distance_vs_gflops(str(path), agg)
+  assert path.stat().st_size > 0
+  plots.distance_vs_gflops(str(path), _full(_built(distance='1-msssim')))
+
+
+def test_plots_do_not_import_the_report_module():
+  import ast  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  from fiancee_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  names = {a.name for node in ast.walk(ast.parse(inspect.getsource(plots)))
+           if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+  assert 'report' not in names
+
+
+@pytest.mark.parametrize('section,key,value,match', [
+    ('distance', 'name', 'auto', r"Unknown distance 'auto'; known: lpips-alex, lpips-vgg, "
+                                 r'1-msssim, 1-ssim, l1'),
+    ('evaluate', 't_star', -0.1, r'config\.evaluate\.t_star=-0\.1 must be a positive finite'),
+    ('evaluate', 't_star', float('inf'), r'config\.evaluate\.t_star=inf must be a positive'),
+    ('evaluate', 'seeds', 0, r'config\.evaluate\.seeds=0 must be an integer >= 1'),
+    ('evaluate', 'bootstrap_resamples', 2, r'bootstrap_resamples=2 must be an integer >= 10'),
+])
+def test_bad_evidence_settings_are_refused_before_any_stage(section, key, value, match,
+                                                            tmp_path):
+  from fiancee_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config[section][key] = value
+  with pytest.raises(ValueError, match=match):
+    pipeline.run(config, str(tmp_path), 'backbone')
+  assert not os.listdir(tmp_path)
+
+
+def test_defaults_are_the_papers_metric_and_three_seeds():
+  config = landscapes.get_config()
+  assert config.distance.name == 'lpips-alex' and config.distance.lpips_weights == ''
+  assert config.evaluate.t_star is None and config.evaluate.seeds == 3
+  config_checks.check_config(config)
+  with config.unlocked():
+    config.evaluate.t_star = 0.05  # a placeholder: settable from the command line
+  config_checks.check_config(config)

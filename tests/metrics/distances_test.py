@@ -187,21 +187,29 @@ def test_factory_names(name):
   assert distances.get_distance(name).name == name
 
 
-def test_auto_without_weights_is_msssim(tmp_path):
-  assert distances.get_distance('auto').name == '1-msssim'
-  missing = tmp_path / 'nope.npz'
-  assert distances.get_distance('auto', lpips_weights=str(missing)).name == '1-msssim'
+def test_default_is_lpips_alex():
+  assert distances.DEFAULT == 'lpips-alex'
+  assert distances.get_distance().name == 'lpips-alex'  # packaged weights: no file needed
 
 
-def test_unknown_name_lists_known_ones():
-  with pytest.raises(ValueError, match='lpips-alex.*lpips-vgg.*1-msssim.*1-ssim.*l1'):
-    distances.get_distance('psnr')
-
-
-@pytest.mark.parametrize('name', ['lpips-alex', 'lpips-vgg'])
-def test_lpips_without_weights_says_how_to_make_them(name):
-  with pytest.raises(ValueError, match=r'convert_lpips_weights\.py.*auto.*1-msssim'):
+@pytest.mark.parametrize('name', ['auto', 'psnr', 'lpips-squeeze'])
+def test_unknown_name_lists_known_ones(name):
+  with pytest.raises(ValueError, match=f"{name}.*lpips-alex, lpips-vgg, 1-msssim, 1-ssim, l1"):
     distances.get_distance(name)
+
+
+def test_batched_pads_the_last_chunk_and_keeps_order():
+  x = smooth_images(0, 5, 16, 16)
+  y = noisy(x, 0.1)
+  calls = []
+
+  def fn(a, b):
+    calls.append(a.shape)
+    return distances.l1(a, b)
+
+  got = distances.batched(fn, x, y, batch=2)
+  np.testing.assert_allclose(got, distances.l1(x, y), rtol=1e-6)
+  assert calls == [(2, 16, 16, 3)] * 3
 
 
 def test_lpips_with_missing_file_names_it(tmp_path):

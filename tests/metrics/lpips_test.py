@@ -325,6 +325,6 @@ def test_lpips_jit_and_grad(lpips_distances):
 
 
 @pytest.mark.parametrize('net', ['alex', 'vgg'])
-def test_auto_picks_lpips_from_the_file(net, weights):
-  assert distances.get_distance('auto', lpips_weights=weights[net]).name == f'lpips-{net}'
-  assert os.path.isfile(weights[net])
+def test_npz_file_is_used_when_given(net, weights):
+  assert distances.get_distance(f'lpips-{net}', lpips_weights=weights[net]).name == f'lpips-{net}'
+  assert lpips.load_params(weights[net])[0] == net
