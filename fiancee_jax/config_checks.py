@@ -3,7 +3,7 @@ import os
 
 import ml_collections
 
-from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
 from fiancee_jax.routing import calibration
@@ -17,7 +17,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   res = tuple(d.resolution)
   if len(res) != 2 or not all(isinstance(r, int) and 16 <= r <= 1024 for r in res):
     raise ValueError(f'config.data.resolution must be (H, W) with 16 <= H, W <= 1024, got {res}')
-  task = tasks.get_task(config)  # raises for an unknown config.backbone.name
+  task = factory.get_task(config)  # raises for an unknown config.backbone.name
+  keys = sources.data_keys(config)  # raises for an unknown config.data.name
+  if keys != task.data_keys:
+    raise ValueError(f'config.data.name={d.name!r} gives ({", ".join(keys)}) but the '
+                     f'{b.name!r} backbone takes ({", ".join(task.data_keys)}): pick a '
+                     'dataset that gives them (config.data.name) or another backbone '
+                     '(config.backbone.name)')
   for key in ('lpips_weights', 'fid_weights'):
     path = config.distance.get(key, '')
     if path and not os.path.isfile(path):

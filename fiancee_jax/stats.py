@@ -32,7 +32,7 @@ def backbone_stats(config: ml_collections.ConfigDict) -> dict:
 
 def _abstract_inputs(config) -> tuple[jax.ShapeDtypeStruct, ...]:
   """The exit paths' inputs at batch 1 (tasks.py)."""
-  return tasks.input_specs(tasks.get_task(config), 1)
+  return tasks.input_specs(factory.get_task(config), 1)
 
 
 def abstract_database(config: ml_collections.ConfigDict) -> dict:

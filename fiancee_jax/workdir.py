@@ -5,7 +5,6 @@ import numpy as np
 
 from fiancee_jax import model as model_lib
 from fiancee_jax import stats
-from fiancee_jax import tasks
 from fiancee_jax.models import factory
 from fiancee_jax.training import exits as exits_training
 from fiancee_jax.training import predictor as predictor_training
@@ -30,4 +29,4 @@ def load_model(config: ml_collections.ConfigDict, workdir: str,
       predictor_params=pp, margins=cal['margins'], risk_control=cal['risk_control'],
       exit_gflops=tuple(c['gflops'] for c in costs),
       predictor_gflops=stats.predictor_stats(config)['gflops'],
-      task=tasks.get_task(config), distance=exits_training.get_distance(config).name)
+      task=factory.get_task(config), distance=exits_training.get_distance(config).name)

@@ -17,8 +17,8 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from fiancee_jax import stats
-from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.data import sources
 from fiancee_jax.evaluation import plots
 from fiancee_jax.guidance import database as database_lib
 from fiancee_jax.routing import router
@@ -160,7 +160,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'routing': routing,
       'routing_uncalibrated': uncalibrated,
   }
-  split = tasks.load_split(config, 'test', n)
+  split = sources.load_split(config, 'test', n)
   target = split.get('target')
   if target is not None or fid_fn is not None:
     outputs = exit_outputs(model, inputs, config.predictor.measure_batch)

@@ -1,4 +1,4 @@
-"""Builds the models named by a config; dispatches on config.backbone.name."""
+"""Builds the task and the models named by a config; dispatches on config.backbone.name."""
 import ml_collections
 from flax import linen as nn
 
@@ -9,10 +9,23 @@ from fiancee_jax.models import predictor
 from fiancee_jax.models import reenact
 
 
+def get_task(config: ml_collections.ConfigDict) -> tasks.Task:
+  """The task of config.backbone.name ('oasis' or 'reenact')."""
+  name = config.backbone.name
+  res = tuple(int(v) for v in config.data.resolution)
+  if name == 'oasis':
+    return tasks.Synthesis(num_classes=config.data.num_classes, resolution=res,
+                           z_dim=config.backbone.z_dim)
+  if name == 'reenact':
+    return tasks.Reenactment(resolution=res)
+  raise ValueError(f"config.backbone.name={name!r}: known backbones are 'oasis' (label-map "
+                   "synthesis) and 'reenact' (face reenactment)")
+
+
 def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
   """The staged backbone: OasisGenerator ('oasis') or ReenactGenerator ('reenact')."""
   b = config.backbone
-  tasks.get_task(config)  # names the known backbones if b.name is unknown
+  get_task(config)  # names the known backbones if b.name is unknown
   if b.name == 'reenact':
     return reenact.make_generator(config)
   return oasis.OasisGenerator(
@@ -60,7 +73,7 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool) -> exits
 def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:
   """Predictor of the distances of the config's branch exits; apply(params, *inputs)."""
   p, n = config.predictor, len(config.exits.attach_after)
-  if tasks.get_task(config).name == 'reenactment':
+  if get_task(config).name == 'reenactment':
     return predictor.PairPredictor(num_outputs=n, width=p.width, pool=p.pool)
   return predictor.Predictor(num_classes=config.data.num_classes, num_outputs=n,
                              width=p.width, pool=p.pool, use_z=p.get('use_z', False),
