@@ -57,6 +57,9 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
       num_validation=256,  # the calibration split (carved from train for real datasets)
       num_test=512,
       data_dir='',  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
+      # Real datasets: the official files (fiancee_jax/data/ade20k.py, cityscapes.py say
+      # where each goes); '' = data_dir/downloads/manual. Read once, when first prepared.
+      manual_dir='',
       flip=False,  # random horizontal flips of training batches
       prefetch=2,  # batches prepared ahead on a host thread
   )

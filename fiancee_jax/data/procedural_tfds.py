@@ -1,4 +1,6 @@
-"""TFDS builders of the procedural datasets: the code landscapes and avatars share.
+"""The shared TFDS builder code: procedural datasets (landscapes, avatars) and what the
+real-data builders (`manual_tfds`) use too (`ParsedConfigBuilder`, `prepare_once`,
+`file_lock`, `check_resolution`).
 
 A procedural dataset is a *generator module* (`fiancee_jax.data.landscapes`,
 `fiancee_jax.data.avatars`) that imports only NumPy and defines:
@@ -96,7 +98,34 @@ class ProceduralConfig(tfds.core.BuilderConfig):
     self.num_examples = sizes
 
 
-class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ParsedConfigBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder that downloads nothing and whose config names encode their settings.
+
+  Any well-formed name is a config (`parse_config_name`), so `Builder(config=NAME)` and
+  `tfds.builder('<name>/NAME')` work for every setting, not only BUILDER_CONFIGS.
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> None:
+    # TFDS 4.9.10 locates the checksums file next to the code with the
+    # `importlib_resources` backport, which Python >= 3.9 does not install. Nothing is
+    # downloaded, so there is nothing to locate.
+    return None
+
+  @classmethod
+  def parse_config_name(cls, name: str) -> tfds.core.BuilderConfig | None:
+    """The config a name stands for, or None if the name is not well-formed."""
+    raise NotImplementedError
+
+  @classmethod
+  def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig | None:
+    if config := super().get_builder_config(name, version):
+      return config
+    return cls.parse_config_name(name)
+
+
+class ProceduralBuilder(ParsedConfigBuilder, skip_registration=True):
   """A generator module as a TFDS dataset (array_record, raw-bytes features).
 
   Subclasses set GENERATOR (the module), VERSION, RELEASE_NOTES, BUILDER_CONFIGS (a default
@@ -106,20 +135,8 @@ class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   GENERATOR: ClassVar[Any]
   SUPERVISED_KEYS: ClassVar[tuple[str, str] | None] = None
 
-  @tfds.core.utils.classproperty
   @classmethod
-  def code_path(cls) -> None:
-    # TFDS 4.9.10 locates the checksums file next to the code with the
-    # `importlib_resources` backport, which Python >= 3.9 does not install. Procedural
-    # datasets download nothing, so there is nothing to locate.
-    return None
-
-  @classmethod
-  def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig | None:
-    # Any well-formed name is a config, so `Builder(config=NAME)` and
-    # `tfds.builder('<name>/NAME')` work for every resolution, seed and split sizes.
-    if config := super().get_builder_config(name, version):
-      return config
+  def parse_config_name(cls, name: str) -> ProceduralConfig | None:
     match = _CONFIG_NAME.fullmatch(name)
     if not match:
       return None

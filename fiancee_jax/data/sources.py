@@ -4,14 +4,16 @@ Datasets (`config.data.name`) and the data tuple each gives:
 
 - `landscapes`: embedded procedural label maps (`landscapes_tfds`), `(labels,)`.
 - `avatars`: embedded procedural face pairs (`avatars_tfds`), `(source, driver)`.
-- `scene_parse150`, `cityscapes`: real label maps through TFDS (`tfds_sources`),
-  `(labels,)`.
+- `ade20k`, `cityscapes`: the real label maps as OASIS trains on them, read from the
+  user's files (`ade20k.py`, `cityscapes.py`, shared code in `manual_tfds.py`), `(labels,)`.
 
 A dataset's data tuple must be what the backbone's task takes (`Dataset.data_keys` ==
 `task.data_keys`; `config_checks.check_config` compares them before any compute).
 
 Splits: `train` (training), `validation` (calibration, t*, samples during training) and
-`test` (every reported figure).
+`test` (every reported figure). Validation never meets test: the procedural datasets draw
+each split from its own index range, the real ones carve validation from the official
+training split (seeded by config.data.seed) and test is the official validation split.
 
 Batches are dicts of NumPy arrays. Label maps: `labels` int32 [B, H, W], `image` float32
 [B, H, W, 3] in [-1, 1]; pairs: `source`, `driver`, `target`, `swap` float32
@@ -25,11 +27,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from fiancee_jax.data import ade20k
 from fiancee_jax.data import avatars_tfds
+from fiancee_jax.data import cityscapes
 from fiancee_jax.data import input_pipeline
 from fiancee_jax.data import landscapes
 from fiancee_jax.data import landscapes_tfds
-from fiancee_jax.data import tfds_sources
+from fiancee_jax.data import manual_tfds
 
 Batch = dict[str, np.ndarray]
 Data = tuple[np.ndarray, ...]
@@ -70,9 +74,13 @@ def _open_avatars(d: ml_collections.ConfigDict, split: str) -> Any:
       num_validation=d.num_validation, num_test=d.num_test, data_dir=d.data_dir)
 
 
-def _open_tfds_real(d: ml_collections.ConfigDict, split: str) -> Any:
-  return tfds_sources.get_source(name=d.name, split=split, resolution=tuple(d.resolution),
-                                 num_classes=d.num_classes, data_dir=d.data_dir)
+def _opener(builder_cls: type[manual_tfds.ManualBuilder]) -> Callable[..., Any]:
+  def open_split(d: ml_collections.ConfigDict, split: str) -> Any:
+    return manual_tfds.get_source(
+        builder_cls, split=split, resolution=tuple(d.resolution), num_classes=d.num_classes,
+        num_validation=d.num_validation, seed=d.seed, data_dir=d.data_dir,
+        manual_dir=d.manual_dir)
+  return open_split
 
 
 def _check_label_maps(d: ml_collections.ConfigDict, batch: Batch) -> None:
@@ -97,8 +105,8 @@ _PAIRS = dict(data_keys=('source', 'driver'), load=avatars_tfds.load, check=_che
 DATASETS: dict[str, Dataset] = {
     'landscapes': Dataset(open=_open_landscapes, **_LABEL_MAPS),
     'avatars': Dataset(open=_open_avatars, **_PAIRS),
-    'scene_parse150': Dataset(open=_open_tfds_real, **_LABEL_MAPS),
-    'cityscapes': Dataset(open=_open_tfds_real, **_LABEL_MAPS),
+    'ade20k': Dataset(open=_opener(ade20k.Ade20kOasis), **_LABEL_MAPS),
+    'cityscapes': Dataset(open=_opener(cityscapes.CityscapesOasis), **_LABEL_MAPS),
 }
 
 
@@ -142,14 +150,14 @@ def train_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size:
                   ) -> Iterator[Batch]:
   """Deterministic training batches (step s of `seed` is always the same) of this process.
 
-  `input_pipeline.batches` with the dataset's batch keys; `prefetch` defaults to
-  config.data.prefetch.
+  `input_pipeline.batches` with the dataset's batch keys, mirrored at random when
+  config.data.flip; `prefetch` defaults to config.data.prefetch.
   """
   return input_pipeline.batches(
       source, batch_size=batch_size, seed=seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=config.data.prefetch if prefetch is None else prefetch,
-      load_fn=dataset(config).load)
+      load_fn=dataset(config).load, flip=config.data.flip)
 
 
 def eval_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size: int,
