@@ -53,7 +53,7 @@ import fiancee_jax
 from configs import avatars
 from configs import landscapes
 from fiancee_jax import pipeline
-from fiancee_jax import tasks
+from fiancee_jax.data import sources
 
 BACKBONE = os.environ.get('FIANCEE_CONFIG', BACKBONE)
 config = {'landscapes': landscapes, 'avatars': avatars}[BACKBONE].get_config(
@@ -157,7 +157,7 @@ each one compiles to its own, smaller executable. Under each image: the predicto
 estimate (the router adds the calibration margin of the threshold before comparing).'''),
       code('''\
 from fiancee_jax.data import visualize
-data = tasks.load_data(config, 'test', 4)  # (labels,) or (source, driver)
+data = sources.load_data(config, 'test', 4)  # (labels,) or (source, driver)
 inputs = model.make_inputs(data, jax.random.key(0))  # adds one z per image for OASIS
 images = [np.asarray(jax.jit(path)(model.params, *inputs)) for path in model.paths()]
 predicted = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))  # [4, E - 1]
@@ -196,7 +196,7 @@ without a widget front end too.'''),
       code('''\
 import ipywidgets as widgets
 
-batch_data = tasks.load_data(config, 'test', 8)
+batch_data = sources.load_data(config, 'test', 8)
 report_thresholds = [row['threshold'] for row in report['routing']]
 t_max = max(report_thresholds)
 # Start at the lowest threshold of the report at which some test inputs took an early exit.
@@ -388,7 +388,7 @@ print(f'float32 matmul {matmul_n}x{matmul_n}: '
 
 # The exit paths' inputs: (labels, z) for OASIS, (source, driver) for reenactment.
 inputs_np = tuple(np.asarray(x) for x in model.make_inputs(
-    tasks.load_data(config, 'test', BATCH), jax.random.key(config.seed)))
+    sources.load_data(config, 'test', BATCH), jax.random.key(config.seed)))
 # Device-resident copies, so executables are timed without host-to-device transfers.
 inputs_d = jax.device_put(inputs_np)
 one_d = jax.device_put(tuple(x[:1] for x in inputs_np))

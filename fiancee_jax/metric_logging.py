@@ -161,9 +161,15 @@ class MetricWriter:
     self._jsonl = open(path, 'a', encoding='utf-8')
     if _ends_without_newline(path):  # a kill mid-write: keep the partial line on its own
       self._jsonl.write('\n')
-    # Imported here: tensorboardX pulls in protobuf, which processes > 0 never need.
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard', stage), flush_secs=30)
+    # Optional dependency (the `tensorboard` extra), imported here: it pulls in protobuf,
+    # which processes > 0 never need.
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      logging.warning('tensorboardX is not installed (pip install "fiancee-jax[tensorboard]"):'
+                      ' no TensorBoard events; %s has every scalar', path)
+    else:
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard', stage), flush_secs=30)
     # The bar is created at the first update_progress, starting at that (resumed) step.
     self._show_bar = progress and sys.stderr.isatty()
 
@@ -193,7 +199,7 @@ class MetricWriter:
     record = {'stage': self._stage, 'step': int(step), 'time': time.time(), **values}
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
-    for name, value in values.items():
+    for name, value in values.items() if self._tb is not None else ():
       self._tb.add_scalar(name, value, global_step=step)
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
@@ -203,7 +209,7 @@ class MetricWriter:
       step: the training step.
       images: name -> uint8 [H, W, 3] (or [H, W, 1]) array.
     """
-    if not self._enabled:
+    if not self._enabled or self._tb is None:
       return
     for name, image in jax.device_get(dict(images)).items():
       image = np.asarray(image)

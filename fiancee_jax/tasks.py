@@ -15,15 +15,15 @@ Tasks:
   [B, H, W, 3] in [-1, 1]. Cross pairs of the avatars test split also carry the ground
   truth (identity of the source, motion of the driver) as `target`.
 
-`get_task(config)` dispatches on `config.backbone.name`.
+`models.factory.get_task(config)` gives the task of a config; `data.sources` gives the
+data.
 """
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 Data = tuple[np.ndarray, ...]
@@ -198,19 +198,6 @@ class Reenactment:
 Task = Synthesis | Reenactment
 
 
-def get_task(config: ml_collections.ConfigDict) -> Task:
-  """The task of config.backbone.name ('oasis' or 'reenact')."""
-  name = config.backbone.name
-  res = tuple(int(v) for v in config.data.resolution)
-  if name == 'oasis':
-    return Synthesis(num_classes=config.data.num_classes, resolution=res,
-                     z_dim=config.backbone.z_dim)
-  if name == 'reenact':
-    return Reenactment(resolution=res)
-  raise ValueError(f"config.backbone.name={name!r}: known backbones are 'oasis' (label-map "
-                   "synthesis) and 'reenact' (face reenactment)")
-
-
 # -- Inputs: data plus noise. --
 
 
@@ -268,76 +255,3 @@ def check_inputs(task: Task, inputs: Any) -> tuple[np.ndarray | jax.Array, ...]:
                        'Gaussian noise, e.g. from model.make_inputs(data, key)')
   return data + (_as_dtype(z, np.float32),)
 
-
-# -- Datasets. --
-
-
-def data_source(config: ml_collections.ConfigDict, split: str):
-  """Random-access source of the config's dataset split (len(source), source[i] -> dict)."""
-  # pylint: disable=g-import-not-at-top
-  d = config.data
-  if get_task(config).name == 'reenactment':
-    from fiancee_jax.data import avatars_tfds
-    if d.name != 'avatars':
-      raise ValueError(f"config.data.name={d.name!r}: the reenactment backbone needs source/"
-                       "driver pairs ('avatars')")
-    return avatars_tfds.get_avatars_source(
-        split=split, resolution=tuple(d.resolution), seed=d.seed, num_train=d.num_train,
-        num_validation=d.num_validation, num_test=d.num_test, data_dir=d.data_dir)
-  from fiancee_jax.data import tfds_sources
-  return tfds_sources.get_source(
-      name=d.name, split=split, resolution=tuple(d.resolution), num_classes=d.num_classes,
-      seed=d.seed, num_train=d.num_train, num_validation=d.num_validation,
-      num_test=d.num_test, data_dir=d.data_dir)
-
-
-def load_split(config: ml_collections.ConfigDict, split: str, n: int) -> dict[str, np.ndarray]:
-  """The first n examples of `split`: the task's data keys, plus 'target' (float32
-  [n, H, W, 3] in [-1, 1]) when the split has ground truth for the backbone's output
-  (reenactment cross pairs), or 'image' (the dataset's real image of a label map)."""
-  task = get_task(config)
-  source = data_source(config, split)
-  n = min(n, len(source))
-  idx = np.arange(n)
-  if task.name == 'reenactment':
-    from fiancee_jax.data import avatars_tfds  # pylint: disable=g-import-not-at-top
-    batch = avatars_tfds.load(source, idx)
-    out = {k: batch[k] for k in task.data_keys}
-    if n and batch['cross'].all():
-      out['target'] = batch['target']
-    return out
-  from fiancee_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  batch = input_pipeline.load(source, idx)
-  return {'labels': batch['labels'], 'image': batch['image']}
-
-
-def load_data(config: ml_collections.ConfigDict, split: str, n: int) -> Data:
-  """The data tuple of the first n examples of `split`."""
-  loaded = load_split(config, split, n)
-  return tuple(loaded[k] for k in get_task(config).data_keys)
-
-
-def train_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size: int,
-                  seed: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-  """Deterministic training batches (step s of `seed` is always the same) of the data keys."""
-  # pylint: disable=g-import-not-at-top
-  kw = dict(batch_size=batch_size, seed=seed, start_step=start_step,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            prefetch=config.data.prefetch)
-  if get_task(config).name == 'reenactment':
-    from fiancee_jax.data import avatars_tfds
-    return avatars_tfds.batches(source, **kw)
-  from fiancee_jax.data import input_pipeline
-  return input_pipeline.batches(source, **kw)
-
-
-def check_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> None:
-  """Raises ValueError naming the problem if a training batch does not fit the config."""
-  # pylint: disable=g-import-not-at-top
-  if get_task(config).name == 'reenactment':
-    from fiancee_jax.data import avatars_tfds
-    avatars_tfds.check_batch(batch, resolution=tuple(config.data.resolution))
-  else:
-    from fiancee_jax.data import input_pipeline
-    input_pipeline.check_batch(batch, num_classes=config.data.num_classes,
-                               resolution=tuple(config.data.resolution))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import avatars
-from fiancee_jax import tasks
+from fiancee_jax.data import sources
 
 pytestmark = pytest.mark.xdist_group('tiny_avatars_run')
 
@@ -54,7 +54,7 @@ def test_ground_truth_baselines_are_the_copies(workdir):
   wd, config = workdir
   with open(os.path.join(wd, 'report', 'report.json')) as f:
     gt = json.load(f)['ground_truth']
-  split = tasks.load_split(config, 'test', gt['num_eval'])
+  split = sources.load_split(config, 'test', gt['num_eval'])
   l1 = np.abs(split['source'] - split['target']).mean()
   np.testing.assert_allclose(gt['copy_source']['l1'], l1, rtol=1e-5)
   l1 = np.abs(split['driver'] - split['target']).mean()
@@ -66,7 +66,7 @@ def test_generate_routes_face_pairs(workdir):
   wd, config = workdir
   model = fiancee_jax.load_model(wd, config)
   assert model.task.name == 'reenactment'
-  source, driver = tasks.load_data(config, 'test', 5)
+  source, driver = sources.load_data(config, 'test', 5)
   strict = fiancee_jax.generate(model, (source, driver), threshold=0.0)
   assert strict['images'].shape == (5, *config.data.resolution, 3)
   pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, source, driver))

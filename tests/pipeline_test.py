@@ -9,7 +9,7 @@ import pytest
 from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
-from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from tests.evaluation import report_test
 
 # Tests that use the shared `tiny_run` job run on one xdist worker (--dist loadgroup).
@@ -132,7 +132,7 @@ def test_generate_routes_by_threshold(workdir):
   import fiancee_jax  # pylint: disable=g-import-not-at-top
   wd, config = workdir
   model = fiancee_jax.load_model(wd, config)
-  labels = tasks.load_data(config, 'test', 6)[0]
+  labels = sources.load_data(config, 'test', 6)[0]
   strict = fiancee_jax.generate(model, labels, threshold=0.0, seed=1)
   assert strict['images'].shape == (6, 16, 16, 3)
   # Each sample takes the cheapest exit whose prediction plus this threshold's margin fits.

@@ -11,6 +11,11 @@ contiguous part `[p * B, (p + 1) * B)` of each global batch, `B = G /
 process_count`, so the parts concatenated in process order are the global
 batch (what a `data`-sharded `jax.Array` built from per-process data expects).
 
+With `flip`, each example of a training batch is mirrored left-right with probability 1/2,
+decided by `flip_mask(step, ...)`: a pure function of `(seed, step)` over the global batch,
+so resuming, and any number of processes, flip exactly the examples one uninterrupted
+process flips.
+
 Loading runs `prefetch` batches ahead on one background thread; the thread stops
 when the iterator is exhausted, closed (`it.close()`), or garbage collected.
 
@@ -29,6 +34,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+_FLIP_STREAM = 0x666C6970  # 'flip': the flips' own random stream of the data seed
 
 
 def _check_sharding(batch_size: int, process_index: int,
@@ -90,7 +96,7 @@ def load(source: Any, indices: np.ndarray) -> Batch:
 
   Args:
     source: random access, `source[i] -> {'labels': uint8 [H, W], 'image':
-      uint8 [H, W, 3]}` (see tfds_sources.get_source).
+      uint8 [H, W, 3]}` (see data/sources.py).
     indices: int [B].
 
   Returns:
@@ -107,6 +113,28 @@ def load(source: Any, indices: np.ndarray) -> Batch:
       'image': image.astype(np.float32) * np.float32(1 / 127.5) - 1.0,
       'index': np.asarray(indices, np.int32),
   }
+
+
+def flip_mask(step: int, *, batch_size: int, seed: int, process_index: int = 0,
+              process_count: int = 1) -> np.ndarray:
+  """bool [B]: which examples of this process's part of global batch `step` are mirrored.
+
+  Drawn over the whole global batch from default_rng([seed, 'flip', step]), then sliced
+  like `batch_indices`.
+  """
+  per_process = _check_sharding(batch_size, process_index, process_count)
+  mask = np.random.default_rng([seed, _FLIP_STREAM, int(step)]).random(batch_size) < 0.5
+  return mask[process_index * per_process:(process_index + 1) * per_process]
+
+
+def flip_batch(batch: Batch, mask: np.ndarray) -> Batch:
+  """Mirrors along W every per-example map ([B, H, W] or [B, H, W, C]) where `mask` [B]."""
+  mask = np.asarray(mask, bool)
+  out = dict(batch)
+  for key, x in batch.items():
+    if np.ndim(x) >= 3:
+      out[key] = np.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x[:, :, ::-1], x)
+  return out
 
 
 class _Prefetcher:
@@ -169,11 +197,12 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
             shuffle: bool = True, drop_remainder: bool = True,
             process_index: int = 0, process_count: int = 1, prefetch: int = 2,
             num_epochs: int | None = None,
-            load_fn: Callable[[Any, np.ndarray], Batch] | None = None) -> Iterator[Batch]:
+            load_fn: Callable[[Any, np.ndarray], Batch] | None = None,
+            flip: bool = False) -> Iterator[Batch]:
   """Yields training batches from global step `start_step` on.
 
   Args:
-    source: random access source (tfds_sources.get_source).
+    source: random access source (sources.data_source).
     batch_size: global batch size G (config.train.batch_size).
     seed: data order seed; epoch e is shuffled with default_rng([seed, e]).
     start_step: first global step to yield (resume from a checkpoint).
@@ -184,6 +213,7 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
     prefetch: batches prepared ahead on a background thread (0: none).
     num_epochs: stop after this many epochs; None: endless.
     load_fn: (source, indices) -> batch; default `load` (label maps and images).
+    flip: mirror each example left-right with probability 1/2 (`flip_mask`).
 
   Yields:
     load_fn's batches, by default {'labels': int32 [B, H, W], 'image': float32
@@ -212,10 +242,16 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
   load_fn = load_fn or load
 
   def make(step):
-    return load_fn(source, batch_indices(
+    indices = batch_indices(
         step, num_examples=num_examples, batch_size=batch_size, seed=seed,
         shuffle=shuffle, drop_remainder=drop_remainder,
-        process_index=process_index, process_count=process_count))
+        process_index=process_index, process_count=process_count)
+    batch = load_fn(source, indices)
+    if flip:
+      mask = flip_mask(step, batch_size=batch_size, seed=seed, process_index=process_index,
+                       process_count=process_count)
+      batch = flip_batch(batch, mask[:len(indices)])
+    return batch
 
   return _prefetched(map(make, step_range), prefetch)
 

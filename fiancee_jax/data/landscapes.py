@@ -558,3 +558,12 @@ def generate(seed: int, index: int, height: int,
   texture_rng = np.random.default_rng([seed, index, 1])
   image = _render(texture_rng, d, scene, info)
   return scene.labels, (image * 255.0 + 0.5).astype(np.uint8)
+
+
+def example(seed: int, index: int, height: int, width: int) -> dict[str, np.ndarray]:
+  """`generate` as a dict: {'labels': uint8 [H, W], 'image': uint8 [H, W, 3]}.
+
+  The form the TFDS builder (`fiancee_jax.data.landscapes_tfds`) stores.
+  """
+  labels, image = generate(seed, index, height, width)
+  return {'labels': labels, 'image': image}

@@ -7,28 +7,28 @@ Builds the dataset first if it is missing (landscapes: a few seconds at 64x64).
 """
 from typing import Sequence
 
+import ml_collections
+import numpy as np
 from absl import app
 from absl import flags
-import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
-from fiancee_jax.data import tfds_sources
+from fiancee_jax.data import sources
 from fiancee_jax.data import visualize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _OUT = flags.DEFINE_string('out', 'grid.png', 'Output PNG path.')
-_SPLIT = flags.DEFINE_enum('split', 'train', list(tfds_sources.SPLITS),
+_SPLIT = flags.DEFINE_enum('split', 'train', ['train', 'validation', 'test'],
                            'Split to show.')
 _NUM = flags.DEFINE_integer('num', 16, 'Number of examples (rows).')
 
 
-def show(data: ml_collections.ConfigDict, *, split: str, num: int,
+def show(config: ml_collections.ConfigDict, *, split: str, num: int,
          out: str) -> np.ndarray:
   """Writes the first `num` examples of `split` as a grid; returns the rows.
 
   Args:
-    data: config.data (name, resolution, num_classes, seed, num_*, data_dir).
+    config: a label-map config (config.data names the dataset).
     split: 'train', 'validation' or 'test'.
     num: examples to draw (fewer if the split is smaller).
     out: PNG path.
@@ -38,16 +38,12 @@ def show(data: ml_collections.ConfigDict, *, split: str, num: int,
   """
   if num < 1:
     raise ValueError(f'--num must be >= 1, got {num}')
-  source = tfds_sources.get_source(
-      name=data.name, split=split, resolution=data.resolution,
-      num_classes=data.num_classes, seed=data.seed, num_train=data.num_train,
-      num_validation=data.num_validation, num_test=data.num_test,
-      data_dir=data.data_dir)
+  source = sources.data_source(config, split)
   examples = [source[i] for i in range(min(num, len(source)))]
   labels = np.stack([ex['labels'] for ex in examples])
   images = np.stack([ex['image'] for ex in examples])
   visualize.save_grid(
-      [visualize.label_map_to_rgb(labels, data.num_classes), images], out)
+      [visualize.label_map_to_rgb(labels, config.data.num_classes), images], out)
   return labels
 
 
@@ -57,7 +53,7 @@ def main(argv: Sequence[str]) -> None:
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. '
                          '--config=configs/landscapes.py')
-  show(_CONFIG.value.data, split=_SPLIT.value, num=_NUM.value, out=_OUT.value)
+  show(_CONFIG.value, split=_SPLIT.value, num=_NUM.value, out=_OUT.value)
   print(f'wrote {_OUT.value}')
 
 

@@ -21,6 +21,7 @@ from scipy import stats as scipy_stats
 
 from fiancee_jax import tasks
 from fiancee_jax.evaluation import intervals
+from fiancee_jax.data import sources
 from fiancee_jax.evaluation import plots
 from fiancee_jax.evaluation import tradeoff
 from fiancee_jax.guidance import database as database_lib
@@ -268,7 +269,7 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
       'margins': (None if model.risk_control is not None
                   else _json_floats(model.margins_at(0.0))),
       **report['calibration']}
-  split = tasks.load_split(config, 'test', len(true))
+  split = sources.load_split(config, 'test', len(true))
   target = split.get('target')
   if target is not None:
     report['ground_truth'] = truth_table(config, model, inputs, outputs, target, pred,

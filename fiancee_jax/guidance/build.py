@@ -10,6 +10,7 @@ from absl import logging
 from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from fiancee_jax.guidance import database
 from fiancee_jax.models import factory
 from fiancee_jax.training import backbone as backbone_training
@@ -35,8 +36,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.warning('database: %s; rebuilding it from the backbone.', e)
   bb, _ = backbone_training.load_backbone(config, workdir)
   model = factory.make_exit_model(config, guided=False)
-  task = tasks.get_task(config)
-  data = tasks.load_data(config, 'train', config.database.num_images)
+  task = factory.get_task(config)
+  data = sources.load_data(config, 'train', config.database.num_images)
   n = len(data[0])
   bs = config.exits.batch_size
   key = jax.random.fold_in(jax.random.key(config.seed), 2)

@@ -89,5 +89,5 @@ def load_model(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       params=jax.device_put(params), predictor=factory.make_predictor(config),
       predictor_params=jax.device_put(predictor.tree), margins=_margins(meta),
       risk_control=None if rc is None else calibration.RiskControl.from_dict(rc),
-      task=tasks.get_task(config), distance=meta['distance'],
+      task=factory.get_task(config), distance=meta['distance'],
       costs=functools.partial(_costs, config, guided), fingerprints=fingerprints)

@@ -29,7 +29,7 @@ XLA = kernels.XLA
 def abstract_inputs(config: ml_collections.ConfigDict,
                     batch: int = 1) -> tuple[jax.ShapeDtypeStruct, ...]:
   """ShapeDtypeStructs of the exit paths' inputs (tasks.py) at `batch`."""
-  return tasks.input_specs(tasks.get_task(config), batch)
+  return tasks.input_specs(factory.get_task(config), batch)
 
 
 def abstract_database(config: ml_collections.ConfigDict) -> dict:
@@ -182,7 +182,7 @@ def broadcast_z_share(config: ml_collections.ConfigDict) -> float:
   spends most of its MACs there says little about one that does not. Counted exactly as
   1 - MACs(the same backbone with z_dim = 0) / MACs(backbone). 0.0 for a backbone without z.
   """
-  task = tasks.get_task(config)
+  task = factory.get_task(config)
   if not task.noise_dim:
     return 0.0
   data = task.data_specs(1)

@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 
 from fiancee_jax import tasks
+from fiancee_jax.data import sources
+from fiancee_jax.models import factory
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import exits as exits_lib
 
@@ -29,7 +31,7 @@ def fixed_z(config: ml_collections.ConfigDict, split: str,
             indices: np.ndarray) -> np.ndarray | None:
   """One z per dataset index of `split`: float32 [len(indices), z_dim], reproducible; None
   for a noise-free backbone."""
-  z_dim = tasks.get_task(config).noise_dim
+  z_dim = factory.get_task(config).noise_dim
   if not z_dim:
     return None
   key = jax.random.fold_in(jax.random.key(config.seed), _SPLIT_STREAM[split])
@@ -44,8 +46,8 @@ def load_inputs(config: ml_collections.ConfigDict, split: str, n: int,
   With `draws` > 1 (and a generator with noise) the n examples are repeated `draws` times,
   each repetition with its own z: [draws * n, ...], example i of draw d at d * n + i.
   """
-  data = tasks.load_data(config, split, n)
-  task = tasks.get_task(config)
+  data = sources.load_data(config, split, n)
+  task = factory.get_task(config)
   if draws > 1 and task.noise_dim:
     data = tuple(np.concatenate([x] * draws) for x in data)
   z = fixed_z(config, split, np.arange(len(data[0])))

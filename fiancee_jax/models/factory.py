@@ -20,6 +20,19 @@ from fiancee_jax.models import reenact
 from fiancee_jax.ops import kernels as kernels_lib
 
 
+def get_task(config: ml_collections.ConfigDict) -> tasks.Task:
+  """The task of config.backbone.name ('oasis' or 'reenact')."""
+  name = config.backbone.name
+  res = tuple(int(v) for v in config.data.resolution)
+  if name == 'oasis':
+    return tasks.Synthesis(num_classes=config.data.num_classes, resolution=res,
+                           z_dim=config.backbone.z_dim)
+  if name == 'reenact':
+    return tasks.Reenactment(resolution=res)
+  raise ValueError(f"config.backbone.name={name!r}: known backbones are 'oasis' (label-map "
+                   "synthesis) and 'reenact' (face reenactment)")
+
+
 def kernels(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, str]:
   """The concrete kernel implementations of config.kernels on `platform` (default: JAX's
   default backend): {'conv': ..., 'top_k': ...}. ValueError names an unknown op or name."""
@@ -35,7 +48,7 @@ def make_generator(config: ml_collections.ConfigDict, *,
                    kernels: Mapping[str, str] | None = None) -> nn.Module:
   """The staged backbone: OasisGenerator ('oasis') or ReenactGenerator ('reenact')."""
   b = config.backbone
-  tasks.get_task(config)  # names the known backbones if b.name is unknown
+  get_task(config)  # names the known backbones if b.name is unknown
   conv_impl = _kernels(config, kernels)['conv']
   if b.name == 'reenact':
     return reenact.make_generator(config, conv_impl)
@@ -89,7 +102,7 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool,
 def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:
   """Predictor of the distances of the config's branch exits; apply(params, *inputs)."""
   p, n = config.predictor, len(config.exits.attach_after)
-  if tasks.get_task(config).name == 'reenactment':
+  if get_task(config).name == 'reenactment':
     return predictor.PairPredictor(num_outputs=n, width=p.width, pool=p.pool)
   return predictor.Predictor(num_classes=config.data.num_classes, num_outputs=n,
                              width=p.width, pool=p.pool, use_z=p.get('use_z', False),
@@ -121,7 +134,7 @@ def variable_templates(config: ml_collections.ConfigDict, kind: str,
   Raises:
     ValueError: unknown kind or variant.
   """
-  specs = tasks.input_specs(tasks.get_task(config), 1)
+  specs = tasks.input_specs(get_task(config), 1)
   if kind == 'backbone':
     g = make_generator(config)
     return jax.eval_shape(lambda *x: g.init(jax.random.key(0), *x), *specs)

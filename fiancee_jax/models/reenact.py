@@ -17,12 +17,10 @@ output resolution, so that static background and clothes are copied rather than 
 through the coarse volume; the driver never reaches G2D except through the motion code.
 Without it the blocks ignore `cond`.
 
-Warps are backward: each output voxel computes where to read, and a trilinear sampler
-(`trilinear_sample`, gathers, border padding) reads there. Canonical voxel X reads the source
-volume at R_s (X + f_s(X)) + t_s; driver voxel Y reads the processed canonical volume at
-R_d^T (Y - t_d) + f_d(Y). The flows f are predicted from (e_s, z) and start at zero, and
-rotations and translations near zero, so the untrained model is about an autoencoder of
-the source.
+Warps (`fiancee_jax.models.warp`) are backward: each output voxel computes where to read,
+and a trilinear sampler reads there. The flows are predicted from (e_s, z) and start at
+zero, and rotations and translations near zero, so the untrained model is about an
+autoencoder of the source.
 
 Inference is deterministic and per-example: GroupNorm (no batch statistics) and spectral
 norm on the G2D and discriminator convs, whose sigmas are stored in `batch_stats` and only
@@ -39,6 +37,7 @@ import ml_collections
 from flax import linen as nn
 
 from fiancee_jax.models import layers
+from fiancee_jax.models import warp
 
 
 def _groups(c: int) -> int:
@@ -49,86 +48,6 @@ def _groups(c: int) -> int:
 def _gn(x: jax.Array, name: str) -> jax.Array:
   """GroupNorm over all non-batch axes, groups chosen from the width (call in compact)."""
   return nn.GroupNorm(num_groups=_groups(x.shape[-1]), name=name)(x)
-
-
-def rotation_matrix(angles: jax.Array) -> jax.Array:
-  """angles float32 [B, 3] (yaw, pitch, roll; radians) -> rotations float32 [B, 3, 3].
-
-  Volume axes are (x = width, y = height, z = depth); R = R_z(roll) R_y(yaw) R_x(pitch).
-  """
-  yaw, pitch, roll = angles[:, 0], angles[:, 1], angles[:, 2]
-  c, s = jnp.cos, jnp.sin
-  one, zero = jnp.ones_like(yaw), jnp.zeros_like(yaw)
-  ry = jnp.stack([c(yaw), zero, s(yaw), zero, one, zero, -s(yaw), zero, c(yaw)], -1)
-  rx = jnp.stack([one, zero, zero, zero, c(pitch), -s(pitch), zero, s(pitch), c(pitch)], -1)
-  rz = jnp.stack([c(roll), -s(roll), zero, s(roll), c(roll), zero, zero, zero, one], -1)
-  ry, rx, rz = (m.reshape(-1, 3, 3) for m in (ry, rx, rz))
-  return rz @ ry @ rx
-
-
-def volume_grid(depth: int, height: int, width: int) -> jax.Array:
-  """float32 [D, H, W, 3]: (x, y, z) voxel centres in [-1, 1] (align_corners=True)."""
-
-  def axis(n):
-    return jnp.linspace(-1.0, 1.0, n) if n > 1 else jnp.zeros((1,))
-
-  z, y, x = jnp.meshgrid(axis(depth), axis(height), axis(width), indexing='ij')
-  return jnp.stack([x, y, z], axis=-1)
-
-
-PADDINGS = ('border', 'zeros')
-
-
-def trilinear_sample(volume: jax.Array, coords: jax.Array, padding: str = 'border'
-                     ) -> jax.Array:
-  """Differentiable trilinear sampling of a feature volume.
-
-  Args:
-    volume: float32 [B, D, H, W, C].
-    coords: float32 [B, ..., 3], (x, y, z) in [-1, 1]: -1 / +1 are the centres of the first
-      / last voxel along W, H, D (PyTorch grid_sample with align_corners=True).
-    padding: what points outside the volume read (PyTorch's padding_mode): 'border' the
-      nearest voxel (coordinates clamped to [-1, 1], so their gradient is 0 along a
-      clamped axis), 'zeros' zero features, fading in linearly over the outer half voxel.
-      Zeros leave dark bands wherever a warp reads past the edge (the bottom of a face
-      moved up, say); border continues the edge, which for a static background is right.
-
-  Returns:
-    float32 [B, ..., C]. Differentiable in both arguments (gathers of the 8 neighbours,
-    weights linear in the coordinates).
-
-  Raises:
-    ValueError: coords not [B, ..., 3], or an unknown padding.
-  """
-  b, d, h, w, c = volume.shape
-  if coords.shape[0] != b or coords.shape[-1] != 3:
-    raise ValueError(f'coords must be [B={b}, ..., 3], got {coords.shape}')
-  if padding not in PADDINGS:
-    raise ValueError(f'padding={padding!r} is not one of {PADDINGS} '
-                     '(config.backbone.warp_padding)')
-  out_shape = coords.shape[1:-1]
-  pts = coords.reshape(b, -1, 3)
-  pos = [(pts[..., k] + 1.0) * 0.5 * (n - 1) for k, n in enumerate((w, h, d))]
-  if padding == 'border':
-    pos = [jnp.clip(p, 0.0, n - 1) for p, n in zip(pos, (w, h, d))]
-  lo = [jnp.floor(p) for p in pos]
-  frac = [p - l for p, l in zip(pos, lo)]
-  lo = [l.astype(jnp.int32) for l in lo]
-  flat = volume.reshape(b, d * h * w, c)
-  gather = jax.vmap(lambda f, i: f[i])
-  out = jnp.zeros((b, pts.shape[1], c), volume.dtype)
-  for dz in (0, 1):
-    for dy in (0, 1):
-      for dx in (0, 1):
-        xi, yi, zi = lo[0] + dx, lo[1] + dy, lo[2] + dz
-        # With border padding, only the upper neighbours of a clamped last voxel are out,
-        # and their weight is already 0.
-        valid = ((xi >= 0) & (xi < w) & (yi >= 0) & (yi < h) & (zi >= 0) & (zi < d))
-        weight = ((frac[0] if dx else 1 - frac[0]) * (frac[1] if dy else 1 - frac[1])
-                  * (frac[2] if dz else 1 - frac[2]) * valid)
-        idx = (jnp.clip(zi, 0, d - 1) * h + jnp.clip(yi, 0, h - 1)) * w + jnp.clip(xi, 0, w - 1)
-        out = out + gather(flat, idx) * weight[..., None]
-  return out.reshape(b, *out_shape, c)
 
 
 def area_resize(images: jax.Array, size: Sequence[int]) -> jax.Array:
@@ -202,32 +121,6 @@ class DownBlock2D(nn.Module):
     return nn.Conv(self.features, (1, 1), use_bias=False, name='conv_s')(x) + dx
 
 
-class Conv3x3x3(nn.Module):
-  """A 3x3x3 'SAME' conv computed as one 2-D conv, which XLA:CPU runs far faster than nn.Conv's
-  3-D convolution (forward and backward), with nn.Conv's parameters ('kernel' [3, 3, 3, Cin,
-  Cout], 'bias' [Cout]) and result.
-
-  The depth neighbours d-1, d, d+1 are stacked into channels ([B, D, H, W, 3 Cin], zeros
-  past the ends) and depth folded into the batch; the kernel is reshaped to [3, 3, 3 Cin,
-  Cout] to match.
-  """
-  features: int
-  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: float32 [B, D, H, W, Cin] -> [B, D, H, W, features]."""
-    b, d, h, w, c = x.shape
-    kernel = self.param('kernel', self.kernel_init, (3, 3, 3, c, self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
-    stacked = jnp.concatenate([padded[:, k:k + d] for k in range(3)], axis=-1)
-    kernel_2d = kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * c, self.features)
-    y = jax.lax.conv_general_dilated(stacked.reshape(b * d, h, w, 3 * c), kernel_2d, (1, 1),
-                                     'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y.reshape(b, d, h, w, self.features) + bias
-
-
 class ResBlock3D(nn.Module):
   """Pre-activation 3-D ResBlock (GN-LReLU-conv3x3x3 twice), width kept."""
 
@@ -235,8 +128,8 @@ class ResBlock3D(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, D, H, W, C] -> same shape."""
     c = x.shape[-1]
-    dx = Conv3x3x3(c, name='conv_0')(nn.leaky_relu(_gn(x, 'norm_0'), 0.2))
-    dx = Conv3x3x3(c, name='conv_1')(nn.leaky_relu(_gn(dx, 'norm_1'), 0.2))
+    dx = warp.Conv3x3x3(c, name='conv_0')(nn.leaky_relu(_gn(x, 'norm_0'), 0.2))
+    dx = warp.Conv3x3x3(c, name='conv_1')(nn.leaky_relu(_gn(dx, 'norm_1'), 0.2))
     return x + dx
 
 
@@ -309,31 +202,6 @@ class MotionEncoder(nn.Module):
     translation = 0.5 * jnp.tanh(raw[:, 3:6])
     expression = jnp.tanh(raw[:, 6:])
     return jnp.concatenate([rotation, translation, expression], axis=-1)
-
-
-class WarpGenerator(nn.Module):
-  """(identity, expression) -> flow field float32 [B, D, h, w, 3] in volume coordinates.
-
-  Dense to a coarse volume (size / 4), a 3x3x3 conv, trilinear upsampling to (D, h, w), and a
-  zero-initialised 3x3x3 conv to the flow, bounded by `scale` (tanh).
-  """
-  width: int
-  scale: float
-
-  @nn.compact
-  def __call__(self, identity: jax.Array, expression: jax.Array,
-               shape: tuple[int, int, int]) -> jax.Array:
-    """identity [B, I], expression [B, E], shape (D, h, w) static -> flow [B, D, h, w, 3]."""
-    d, h, w = shape
-    coarse = (max(d // 4, 1), max(h // 4, 1), max(w // 4, 1))
-    b = identity.shape[0]
-    x = nn.Dense(math.prod(coarse) * self.width, name='fc')(
-        jnp.concatenate([identity, expression], axis=-1))
-    x = nn.leaky_relu(x.reshape(b, *coarse, self.width), 0.2)
-    x = nn.leaky_relu(Conv3x3x3(self.width, name='conv')(x), 0.2)
-    x = jax.image.resize(x, (b, d, h, w, self.width), 'linear')
-    flow = Conv3x3x3(3, kernel_init=nn.initializers.zeros, name='flow')(x)
-    return self.scale * jnp.tanh(flow)
 
 
 class PatchDiscriminator(nn.Module):
@@ -441,7 +309,7 @@ class ReenactGenerator(nn.Module):
     source_skip: every G2D block also sees the source image, area-resized to its output
       resolution (a skip path that lets static background be copied, not re-rendered).
     warp_padding: what warps read outside the volume ('border' or 'zeros';
-      `trilinear_sample`).
+      `warp.trilinear_sample`).
     head_norm: GroupNorm at the input of the image head (and of the exits' heads).
     conv_impl: implementation of the G2D convs (ops/conv.py), light blocks included.
   """
@@ -505,8 +373,8 @@ class ReenactGenerator(nn.Module):
     self.appearance = AppearanceEncoder(self.enc_widths, self.volume_depth,
                                         self.volume_channels, self.id_dim, self.app_blocks_3d)
     self.motion = MotionEncoder(self.motion_widths, self.expr_dim, self.motion_input)
-    self.warp_to_canonical = WarpGenerator(self.warp_width, self.flow_scale)
-    self.warp_to_driver = WarpGenerator(self.warp_width, self.flow_scale)
+    self.warp_to_canonical = warp.WarpGenerator(self.warp_width, self.flow_scale)
+    self.warp_to_driver = warp.WarpGenerator(self.warp_width, self.flow_scale)
     self.g3d = [ResBlock3D() for _ in range(self.g3d_blocks)]
     self.g2d_in = nn.Conv(self.g2d_width, (1, 1))
     self.g2d_blocks = [ResBlock2D(self.widths[i + 1], self.block_factors[i],
@@ -579,20 +447,15 @@ class ReenactGenerator(nn.Module):
     codes = self.motion(jnp.concatenate([source, driver]))  # one pass for both
     m_s, m_d = codes[:b], codes[b:]
     shape = vol.shape[1:4]
-    grid = volume_grid(*shape)[None]
-    # Canonical voxel X reads the source at R_s (X + f_s(X)) + t_s.
-    r_s, t_s = rotation_matrix(m_s[:, :3]), m_s[:, 3:6]
+    grid = warp.volume_grid(*shape)[None]
     flow_s = self.warp_to_canonical(identity, m_s[:, 6:], shape)
-    coords = jnp.einsum('bdhwj,bij->bdhwi', grid + flow_s, r_s)
-    canonical = trilinear_sample(vol, coords + t_s[:, None, None, None], self.warp_padding)
+    coords = warp.canonical_coords(grid, warp.rotation_matrix(m_s[:, :3]), m_s[:, 3:6], flow_s)
+    canonical = warp.trilinear_sample(vol, coords, self.warp_padding)
     for block in self.g3d:
       canonical = block(canonical)
-    # Driver voxel Y reads the canonical volume at R_d^T (Y - t_d) + f_d(Y).
-    r_d, t_d = rotation_matrix(m_d[:, :3]), m_d[:, 3:6]
-    coords = jnp.einsum('bdhwj,bji->bdhwi', grid - t_d[:, None, None, None], r_d)
-    return trilinear_sample(canonical,
-                            coords + self.warp_to_driver(identity, m_d[:, 6:], shape),
-                            self.warp_padding)
+    flow_d = self.warp_to_driver(identity, m_d[:, 6:], shape)
+    coords = warp.driver_coords(grid, warp.rotation_matrix(m_d[:, :3]), m_d[:, 3:6], flow_d)
+    return warp.trilinear_sample(canonical, coords, self.warp_padding)
 
   def project(self, volume: jax.Array) -> jax.Array:
     """Orthographic projection: [B, D, h, w, C] -> [B, h, w, D * C] (depth into channels)."""

@@ -21,8 +21,7 @@ from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
-from fiancee_jax import tasks
-from fiancee_jax.data import input_pipeline
+from fiancee_jax.data import sources
 from fiancee_jax.data import visualize
 from fiancee_jax.losses import oasis as oasis_losses
 from fiancee_jax.models import factory
@@ -46,7 +45,7 @@ class BackboneState(NamedTuple):
 
 def data_source(config: ml_collections.ConfigDict, split: str):
   """The dataset split named by config.data, at config.data.resolution."""
-  return tasks.data_source(config, split)
+  return sources.data_source(config, split)
 
 
 def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> BackboneState:
@@ -188,16 +187,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> BackboneState:
   step_fn = jax.jit(make_train_step(config), in_shardings=(repl, data_sh),
                     out_shardings=(repl, repl), donate_argnums=0)
   samples = _sample_batch(config, val_src)
-  batches = input_pipeline.batches(
-      train_src, batch_size=tc.batch_size, seed=config.seed, start_step=start,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch=config.data.prefetch)
+  batches = sources.train_batches(config, train_src, batch_size=tc.batch_size,
+                                  seed=config.seed, start_step=start)
   with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=tc.num_steps) as writer:
     for step in range(start, tc.num_steps):
       batch = next(batches)
       if step == start:
-        input_pipeline.check_batch(batch, num_classes=config.data.num_classes,
-                                   resolution=tuple(config.data.resolution))
+        sources.check_batch(config, batch)
       batch = parallel.shard_batch({k: batch[k] for k in ('labels', 'image')}, mesh)
       state, m = step_fn(state, batch)
       m = jax.device_get(m)
@@ -239,9 +235,8 @@ def _recompute_ema_stats(config, state: BackboneState, source, mesh) -> Backbone
               out_shardings=repl)
   stats = state.g_stats
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  it = input_pipeline.batches(source, batch_size=tc.batch_size, seed=config.seed + 1,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count(), prefetch=1)
+  it = sources.train_batches(config, source, batch_size=tc.batch_size, seed=config.seed + 1,
+                             prefetch=1)
   for i in range(tc.ema_stats_batches):
     b = parallel.shard_batch({'labels': next(it)['labels']}, mesh)
     z = jax.random.normal(jax.random.fold_in(key, i),

@@ -23,6 +23,7 @@ from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
 from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from fiancee_jax.data import visualize
 from fiancee_jax.guidance import build as database_build
 from fiancee_jax.losses import oasis as oasis_losses
@@ -56,7 +57,7 @@ def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
 
 def init_state(config, key, bb, db) -> ExitsState:
   inputs = [jnp.zeros(s.shape, s.dtype)
-            for s in tasks.input_specs(tasks.get_task(config), 1)]
+            for s in tasks.input_specs(factory.get_task(config), 1)]
   params, stats = {}, {}
   for v in variants(config):
     model = factory.make_exit_model(config, guided=(v == 'guided'))
@@ -81,7 +82,7 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict, db
   dist = get_distance(config)
   disc = factory.make_discriminator(config)
   tx = _optimizer(config)
-  task = tasks.get_task(config)
+  task = factory.get_task(config)
   num_classes = config.data.get('num_classes', 0)
 
   def step(state: ExitsState, batch):
@@ -135,8 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
   bb, dvars = backbone_training.load_backbone(config, workdir)
   db = database_build.load(config, workdir) if config.exits.guided else None
   bb, dvars, db = parallel.replicate((bb, dvars, db), mesh)
-  train_src = tasks.data_source(config, 'train')
-  task = tasks.get_task(config)
+  train_src = sources.data_source(config, 'train')
+  task = factory.get_task(config)
 
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   state = jax.jit(lambda k: init_state(config, k, bb, db), out_shardings=repl)(key)
@@ -154,13 +155,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
   step_fn = jax.jit(make_train_step(config, bb, dvars, db), in_shardings=(repl, data_sh),
                     out_shardings=(repl, repl), donate_argnums=0)
   samples = sample_inputs(config)
-  batches = tasks.train_batches(config, train_src, batch_size=e.batch_size,
+  batches = sources.train_batches(config, train_src, batch_size=e.batch_size,
                                 seed=config.seed + 3, start_step=start)
   with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=e.num_steps) as writer:
     for step in range(start, e.num_steps):
       batch = next(batches)
       if step == start:
-        tasks.check_batch(config, batch)
+        sources.check_batch(config, batch)
       state, m = step_fn(state, parallel.shard_batch({k: batch[k] for k in task.data_keys},
                                                      mesh))
       m = metric_logging.check_finite(jax.device_get(m), step + 1, stage=STAGE)
@@ -212,8 +213,8 @@ def _jitted_all_exits(config_json: str, guided: bool):
 
 def sample_inputs(config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """{'data', 'inputs'} of the first validation examples that sample grids show."""
-  task = tasks.get_task(config)
-  data = tasks.load_data(config, 'validation', config.train.num_sample_images)
+  task = factory.get_task(config)
+  data = sources.load_data(config, 'validation', config.train.num_sample_images)
   inputs = tasks.make_inputs(task, data, jax.random.key(config.seed + 7))
   return {'data': data, 'inputs': tuple(np.asarray(x) for x in inputs)}
 
@@ -227,7 +228,7 @@ def write_samples(config, workdir, bb, db, state: ExitsState, samples, step: int
   images, teacher = _jitted_all_exits(config.to_json_best_effort(), v == 'guided')(
       {'backbone': bb, 'exits': ev, 'database': db}, *samples['inputs'])
   to_u8 = visualize.images_to_uint8
-  cols = tasks.get_task(config).columns(samples['data']) + [to_u8(np.asarray(teacher))]
+  cols = factory.get_task(config).columns(samples['data']) + [to_u8(np.asarray(teacher))]
   cols += [to_u8(np.asarray(img)) for img in images]
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   visualize.save_grid(cols, os.path.join(workdir, 'samples', f'{STAGE}_{step:06d}.png'))

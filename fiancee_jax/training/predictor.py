@@ -20,6 +20,7 @@ from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from fiancee_jax.guidance import build as database_build
 from fiancee_jax.models import exits as exits_lib
 from fiancee_jax.models import factory
@@ -42,7 +43,7 @@ def fixed_z(config: ml_collections.ConfigDict, split: str,
             indices: np.ndarray) -> np.ndarray | None:
   """One z per dataset index of `split`: float32 [len(indices), z_dim], reproducible; None
   for a noise-free backbone."""
-  z_dim = tasks.get_task(config).noise_dim
+  z_dim = factory.get_task(config).noise_dim
   if not z_dim:
     return None
   key = jax.random.fold_in(jax.random.key(config.seed), _SPLIT_STREAM[split])
@@ -57,8 +58,8 @@ def load_inputs(config: ml_collections.ConfigDict, split: str, n: int,
   With `draws` > 1 (and a generator with noise) the n examples are repeated `draws` times,
   each repetition with its own z: [draws * n, ...], example i of draw d at d * n + i.
   """
-  data = tasks.load_data(config, split, n)
-  task = tasks.get_task(config)
+  data = sources.load_data(config, split, n)
+  task = factory.get_task(config)
   if draws > 1 and task.noise_dim:
     data = tuple(np.concatenate([x] * draws) for x in data)
   z = fixed_z(config, split, np.arange(len(data[0])))
@@ -203,7 +204,7 @@ def _state_template(config: ml_collections.ConfigDict) -> PredictorState:
   """Abstract PredictorState of this config (for restoring without data)."""
   model = factory.make_predictor(config)
   params = jax.eval_shape(model.init, jax.random.key(0),
-                          *tasks.input_specs(tasks.get_task(config), 1))
+                          *tasks.input_specs(factory.get_task(config), 1))
   tx = _optimizer(config)
   return jax.eval_shape(lambda p: PredictorState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                         params)

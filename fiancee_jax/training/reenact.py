@@ -31,8 +31,8 @@ from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
-from fiancee_jax import tasks
 from fiancee_jax.data import avatars_tfds
+from fiancee_jax.data import sources
 from fiancee_jax.data import visualize
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import reenact
@@ -54,9 +54,9 @@ class ReenactState(NamedTuple):
   ema_stats: Any  # spectral-norm sigmas refreshed for ema_params when training ends
 
 
-def data_source(config: ml_collections.ConfigDict, split: str) -> avatars_tfds.AvatarsSource:
+def data_source(config: ml_collections.ConfigDict, split: str) -> Any:
   """The avatars split named by config.data ('train': self pairs, else cross pairs)."""
-  return tasks.data_source(config, split)
+  return sources.data_source(config, split)
 
 
 def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:

@@ -8,6 +8,7 @@ import pytest
 
 from fiancee_jax.data import avatars
 from fiancee_jax.data import avatars_tfds
+from fiancee_jax.data import procedural_tfds
 
 SIZES = dict(num_train=12, num_validation=6, num_test=5)
 
@@ -164,7 +165,7 @@ def test_tfds_roundtrip_equals_generate(data_dir, split):
   source = _source(data_dir, split)
   assert len(source) == SIZES[f'num_{split}']
   for i in range(len(source)):
-    expected = avatars.example(4, avatars_tfds.generator_index(split, i), 32, 32,
+    expected = avatars.example(4, procedural_tfds.generator_index(split, i), 32, 32,
                                cross=split != 'train')
     ex = source[i]
     for key in expected:

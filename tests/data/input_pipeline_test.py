@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fiancee_jax.data import input_pipeline
-from fiancee_jax.data import tfds_sources
+from fiancee_jax.data import landscapes_tfds
 
 
 class FakeSource:
@@ -155,10 +155,9 @@ def test_eval_batches_pad_the_last_batch_with_a_mask():
 
 
 def test_batches_from_tfds_landscapes(tmp_path):
-  source = tfds_sources.get_source(
-      name='landscapes', split='train', resolution=(16, 16), num_classes=12,
-      seed=0, num_train=16, num_validation=2, num_test=2,
-      data_dir=str(tmp_path))
+  source = landscapes_tfds.get_landscapes_source(
+      split='train', resolution=(16, 16), seed=0, num_train=16, num_validation=2,
+      num_test=2, data_dir=str(tmp_path))
   batch = _take(input_pipeline.batches(source, batch_size=8, seed=0), 1)[0]
   input_pipeline.check_batch(batch, num_classes=12, resolution=(16, 16))
   np.testing.assert_array_equal(batch['labels'][0],

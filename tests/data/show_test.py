@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from fiancee_jax.data import landscapes
 from fiancee_jax.data import visualize

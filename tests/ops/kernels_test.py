@@ -81,7 +81,7 @@ def _generators(config):
 def test_parameters_do_not_depend_on_the_kernels(config_module):
   # Trained checkpoints load whatever config.kernels says.
   config = config_module.get_config('tiny')
-  specs = tasks.input_specs(tasks.get_task(config), 4)
+  specs = tasks.input_specs(factory.get_task(config), 4)
   trees = [jax.tree.map(jnp.shape, jax.eval_shape(g.init, jax.random.key(0), *specs))
            for g in _generators(config)]
   assert all(t == trees[0] for t in trees[1:])
@@ -91,7 +91,7 @@ def test_the_backbone_runs_the_kernels_it_was_built_with():
   # At batch 4 the 2x2 stem and first block are Toeplitz matmuls on 'toeplitz_even' only
   # (traced, not compiled: the program is what the names say, on any backend).
   config = landscapes.get_config('tiny')
-  specs = tasks.input_specs(tasks.get_task(config), 4)
+  specs = tasks.input_specs(factory.get_task(config), 4)
   for impl in kernels.CHOICES['conv']:
     g = factory.make_generator(config, kernels={'conv': impl, 'top_k': 'xla'})
     v = jax.eval_shape(g.init, jax.random.key(0), *specs)

@@ -8,6 +8,7 @@ import pytest
 
 from configs import avatars as avatars_config
 from fiancee_jax import checkpoint
+from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax.training import reenact as reenact_training
 
@@ -102,8 +103,9 @@ def test_wrong_dataset_is_refused(config):
   bad = avatars_config.get_config('tiny')
   with bad.unlocked():
     bad.data.name = 'landscapes'
-  with pytest.raises(ValueError, match=r"needs source/driver pairs \('avatars'\)"):
-    reenact_training.data_source(bad, 'train')
+  with pytest.raises(ValueError, match=r"config\.data\.name='landscapes' gives \(labels\) but "
+                     r"the 'reenact' backbone takes \(source, driver\)"):
+    config_checks.check_config(bad)
   with pytest.raises(ValueError, match='unknown split'):
     reenact_training.data_source(config, 'val')
 
