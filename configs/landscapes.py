@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           ch=8,  # base width; block widths are ch * width_ratios
           width_ratios=(16, 16, 16, 8, 4, 2, 1),
           spade_hidden=16,  # SPADE hidden width (128 at ch 64: scale with ch)
-          z_dim=64,
+          z_dim=8,  # broadcast-z share of the MACs: see the module docstring
           spectral_norm=True,
           # U-Net discriminator: encoder widths d_ch * d_width_ratios (one x2 down each),
           # last decoder block d_ch wide (OASIS: d_ch 64, ratios (2, 2, 4, 4, 8, 8)).
