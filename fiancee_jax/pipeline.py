@@ -1,7 +1,14 @@
-"""Runs the stages of a FIANCEE job in order; each resumes from its own checkpoint."""
+"""The stage table of a FIANCEE job and `run`, which runs stages in order.
+
+Each stage resumes from its own checkpoint under WORKDIR/checkpoints/STAGE and ends by
+exporting its artifact (training stages) or report files; a preempted training stage raises
+`loop.Preempted` after saving, so no later stage runs.
+"""
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -9,19 +16,19 @@ from absl import logging
 
 from fiancee_jax import config_checks
 from fiancee_jax import parallel
+from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.evaluation import report
+from fiancee_jax.training import backbone
+from fiancee_jax.training import database
+from fiancee_jax.training import exits
+from fiancee_jax.training import predictor
+from fiancee_jax.training import reenact
 
+Stage = Callable[[ml_collections.ConfigDict, str], Any]
 
-def _stage_fns():
-  # Imported lazily so that `stats` and tests of one stage import only what they need.
-  # pylint: disable=g-import-not-at-top
-  from fiancee_jax.evaluation import report
-  from fiancee_jax.guidance import build
-  from fiancee_jax.training import backbone
-  from fiancee_jax.training import exits
-  from fiancee_jax.training import predictor
-  return {'backbone': backbone.train, 'database': build.build, 'exits': exits.train,
-          'predictor': predictor.train, 'evaluate': report.evaluate,
-          'benchmark': run_benchmark}
+# The backbone stage's trainer for each config.backbone.name. With models/factory.py, this
+# table is the only place that looks at a backbone's name.
+BACKBONE_TRAINERS: dict[str, Stage] = {'oasis': backbone.train, 'reenact': reenact.train}
 
 
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -58,57 +65,38 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return bench
 
 
-# Sections that change no stored artifact (only how the benchmark stage times the model): a
-# workdir accepts a config that differs there, and config.json is updated to it.
-REPLACEABLE_SECTIONS = ('benchmark',)
+def stage_table(config: ml_collections.ConfigDict) -> dict[str, Stage]:
+  """{stage name: fn(config, workdir)} for this config, in config_checks.KNOWN_STAGES."""
+  name = config.backbone.name
+  if name not in BACKBONE_TRAINERS:
+    raise ValueError(f'config.backbone.name={name!r} has no trainer; known: '
+                     f'{", ".join(sorted(BACKBONE_TRAINERS))}')
+  return {'backbone': BACKBONE_TRAINERS[name], 'database': database.build,
+          'exits': exits.train, 'predictor': predictor.train, 'evaluate': report.evaluate,
+          'benchmark': run_benchmark}
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """workdir/config.json; refuses a workdir made with a different config.
+def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict[str, Any]:
+  """Runs `stages` (comma-separated) on `workdir`; returns {stage: result}.
 
-  Only the REPLACEABLE_SECTIONS may differ; then config.json is rewritten with this config.
+  Training stages return their artifact (artifacts.Artifact), evaluate and benchmark their
+  report dicts.
+
+  Raises:
+    ValueError: a bad config or stage name, or a workdir made with another config (before
+      any compute).
+    training.loop.Preempted: a training stage was preempted (its state is saved).
   """
-  path = os.path.join(workdir, 'config.json')
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  new = json.loads(text)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old == new:
-      return
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not set(differ) <= set(REPLACEABLE_SECTIONS):
-      raise ValueError(
-          f'{path} holds a different config than this run (sections {differ} differ); '
-          'resume with the same config or use a new --workdir')
-    logging.info('config sections %s changed; updating %s', differ, path)
-  if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict:
-  """Runs `stages` (comma-separated) on `workdir`; returns {stage: result}."""
   config_checks.check_config(config)
   names = config_checks.parse_stages(stages)
+  table = stage_table(config)
   parallel.maybe_initialize_distributed(config.distributed)
   os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
-  fns = _stage_fns()
+  workdir_lib.write_config(config, workdir)
   results = {}
   for name in names:
     logging.info('stage %s', name)
     start = time.perf_counter()
-    results[name] = fns[name](config, workdir)
-    _record_time(workdir, name, time.perf_counter() - start)
+    results[name] = table[name](config, workdir)
+    workdir_lib.record_time(workdir, name, time.perf_counter() - start)
   return results
-
-
-def _record_time(workdir: str, stage: str, seconds: float) -> None:
-  """Appends {stage, seconds} to workdir/timings.jsonl (wall time of each stage run)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'timings.jsonl'), 'a') as f:
-      f.write(json.dumps({'stage': stage, 'seconds': round(seconds, 2),
-                          'time': time.time()}) + '\n')
