@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=100,
       keep_checkpoints=3,
       num_sample_images=8,
+      # Name of a shipped backbone (fiancee_jax/assets/backbones/NAME) that the backbone stage
+      # installs instead of training; '' trains it (training/pretrained.py).
+      pretrained='',
       num_eval=64,  # validation cross pairs scored at every sample step
   )
 
@@ -136,6 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=1000,
       lr=3e-3,
       loss='l1',
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
   )
 
   config.router = dict(
@@ -168,7 +174,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.exits.update(attach_after=(1, 2), batch_size=8, num_steps=4, log_every=2,
                         sample_every=2, checkpoint_every=2)
     config.predictor.update(width=4, num_train=16, measure_batch=8, batch_size=8,
-                            num_steps=4)
+                            num_steps=4, log_every=2, checkpoint_every=2)
     config.router.update(num_eval=16)
     config.benchmark.update(batch_size=4, warmup=1, iters=2, switch_rounds=4,
                             exit_parts=False, lowering_rounds=0)

@@ -54,6 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=100,
       keep_checkpoints=3,
       num_sample_images=8,
+      # Name of a shipped backbone (fiancee_jax/assets/backbones/NAME) that the backbone stage
+      # installs instead of training; '' trains it (training/pretrained.py).
+      pretrained='',
   )
 
   # Image distance between an exit's output and the backbone's: 'auto' = LPIPS (alex) if
@@ -110,6 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=4000,  # Adam, cosine decay from lr to 0; standardised targets
       lr=3e-3,
       loss='l1',  # 'l1' | 'mse'
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
   )
 
   # Routing: thresholds on the distance, calibration of the decision margins.
@@ -145,7 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.exits.update(attach_after=(1, 2), batch_size=8, num_steps=4, log_every=2,
                         sample_every=2, checkpoint_every=2)
     config.predictor.update(width=4, members=2, num_train=32, z_draws=2, measure_batch=16,
-                            batch_size=16, num_steps=4)
+                            batch_size=16, num_steps=4, log_every=2, checkpoint_every=2)
     config.router.update(num_eval=32)
     config.benchmark.update(batch_size=8, warmup=1, iters=2, switch_rounds=4,
                             exit_parts=False, lowering_rounds=2)

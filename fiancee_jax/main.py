@@ -1,4 +1,9 @@
-"""Entry point: python -m fiancee_jax.main --config=configs/landscapes.py --workdir=DIR."""
+"""Entry point: python -m fiancee_jax.main --config=configs/landscapes.py --workdir=DIR.
+
+A training stage stopped by a preemption notice (SIGTERM) saves its state and the process
+exits with status 143 (128 + SIGTERM, as if the signal had ended it): the job is not done,
+and the same command resumes it.
+"""
 import os
 
 from absl import app
@@ -7,6 +12,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from fiancee_jax import pipeline
+from fiancee_jax.training import loop
+
+PREEMPTED_EXIT_STATUS = 128 + 15
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'configs', 'landscapes.py')
@@ -23,7 +31,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+  except loop.Preempted as e:
+    logging.warning('%s', e)
+    raise SystemExit(PREEMPTED_EXIT_STATUS) from None
 
 
 if __name__ == '__main__':
