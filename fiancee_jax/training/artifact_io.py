@@ -18,6 +18,23 @@ from fiancee_jax.guidance import database as database_lib
 from fiancee_jax.models import factory
 
 
+def _load(workdir: str, kind: str, template: Any, config: ml_collections.ConfigDict,
+          parents: dict[str, str] | None = None) -> artifacts.Artifact:
+  """artifacts.load, with the config values compared first: an artifact built with another
+  config is named as such, not as one whose shapes do not fit the template."""
+  have = artifacts.read_manifest(workdir, kind).get('config', {})
+  want = artifacts.config_values(config, kind)
+  differ = sorted(k for k in want if have.get(k) != want[k])
+  if differ:
+    detail = '; '.join(f'config.{k} is {have.get(k)!r} there, {want[k]!r} here'
+                       for k in differ)
+    raise artifacts.ArtifactError(
+        f'{kind} artifact at {artifacts.path(workdir, kind)} was built with another config '
+        f'({detail}); rerun --stages={artifacts.STAGE_OF[kind]} in a new workdir or use the '
+        'config it was built with')
+  return artifacts.load(workdir, kind, template, config=config, parents=parents)
+
+
 def _input_specs(config: ml_collections.ConfigDict) -> tuple[jax.ShapeDtypeStruct, ...]:
   return tasks.input_specs(tasks.get_task(config), 1)
 
@@ -84,15 +101,15 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str, params: Any
 
 def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:
   """The backbone artifact: EMA generator variables, checked against the config."""
-  return artifacts.load(workdir, 'backbone', backbone_template(config), config=config)
+  return _load(workdir, 'backbone', backbone_template(config), config)
 
 
 def load_database(config: ml_collections.ConfigDict, workdir: str,
                   backbone: artifacts.Artifact) -> artifacts.Artifact:
   """The database artifact built from `backbone`, with the spec the config's model expects."""
   spec = factory.database_spec(config)
-  art = artifacts.load(workdir, 'database', database_template(spec), config=config,
-                       parents={'backbone': backbone.fingerprint})
+  art = _load(workdir, 'database', database_template(spec), config,
+              {'backbone': backbone.fingerprint})
   got, want = art.metadata.get('spec'), database_spec_json(spec)
   if got != want:
     differ = sorted(k for k in want if (got or {}).get(k) != want[k])
@@ -109,14 +126,14 @@ def load_exits(config: ml_collections.ConfigDict, workdir: str, backbone: artifa
   if database is not None:
     parents['database'] = database.fingerprint
   template = exits_template(config, backbone.tree, None if database is None else database.tree)
-  return artifacts.load(workdir, 'exits', template, config=config, parents=parents)
+  return _load(workdir, 'exits', template, config, parents)
 
 
 def load_predictor(config: ml_collections.ConfigDict, workdir: str,
                    exits: artifacts.Artifact) -> artifacts.Artifact:
   """The predictor artifact trained on the distances of `exits`."""
-  return artifacts.load(workdir, 'predictor', predictor_template(config), config=config,
-                        parents={'exits': exits.fingerprint})
+  return _load(workdir, 'predictor', predictor_template(config), config,
+               {'exits': exits.fingerprint})
 
 
 def load_lineage(config: ml_collections.ConfigDict, workdir: str, *,

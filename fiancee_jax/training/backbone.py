@@ -160,10 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
   result = loop.train(
       stage=STAGE, workdir=workdir, mesh=mesh,
-      schedule=loop.Schedule(num_steps=tc.num_steps, log_every=tc.log_every,
-                             checkpoint_every=tc.checkpoint_every,
-                             keep_checkpoints=tc.keep_checkpoints,
-                             sample_every=tc.sample_every),
+      schedule=loop.Schedule.of(tc),
       init=lambda: init_state(config, key),
       make_step=lambda: make_train_step(config),
       batches=lambda start: tasks.train_batches(config, train_src, batch_size=tc.batch_size,

@@ -142,9 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   result = loop.train(
       stage=STAGE, workdir=workdir, mesh=mesh,
-      schedule=loop.Schedule(num_steps=e.num_steps, log_every=e.log_every,
-                             checkpoint_every=e.checkpoint_every,
-                             keep_checkpoints=e.keep_checkpoints, sample_every=e.sample_every),
+      schedule=loop.Schedule.of(e),
       init=lambda: init_state(config, key, bb, db),
       make_step=lambda: make_train_step(config, bb, dvars, db),
       batches=lambda start: tasks.train_batches(config, train_src, batch_size=e.batch_size,

@@ -60,6 +60,14 @@ class Schedule(NamedTuple):
   keep_checkpoints: int  # newest checkpoints kept on disk
   sample_every: int = 0  # sample grids every this many steps (0: only at the end)
 
+  @classmethod
+  def of(cls, section: Any) -> 'Schedule':
+    """From a config section holding these keys (config.train, .exits, .predictor)."""
+    return cls(num_steps=section['num_steps'], log_every=section['log_every'],
+               checkpoint_every=section['checkpoint_every'],
+               keep_checkpoints=section['keep_checkpoints'],
+               sample_every=section.get('sample_every', 0))
+
 
 class Result(NamedTuple):
   state: State  # the finished state (replicated over the mesh)
@@ -203,6 +211,10 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
       steps since the last check is saved).
     Preempted: after saving the state on a preemption notice.
   """
+  for name, value in schedule._asdict().items():
+    if value < (0 if name == 'sample_every' else 1):
+      raise ValueError(f'{name}={value} for stage {stage!r}: it must be >= '
+                       f'{0 if name == "sample_every" else 1} (config section of the stage)')
   n = schedule.num_steps
   ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir, stage),
                                  max_to_keep=schedule.keep_checkpoints,

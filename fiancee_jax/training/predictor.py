@@ -261,9 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   key = jax.random.fold_in(jax.random.key(config.seed), 5)
   result = loop.train(
       stage=STAGE, workdir=workdir, mesh=mesh,
-      schedule=loop.Schedule(num_steps=p.num_steps, log_every=p.log_every,
-                             checkpoint_every=p.checkpoint_every,
-                             keep_checkpoints=p.keep_checkpoints),
+      schedule=loop.Schedule.of(p),
       init=lambda: init_state(config, key), make_step=make_step, batches=batches,
       finish=finish)
   metadata = {k: result.metadata[k] for k in ('margins', 'calibration', 'risk_control',

@@ -157,3 +157,9 @@ def test_sigterm_saves_at_the_next_step_boundary_and_resumes_bit_exact(uninterru
   assert _ckpt_steps(tmp_path) == [4, 6]
   resumed = jax.device_get(_run(tmp_path).state)
   np.testing.assert_array_equal(resumed['w'], full['w'])
+
+
+def test_a_bad_schedule_is_refused_before_compute(tmp_path):
+  with pytest.raises(ValueError, match="log_every=0 for stage 'toy'"):
+    _run(tmp_path, log_every=0)
+  assert not os.path.exists(tmp_path / 'checkpoints')
