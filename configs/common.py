@@ -74,6 +74,9 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
       checkpoint_every=100,
       keep_checkpoints=3,
       num_sample_images=8,
+      # Name of a shipped backbone (fiancee_jax/assets/backbones/NAME) that the backbone stage
+      # installs instead of training; '' trains it (training/pretrained.py).
+      pretrained='',
   )
   config.train.update(train)
 
@@ -134,6 +137,9 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
       num_steps=4000,  # Adam, cosine decay from lr to 0; standardised targets
       lr=3e-3,
       loss='l1',  # 'l1' | 'mse'
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
   )
 
   # Routing: thresholds on the distance, calibration of the decision margins.
@@ -189,7 +195,7 @@ def shrink_for_tests(config: ml_collections.ConfigDict) -> None:
                          chunk=32, kmeans_iters=2)
   config.exits.update(attach_after=(1, 2), batch_size=8, num_steps=4, log_every=2,
                       sample_every=2, checkpoint_every=2)
-  config.predictor.update(width=4, num_steps=4)
+  config.predictor.update(width=4, num_steps=4, log_every=2, checkpoint_every=2)
   config.evaluate.update(bootstrap_resamples=200)
   config.benchmark.update(warmup=1, iters=2, switch_rounds=4, exit_parts=False)
 

@@ -38,7 +38,7 @@ KNOWN_STAGES = ('backbone', 'database', 'exits', 'predictor', 'evaluate', 'bench
 # Sections that change no stored artifact: a workdir accepts a config that differs there, and
 # config.json is updated to it. `benchmark` only changes how the benchmark stage times the
 # model; `checkpoint` only how a damaged checkpoint is handled.
-REPLACEABLE_SECTIONS = ('benchmark', 'checkpoint')
+REPLACEABLE_SECTIONS = ('benchmark', 'checkpoint', 'kernels')
 
 CONFIG_FILE = 'config.json'
 # Present beside config.json while config.json does not bind the workdir yet: it was written

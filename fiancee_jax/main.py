@@ -1,4 +1,9 @@
-"""Entry point: python -m fiancee_jax.main --config=configs/landscapes.py --workdir=DIR."""
+"""Entry point: python -m fiancee_jax.main --config=configs/landscapes.py --workdir=DIR.
+
+A training stage stopped by a preemption notice (SIGTERM) saves its state and the process
+exits with status 143 (128 + SIGTERM, as if the signal had ended it): the job is not done,
+and the same command resumes it.
+"""
 import os
 
 from absl import app
@@ -8,6 +13,9 @@ from ml_collections import config_flags
 
 from fiancee_jax import config_checks
 from fiancee_jax import pipeline
+from fiancee_jax.training import loop
+
+PREEMPTED_EXIT_STATUS = 128 + 15
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'configs', 'landscapes.py')
@@ -29,6 +37,9 @@ def _run(argv: list[str]) -> None:
   except config_checks.ConfigError as e:
     # Raised before any compute: the message is the whole story, a traceback adds nothing.
     raise SystemExit(f'FATAL: {e}') from None
+  except loop.Preempted as e:
+    logging.warning('%s', e)
+    raise SystemExit(PREEMPTED_EXIT_STATUS) from None
 
 
 def main() -> None:

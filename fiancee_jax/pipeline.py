@@ -1,7 +1,12 @@
-"""Runs the stages of a FIANCEE job in order; each resumes from its own checkpoint."""
-import json
-import os
+"""The stage table of a FIANCEE job and `run`, which runs stages in order.
+
+Each stage resumes from its own checkpoint under WORKDIR/checkpoints/STAGE and ends by
+exporting its artifact (training stages) or report files; a preempted training stage raises
+`loop.Preempted` after saving, so no later stage runs.
+"""
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -9,54 +14,61 @@ from absl import logging
 
 from fiancee_jax import config_checks
 from fiancee_jax import parallel
+from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.evaluation import benchmark
+from fiancee_jax.evaluation import report
+from fiancee_jax.training import backbone
+from fiancee_jax.training import database
+from fiancee_jax.training import exits
+from fiancee_jax.training import predictor
+from fiancee_jax.training import reenact
 
+Stage = Callable[[ml_collections.ConfigDict, str], Any]
 
-def _stage_fns():
-  # Imported lazily so that `stats` and tests of one stage import only what they need.
-  # pylint: disable=g-import-not-at-top
-  from fiancee_jax.evaluation import report
-  from fiancee_jax.guidance import build
-  from fiancee_jax.training import backbone
-  from fiancee_jax.training import exits
-  from fiancee_jax.training import predictor
-  return {'backbone': backbone.train, 'database': build.build, 'exits': exits.train,
-          'predictor': predictor.train, 'evaluate': report.evaluate,
-          'benchmark': run_benchmark}
+# The backbone stage's trainer for each config.backbone.name. With models/factory.py, this
+# table is the only place that looks at a backbone's name.
+BACKBONE_TRAINERS: dict[str, Stage] = {'oasis': backbone.train, 'reenact': reenact.train}
 
 
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Stage `benchmark`: report/bench.json and report/bench.md (evaluation/benchmark.py)."""
-  from fiancee_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
   return benchmark.run_stage(config, workdir)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict:
+def stage_table(config: ml_collections.ConfigDict) -> dict[str, Stage]:
+  """{stage name: fn(config, workdir)} for this config, in config_checks.KNOWN_STAGES."""
+  name = config.backbone.name
+  if name not in BACKBONE_TRAINERS:
+    raise ValueError(f'config.backbone.name={name!r} has no trainer; known: '
+                     f'{", ".join(sorted(BACKBONE_TRAINERS))}')
+  return {'backbone': BACKBONE_TRAINERS[name], 'database': database.build,
+          'exits': exits.train, 'predictor': predictor.train, 'evaluate': report.evaluate,
+          'benchmark': run_benchmark}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict[str, Any]:
   """Runs `stages` (comma-separated) on `workdir`; returns {stage: result}.
+
+  Training stages return their artifact (artifacts.Artifact), evaluate and benchmark their
+  report dicts.
 
   Raises:
     config_checks.ConfigError: a bad config, stage list or workdir, before any compute and
       before config.json is written.
+    training.loop.Preempted: a training stage was preempted (its state is saved).
   """
   # Everything is checked before the first stage: no stage fails on a setting of a later one.
   names = config_checks.parse_stages(stages)
   config_checks.check_config(config)
+  table = stage_table(config)
   parallel.maybe_initialize_distributed(config.distributed)
   config_checks.check_devices(config, jax.device_count())
   workdir = config_checks.check_workdir(workdir)
   config_checks.write_config(config, workdir, process_index=jax.process_index())
-  fns = _stage_fns()
   results = {}
   for name in names:
     logging.info('stage %s', name)
     start = time.perf_counter()
-    results[name] = fns[name](config, workdir)
-    _record_time(workdir, name, time.perf_counter() - start)
+    results[name] = table[name](config, workdir)
+    workdir_lib.record_time(workdir, name, time.perf_counter() - start)
   return results
-
-
-def _record_time(workdir: str, stage: str, seconds: float) -> None:
-  """Appends {stage, seconds} to workdir/timings.jsonl (wall time of each stage run)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'timings.jsonl'), 'a') as f:
-      f.write(json.dumps({'stage': stage, 'seconds': round(seconds, 2),
-                          'time': time.time()}) + '\n')

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from configs import landscapes
+from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import model as model_lib
 from fiancee_jax import pipeline
 from fiancee_jax import tasks
+from fiancee_jax.training import artifact_io
 from fiancee_jax.training import backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,11 +152,11 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, data_d
   state, _ = ckpt.restore(target)
   assert int(state.step) == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.g_params))
-  with pytest.raises(checkpoint.CheckpointError, match='stopped at step 2'):
-    backbone.load_backbone(config, str(tmp_path))
+  assert not artifacts.exists(str(tmp_path), 'backbone')  # nothing exported
 
 
-def test_missing_backbone_checkpoint_names_the_directory(tmp_path):
+def test_missing_backbone_artifact_names_the_directory_and_the_stage(tmp_path):
   config = landscapes.get_config('tiny')
-  with pytest.raises(checkpoint.CheckpointError, match='no backbone checkpoint in .*backbone'):
-    backbone.load_backbone(config, str(tmp_path))
+  with pytest.raises(artifacts.ArtifactError,
+                     match='no backbone artifact at .*artifacts/backbone; run --stages=backbone'):
+    artifact_io.load_backbone(config, str(tmp_path))

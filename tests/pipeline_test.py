@@ -1,15 +1,19 @@
 """The whole job on the tiny config: every stage, the workdir contract, report/bench keys."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from fiancee_jax import artifacts
 from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
+from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import sources
+from fiancee_jax.training import artifact_io
 from tests.evaluation import report_test
 
 # Tests that use the shared `tiny_run` job run on one xdist worker (--dist loadgroup).
@@ -27,8 +31,10 @@ def test_workdir_contract(workdir):
                'report/bench.md', 'report/distance_vs_gflops.png', 'report/exit_histogram.png',
                'report/predicted_vs_true.png', 'report/samples.png'):
     assert os.path.exists(os.path.join(wd, name)), name
-  for stage in ('backbone', 'database', 'exits', 'predictor'):
+  for stage in ('backbone', 'exits', 'predictor'):
     assert os.path.isdir(os.path.join(wd, 'checkpoints', stage)), stage
+  for kind in artifacts.KINDS:
+    assert artifacts.exists(wd, kind), kind
   samples = os.listdir(os.path.join(wd, 'samples'))
   assert any(s.startswith('backbone_') for s in samples)
   assert any(s.startswith('exits_') for s in samples)
@@ -96,12 +102,34 @@ def test_bench_schema(workdir):
   assert sorted(r['threshold'] for r in b['routing']) == pytest.approx(sorted([t_star, 0.1]))
 
 
-def test_rerun_resumes_every_stage_without_retraining(workdir):
+def test_artifacts_name_the_artifacts_they_were_built_from(workdir):
+  wd, config = workdir
+  arts = artifact_io.load_lineage(config, wd, upto='predictor')
+  assert arts['backbone'].parents == {} and arts['backbone'].metadata == {'steps': 4}
+  assert arts['database'].parents == {'backbone': arts['backbone'].fingerprint}
+  assert arts['exits'].parents == {'backbone': arts['backbone'].fingerprint,
+                                   'database': arts['database'].fingerprint}
+  assert arts['exits'].metadata == {'steps': 4, 'variants': ['guided', 'unguided']}
+  assert arts['predictor'].parents == {'exits': arts['exits'].fingerprint}
+  assert set(arts['predictor'].metadata) == {'margins', 'calibration', 'risk_control',
+                                             'distance'}
+  # Params only: no optimizer state, no discriminator, no PRNG key.
+  assert set(arts['backbone'].tree) == {'params', 'batch_stats'}
+  assert set(arts['exits'].tree) == {'guided', 'unguided'}
+
+
+def test_rerun_resumes_every_stage_without_retraining(workdir, tmp_path):
   wd, config = workdir
   before = os.path.getmtime(os.path.join(wd, 'report', 'report.json'))
+  fingerprints = {k: artifacts.read_manifest(wd, k)['fingerprint'] for k in artifacts.KINDS}
+  lines = len(metric_logging.read_metrics(wd))
+  # A finished stage whose artifact is missing exports it again from its checkpoint.
+  shutil.move(artifacts.path(wd, 'exits'), str(tmp_path / 'exits'))
   results = pipeline.run(config, wd, 'backbone,database,exits,predictor')
-  assert int(results['backbone'].step) == config.train.num_steps
-  assert int(results['exits'].step) == config.exits.num_steps
+  assert {k: results[k].fingerprint for k in artifacts.KINDS} == fingerprints
+  assert results['backbone'].metadata['steps'] == config.train.num_steps
+  assert results['exits'].metadata['steps'] == config.exits.num_steps
+  assert len(metric_logging.read_metrics(wd)) == lines  # not a step was taken
   assert os.path.getmtime(os.path.join(wd, 'report', 'report.json')) == before
 
 
@@ -158,21 +186,24 @@ def test_generate_routes_by_threshold(workdir):
     fiancee_jax.generate(model, labels, threshold=-1)
 
 
-def test_predictor_and_database_of_another_model_are_refused(workdir, tmp_path):
-  from fiancee_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from fiancee_jax.guidance import build  # pylint: disable=g-import-not-at-top
+def test_predictor_and_database_of_another_model_are_refused(workdir):
   wd, config = workdir
+  backbone = artifact_io.load_backbone(config, wd)
   other = config.copy_and_resolve_references()
   with other.unlocked():
     other.database.key_dim = 3
-  with pytest.raises(ValueError, match='key_dim is 4 in the database but 3'):
-    build.load(other, wd)
+  with pytest.raises(artifacts.ArtifactError, match='config.database is .*key_dim'):
+    artifact_io.load_database(other, wd, backbone)
   other = config.copy_and_resolve_references()
   with other.unlocked():
     other.predictor.width = 5
   from fiancee_jax.training import predictor as predictor_training  # pylint: disable=g-import-not-at-top
-  with pytest.raises(checkpoint.CheckpointError, match='does not match the model'):
+  with pytest.raises(artifacts.ArtifactError, match='built with another config'):
     predictor_training.load_predictor(other, wd)
+  # An exits artifact is refused beside a database it was not built from.
+  database = artifact_io.load_database(config, wd, backbone)
+  with pytest.raises(artifacts.ArtifactError, match="this workdir's database is 222222222222"):
+    artifact_io.load_exits(config, wd, backbone, database._replace(fingerprint='2' * 64))
 
 
 def test_results_markdown_renders_from_the_run(workdir):

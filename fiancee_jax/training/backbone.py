@@ -1,13 +1,13 @@
-"""Stage `backbone`: trains OASIS (generator + U-Net discriminator) data-parallel.
+"""Stage `backbone` for OASIS: trains the generator + U-Net discriminator data-parallel.
 
 One jitted step over the mesh (batch sharded on `data`, state replicated): a generator
 update against the current discriminator, then a discriminator update on the same fake
-images (N+1 cross-entropy + LabelMix), then the generator EMA. Resumable: the state
-(including the RNG and the step, which is also the data position) is checkpointed.
+images (N+1 cross-entropy + LabelMix), then the generator EMA. The loop (training/loop.py)
+resumes, checks, logs, draws samples and checkpoints; at the end the EMA generator's batch
+statistics are recomputed and it is exported as the `backbone` artifact. With
+`config.train.pretrained` set, the shipped backbone is installed instead
+(training/pretrained.py).
 """
-import functools
-import json
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -15,17 +15,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from fiancee_jax import artifacts
-from fiancee_jax import checkpoint
-from fiancee_jax import metric_logging
-from fiancee_jax import parallel
 from fiancee_jax.data import sources
+from fiancee_jax import checkpoint
+from fiancee_jax import parallel
+from fiancee_jax import tasks
+from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.data import input_pipeline
 from fiancee_jax.data import visualize
 from fiancee_jax.losses import oasis as oasis_losses
 from fiancee_jax.models import factory
+from fiancee_jax.training import loop
 from fiancee_jax.training import optimizers
+from fiancee_jax.training import pretrained
+from fiancee_jax.training import artifact_io
 
 STAGE = 'backbone'
 
@@ -41,11 +45,6 @@ class BackboneState(NamedTuple):
   d_opt: optax.OptState
   ema_params: Any  # EMA of g_params (what later stages use)
   ema_stats: Any  # batch_stats recomputed for ema_params when training ends
-
-
-def data_source(config: ml_collections.ConfigDict, split: str):
-  """The dataset split named by config.data, at config.data.resolution."""
-  return sources.data_source(config, split)
 
 
 def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> BackboneState:
@@ -145,86 +144,65 @@ def make_stats_step(config: ml_collections.ConfigDict):
   return f
 
 
-def generate(config: ml_collections.ConfigDict, params: Any, stats: Any,
-             labels: jax.Array, z: jax.Array) -> jax.Array:
-  """Backbone inference: labels int32 [B, H, W], z [B, z_dim] -> images [B, H, W, 3]."""
-  g = factory.make_generator(config)
-  return g.apply({'params': params, 'batch_stats': stats}, labels, z)
+def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:
+  """Runs the backbone stage; returns the `backbone` artifact (EMA generator variables).
 
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> BackboneState:
-  """Runs (or resumes) the backbone stage; returns the final state.
-
-  The reenactment backbone has its own trainer (training/reenact.py) with the same
-  checkpoint, resume and logging conventions.
+  Order: with `config.train.pretrained` the shipped backbone is installed; else a backbone
+  artifact the workdir already holds is returned (checked); else the loop trains (or
+  resumes, or reads back a finished checkpoint) and the EMA generator is exported.
   """
-  if config.backbone.name == 'reenact':
-    from fiancee_jax.training import reenact  # pylint: disable=g-import-not-at-top
-    return reenact.train(config, workdir)
+  ready = pretrained.ready_backbone(config, workdir)
+  if ready is not None:
+    return ready
   tc = config.train
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.batch_size, mesh, 'config.train.batch_size')
-  train_src = data_source(config, 'train')
-  val_src = data_source(config, 'validation')
-
-  repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  key_init = jax.random.fold_in(jax.random.key(config.seed), 0)
-  state = jax.jit(lambda k: init_state(config, k), out_shardings=repl)(key_init)
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', STAGE),
-                                 max_to_keep=tc.keep_checkpoints,
-                                 save_every=tc.checkpoint_every,
-                                 allow_restart=config.checkpoint.allow_restart)
-  # Resume order: this stage's latest valid checkpoint in the workdir, else scratch.
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    logging.info('backbone: resumed at step %d', int(state.step))
-    if meta.get('finished'):
-      _export_artifact(config, workdir, state)
-      return state
-  start = int(state.step)
-
-  step_fn = jax.jit(make_train_step(config), in_shardings=(repl, data_sh),
-                    out_shardings=(repl, repl), donate_argnums=0)
-  samples = _sample_batch(config, val_src)
-  batches = sources.train_batches(config, train_src, batch_size=tc.batch_size,
-                                  seed=config.seed, start_step=start)
-  with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=tc.num_steps) as writer:
-    for step in range(start, tc.num_steps):
-      batch = next(batches)
-      if step == start:
-        sources.check_batch(config, batch)
-      batch = parallel.shard_batch({k: batch[k] for k in ('labels', 'image')}, mesh)
-      state, m = step_fn(state, batch)
-      m = jax.device_get(m)
-      # Raises NonFiniteMetricError on NaN/inf before anything of this step is saved.
-      metric_logging.check_finite(m, step + 1)
-      if (step + 1) % tc.log_every == 0 or step + 1 == tc.num_steps:
-        writer.write_scalars(step + 1, m)
-      writer.update_progress(step + 1, m)
-      if (step + 1) % tc.sample_every == 0:
-        _write_samples(config, workdir, state.ema_params, state.g_stats, samples, step + 1,
-                       writer)
-      if ckpt.should_save(step + 1) and step + 1 < tc.num_steps:
-        ckpt.save(step + 1, state, metadata={'data_position': step + 1})
-    batches.close() if hasattr(batches, 'close') else None
-
-    state = _recompute_ema_stats(config, state, train_src, mesh)
-    _write_samples(config, workdir, state.ema_params, state.ema_stats, samples,
-                   tc.num_steps, writer)
-  ckpt.save(int(state.step), state, metadata={'data_position': int(state.step),
-                                              'finished': True}, force=True)
-  ckpt.close()
-  _export_artifact(config, workdir, state)
-  return state
+  train_src = sources.data_source(config, 'train')
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  result = loop.train(
+      stage=STAGE, workdir=workdir, mesh=mesh,
+      schedule=loop.Schedule.of(tc),
+      init=lambda: init_state(config, key),
+      make_step=lambda: make_train_step(config),
+      batches=lambda start: sources.train_batches(config, train_src, batch_size=tc.batch_size,
+                                                seed=config.seed, start_step=start),
+      check_batch=lambda batch: sources.check_batch(config, batch),
+      write_samples=_sample_writer(
+          config, workdir, _sample_batch(config, sources.data_source(config, 'validation'))),
+      finish=lambda state, writer: (_recompute_ema_stats(config, state, train_src, mesh), {}))
+  return artifact_io.export_backbone(config, workdir, result.state.ema_params,
+                                     result.state.ema_stats)
 
 
-def _export_artifact(config, workdir: str, state) -> None:
-  """WORKDIR/artifacts/backbone: the EMA generator variables (artifacts.py), once."""
-  if not artifacts.exists(workdir, 'backbone'):
-    artifacts.save(workdir, 'backbone',
-                   {'params': state.ema_params, 'batch_stats': state.ema_stats},
-                   config=config, metadata={'steps': int(state.step)})
+def load_discriminator(config: ml_collections.ConfigDict, workdir: str,
+                       backbone: artifacts.Artifact) -> dict:
+  """The discriminator variables trained with `backbone` (for an adversarial exit loss).
+
+  The discriminator is no part of any artifact: it is read from the backbone stage's
+  finished checkpoint, which must be the one `backbone` was exported from.
+
+  Raises:
+    ValueError: the backbone was installed from a shipped one (it has no discriminator).
+    checkpoint.CheckpointError: no finished backbone checkpoint in the workdir.
+    artifacts.ArtifactError: the checkpoint is not the one the artifact came from.
+  """
+  if config.train.pretrained:
+    raise ValueError(
+        'config.exits.adversarial_weight > 0 needs the discriminator trained with the '
+        f'backbone, and the shipped backbone {config.train.pretrained!r} has none; set '
+        "--config.exits.adversarial_weight=0, or --config.train.pretrained='' to train the "
+        'backbone in this workdir')
+  target = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
+  state, _ = checkpoint.restore_finished(workdir_lib.checkpoints(workdir, STAGE), target,
+                                         stage=STAGE, total_steps=config.train.num_steps)
+  fp = artifacts.fingerprint(STAGE, {'params': state.ema_params, 'batch_stats': state.ema_stats},
+                             artifacts.config_values(config, STAGE), {})
+  if fp != backbone.fingerprint:
+    raise artifacts.ArtifactError(
+        f'the backbone checkpoint in {workdir_lib.checkpoints(workdir, STAGE)} holds another '
+        f'generator ({fp[:12]}) than the backbone artifact ({backbone.fingerprint[:12]}); '
+        'rerun --stages=backbone in a new workdir')
+  return {'params': state.d_params, 'batch_stats': state.d_stats}
 
 
 def _recompute_ema_stats(config, state: BackboneState, source, mesh) -> BackboneState:
@@ -235,15 +213,42 @@ def _recompute_ema_stats(config, state: BackboneState, source, mesh) -> Backbone
               out_shardings=repl)
   stats = state.g_stats
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  it = sources.train_batches(config, source, batch_size=tc.batch_size, seed=config.seed + 1,
-                             prefetch=1)
-  for i in range(tc.ema_stats_batches):
-    b = parallel.shard_batch({'labels': next(it)['labels']}, mesh)
-    z = jax.random.normal(jax.random.fold_in(key, i),
-                          (tc.batch_size, config.backbone.z_dim))
-    stats = f(state.ema_params, stats, b['labels'], jax.device_put(z, data_sh), float(i))
-  it.close() if hasattr(it, 'close') else None
+  it = input_pipeline.batches(source, batch_size=tc.batch_size, seed=config.seed + 1,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count(), prefetch=1)
+  try:
+    for i in range(tc.ema_stats_batches):
+      b = parallel.shard_batch({'labels': next(it)['labels']}, mesh)
+      z = jax.random.normal(jax.random.fold_in(key, i),
+                            (tc.batch_size, config.backbone.z_dim))
+      stats = f(state.ema_params, stats, b['labels'], jax.device_put(z, data_sh), float(i))
+  finally:
+    it.close()
   return state._replace(ema_stats=stats)
+
+
+def _sample_writer(config: ml_collections.ConfigDict, workdir: str,
+                   samples: dict[str, np.ndarray]) -> loop.SampleFn:
+  """write(state, step, writer): samples/backbone_{step}.png, label map | generated | real.
+
+  The generator is compiled at the first grid and reused for every later one of the run.
+  Before the end the EMA weights are drawn with the live generator's statistics; the last
+  grid (step = num_steps, after the loop's `finish`) with the recomputed EMA statistics.
+  """
+  generate = jax.jit(factory.make_generator(config).apply)
+
+  def write(state: BackboneState, step: int, writer) -> None:
+    if jax.process_index() != 0:
+      return
+    stats = state.ema_stats if step == config.train.num_steps else state.g_stats
+    fake = generate({'params': state.ema_params, 'batch_stats': stats}, samples['labels'],
+                    samples['z'])
+    cols = [visualize.label_map_to_rgb(samples['labels']),
+            visualize.images_to_uint8(np.asarray(fake)), samples['image']]
+    visualize.save_grid(cols, workdir_lib.sample_path(workdir, STAGE, step))
+    writer.write_images(step, {'samples': visualize.grid(cols)})
+
+  return write
 
 
 def _sample_batch(config, source) -> dict[str, np.ndarray]:
@@ -251,41 +256,5 @@ def _sample_batch(config, source) -> dict[str, np.ndarray]:
   ex = [source[i] for i in range(n)]
   z = jax.random.normal(jax.random.key(config.seed + 7), (n, config.backbone.z_dim))
   return {'labels': np.stack([e['labels'] for e in ex]).astype(np.int32),
-          'image': np.stack([e['image'] for e in ex]), 'z': np.asarray(z)}
-
-
-@functools.lru_cache(maxsize=4)
-def _jitted_generate(config_json: str):
-  """One compiled sampler per config (so periodic sample grids do not recompile)."""
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  return jax.jit(lambda p, s, l, z: generate(config, p, s, l, z))
-
-
-def _write_samples(config, workdir, params, stats, samples, step, writer) -> None:
-  """samples/backbone_{step}.png: label map | generated | real."""
-  if jax.process_index() != 0:
-    return
-  fake = _jitted_generate(config.to_json_best_effort())(
-      params, stats, samples['labels'], samples['z'])
-  fake = np.asarray((np.asarray(fake) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-  cols = [visualize.label_map_to_rgb(samples['labels']), fake, samples['image']]
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-  path = os.path.join(workdir, 'samples', f'{STAGE}_{step:06d}.png')
-  visualize.save_grid(cols, path)
-  writer.write_images(step, {'samples': visualize.grid(cols)})
-
-
-def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict]:
-  """The trained backbone of `workdir`: (EMA generator variables, discriminator variables).
-
-  Raises:
-    checkpoint.CheckpointError: no finished backbone checkpoint (names the directory).
-  """
-  if config.backbone.name == 'reenact':
-    from fiancee_jax.training import reenact  # pylint: disable=g-import-not-at-top
-    return reenact.load_backbone(config, workdir)
-  target = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
-  state, _ = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
-                                         stage=STAGE, total_steps=config.train.num_steps)
-  return ({'params': state.ema_params, 'batch_stats': state.ema_stats},
-          {'params': state.d_params, 'batch_stats': state.d_stats})
+          'image': np.stack([e['image'] for e in ex]),  # uint8 [n, H, W, 3]
+          'z': np.asarray(z)}

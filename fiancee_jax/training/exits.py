@@ -1,14 +1,13 @@
 """Stage `exits`: distils all exit branches jointly from the frozen backbone.
 
-For each batch the backbone (EMA weights) runs once: it gives the teacher image, the
-features every branch starts from and the database keys. Every branch, in the guided
-variant and (for the ablation) the unguided one, is trained to reproduce the teacher
-for the same label map and z: L1 + the configured perceptual distance + an optional
-OASIS adversarial term against the frozen discriminator.
+For each batch the backbone (EMA weights, the backbone artifact) runs once: it gives the
+teacher image, the features every branch starts from and the database keys. Every branch,
+in the guided variant and (for the ablation) the unguided one, is trained to reproduce the
+teacher for the same label map and z: L1 + the configured perceptual distance + an optional
+OASIS adversarial term against the frozen discriminator (read only when
+`config.exits.adversarial_weight` > 0). The loop (training/loop.py) resumes, checks, logs,
+draws samples and checkpoints; the result is the `exits` artifact.
 """
-import functools
-import json
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -16,20 +15,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from fiancee_jax import artifacts
-from fiancee_jax import checkpoint
-from fiancee_jax import metric_logging
+from fiancee_jax.data import sources
 from fiancee_jax import parallel
 from fiancee_jax import tasks
-from fiancee_jax.data import sources
+from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import visualize
-from fiancee_jax.guidance import build as database_build
 from fiancee_jax.losses import oasis as oasis_losses
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import factory
+from fiancee_jax.training import artifact_io
 from fiancee_jax.training import backbone as backbone_training
+from fiancee_jax.training import loop
 from fiancee_jax.training import optimizers
 
 STAGE = 'exits'
@@ -44,11 +42,8 @@ class ExitsState(NamedTuple):
 
 
 def variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Exit variants this config trains."""
-  v = ('guided',) if config.exits.guided else ('unguided',)
-  if config.exits.guided and config.exits.train_unguided:
-    v += ('unguided',)
-  return v
+  """Exit variants this config trains ('guided' first when guided)."""
+  return artifact_io.exit_variants(config)
 
 
 def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
@@ -74,13 +69,17 @@ def _optimizer(config):
   return optimizers.adam(e.lr, e.b1, e.b2)
 
 
-def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict, db: Any):
-  """step(state, batch) -> (state, measurements); backbone, D and database are constants."""
+def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict | None, db: Any):
+  """step(state, batch) -> (state, measurements); backbone, D and database are constants.
+
+  dvars: the discriminator's variables, used (and needed) only when
+  config.exits.adversarial_weight > 0.
+  """
   e = config.exits
   models = {v: factory.make_exit_model(config, guided=(v == 'guided'))
             for v in variants(config)}
   dist = get_distance(config)
-  disc = factory.make_discriminator(config)
+  disc = factory.make_discriminator(config) if e.adversarial_weight > 0 else None
   tx = _optimizer(config)
   task = factory.get_task(config)
   num_classes = config.data.get('num_classes', 0)
@@ -127,88 +126,50 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict, db
   return step
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> ExitsState:
-  """Runs (or resumes) the exits stage; returns the final state."""
+def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:
+  """Runs the exits stage; returns the `exits` artifact (trained once per workdir)."""
   e = config.exits
+  backbone = artifact_io.load_backbone(config, workdir)
+  database = artifact_io.load_database(config, workdir, backbone) if e.guided else None
+  if artifacts.exists(workdir, STAGE):
+    return artifact_io.load_exits(config, workdir, backbone, database)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(e.batch_size, mesh, 'config.exits.batch_size')
-  repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  bb, dvars = backbone_training.load_backbone(config, workdir)
-  db = database_build.load(config, workdir) if config.exits.guided else None
-  bb, dvars, db = parallel.replicate((bb, dvars, db), mesh)
+  dvars = (backbone_training.load_discriminator(config, workdir, backbone)
+           if e.adversarial_weight > 0 else None)
+  bb, dvars, db = parallel.replicate(
+      (backbone.tree, dvars, None if database is None else database.tree), mesh)
   train_src = sources.data_source(config, 'train')
-  task = factory.get_task(config)
-
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  state = jax.jit(lambda k: init_state(config, k, bb, db), out_shardings=repl)(key)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', STAGE),
-                                 max_to_keep=e.keep_checkpoints, save_every=e.checkpoint_every,
-                                 allow_restart=config.checkpoint.allow_restart)
-  # Resume order: this stage's latest valid checkpoint in the workdir, else scratch.
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    logging.info('exits: resumed at step %d', int(state.step))
-    if meta.get('finished'):
-      _export_artifact(config, workdir, state)
-      return state
-  start = int(state.step)
-  step_fn = jax.jit(make_train_step(config, bb, dvars, db), in_shardings=(repl, data_sh),
-                    out_shardings=(repl, repl), donate_argnums=0)
-  samples = sample_inputs(config)
-  batches = sources.train_batches(config, train_src, batch_size=e.batch_size,
-                                seed=config.seed + 3, start_step=start)
-  with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=e.num_steps) as writer:
-    for step in range(start, e.num_steps):
-      batch = next(batches)
-      if step == start:
-        sources.check_batch(config, batch)
-      state, m = step_fn(state, parallel.shard_batch({k: batch[k] for k in task.data_keys},
-                                                     mesh))
-      m = metric_logging.check_finite(jax.device_get(m), step + 1, stage=STAGE)
-      if (step + 1) % e.log_every == 0 or step + 1 == e.num_steps:
-        writer.write_scalars(step + 1, m)
-      writer.update_progress(step + 1, m)
-      if (step + 1) % e.sample_every == 0 or step + 1 == e.num_steps:
-        write_samples(config, workdir, bb, db, state, samples, step + 1)
-      if ckpt.should_save(step + 1) and step + 1 < e.num_steps:
-        ckpt.save(step + 1, state, metadata={'data_position': step + 1})
-    if hasattr(batches, 'close'):
-      batches.close()
-  ckpt.save(int(state.step), state, metadata={'data_position': int(state.step),
-                                              'finished': True}, force=True)
-  ckpt.close()
-  _export_artifact(config, workdir, state)
-  return state
+  result = loop.train(
+      stage=STAGE, workdir=workdir, mesh=mesh,
+      schedule=loop.Schedule.of(e),
+      init=lambda: init_state(config, key, bb, db),
+      make_step=lambda: make_train_step(config, bb, dvars, db),
+      batches=lambda start: sources.train_batches(config, train_src, batch_size=e.batch_size,
+                                                seed=config.seed + 3, start_step=start),
+      check_batch=lambda batch: sources.check_batch(config, batch),
+      write_samples=_sample_writer(config, workdir, bb, db, sample_inputs(config)))
+  return export(config, workdir, result.state, backbone, database)
 
 
-def _export_artifact(config, workdir: str, state: ExitsState) -> None:
-  """WORKDIR/artifacts/exits: every trained variant's exit variables (artifacts.py), once."""
-  if not artifacts.exists(workdir, 'exits'):
-    parents = {'backbone': artifacts.read_manifest(workdir, 'backbone')['fingerprint']}
-    if config.exits.guided:
-      parents['database'] = artifacts.read_manifest(workdir, 'database')['fingerprint']
-    tree = {v: [{'params': p, 'batch_stats': s}
-                for p, s in zip(state.params[v], state.stats[v])] for v in state.params}
-    artifacts.save(workdir, 'exits', tree, config=config, parents=parents,
-                   metadata={'steps': int(state.step), 'variants': list(variants(config))})
+def export(config: ml_collections.ConfigDict, workdir: str, state: ExitsState,
+           backbone: artifacts.Artifact,
+           database: artifacts.Artifact | None) -> artifacts.Artifact:
+  """Writes the `exits` artifact from a finished state (call on every process)."""
+  tree = {v: [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
+          for v in state.params}
+  parents = {'backbone': backbone.fingerprint}
+  if database is not None:
+    parents['database'] = database.fingerprint
+  metadata = {'steps': config.exits.num_steps, 'variants': list(variants(config))}
+  fp = artifacts.save(workdir, STAGE, tree, config=config, parents=parents, metadata=metadata)
+  return artifacts.Artifact(tree=tree, fingerprint=fp, parents=parents, metadata=metadata)
 
 
 def load_exits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict]]:
   """Trained exit variables per variant: {'guided': [vars_k], 'unguided': [...]}."""
-  bb, _ = backbone_training.load_backbone(config, workdir)
-  db = database_build.load(config, workdir) if config.exits.guided else None
-  target = jax.eval_shape(lambda: init_state(config, jax.random.key(0), bb, db))
-  state, _ = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
-                                         stage=STAGE, total_steps=config.exits.num_steps)
-  return {v: [{'params': p, 'batch_stats': s}
-              for p, s in zip(state.params[v], state.stats[v])] for v in state.params}
-
-
-@functools.lru_cache(maxsize=4)
-def _jitted_all_exits(config_json: str, guided: bool):
-  """One compiled pass over all exits per config (sample grids do not recompile)."""
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  return jax.jit(factory.make_exit_model(config, guided=guided).all_exits)
+  return artifact_io.load_lineage(config, workdir, upto='exits')['exits'].tree
 
 
 def sample_inputs(config: ml_collections.ConfigDict) -> dict[str, tuple]:
@@ -219,16 +180,27 @@ def sample_inputs(config: ml_collections.ConfigDict) -> dict[str, tuple]:
   return {'data': data, 'inputs': tuple(np.asarray(x) for x in inputs)}
 
 
-def write_samples(config, workdir, bb, db, state: ExitsState, samples, step: int) -> None:
-  """samples/exits_{step}.png: data | backbone | exit 0 | exit 1 | ... (guided variant)."""
-  if jax.process_index() != 0:
-    return
+def _sample_writer(config: ml_collections.ConfigDict, workdir: str, bb: Any, db: Any,
+                   samples: dict[str, tuple]) -> loop.SampleFn:
+  """write(state, step, writer): samples/exits_{step}.png, data | backbone | exit 0 | ...
+
+  Draws the first variant (guided when trained); its pass over all exits is compiled at the
+  first grid and reused for every later one of the run.
+  """
   v = variants(config)[0]
-  ev = [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
-  images, teacher = _jitted_all_exits(config.to_json_best_effort(), v == 'guided')(
-      {'backbone': bb, 'exits': ev, 'database': db}, *samples['inputs'])
-  to_u8 = visualize.images_to_uint8
-  cols = factory.get_task(config).columns(samples['data']) + [to_u8(np.asarray(teacher))]
-  cols += [to_u8(np.asarray(img)) for img in images]
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-  visualize.save_grid(cols, os.path.join(workdir, 'samples', f'{STAGE}_{step:06d}.png'))
+  all_exits = jax.jit(factory.make_exit_model(config, guided=(v == 'guided')).all_exits)
+  task = factory.get_task(config)
+
+  def write(state: ExitsState, step: int, writer) -> None:
+    del writer  # the grids go to samples/ only
+    if jax.process_index() != 0:
+      return
+    ev = [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
+    images, teacher = all_exits({'backbone': bb, 'exits': ev, 'database': db},
+                                *samples['inputs'])
+    to_u8 = visualize.images_to_uint8
+    cols = task.columns(samples['data']) + [to_u8(np.asarray(teacher))]
+    cols += [to_u8(np.asarray(img)) for img in images]
+    visualize.save_grid(cols, workdir_lib.sample_path(workdir, STAGE, step))
+
+  return write

@@ -1,12 +1,14 @@
 """Stage `predictor`: measures every exit's distance to the backbone, fits the predictor,
 and calibrates the routing margins on the validation split.
 
-Targets are distances measured in one jitted batched pass over all exits, on training
-inputs with a fixed z per dataset index (so the numbers are reproducible).
+Targets are distances measured in one jitted batched pass over all exits (the exits
+artifact), on training inputs with a fixed z per dataset index (so the numbers are
+reproducible). The loop (training/loop.py) fits the predictor on standardised targets in
+minibatches drawn like training batches (a reshuffle per epoch, resumable from the step);
+at the end the target statistics are folded into its output layers and the margins are
+calibrated. The result is the `predictor` artifact (outputs in distance units, the
+calibration in its metadata).
 """
-import hashlib
-import os
-import zipfile
 from typing import Any, NamedTuple
 
 import jax
@@ -17,16 +19,17 @@ import optax
 from absl import logging
 
 from fiancee_jax import artifacts
-from fiancee_jax import checkpoint
-from fiancee_jax import metric_logging
-from fiancee_jax import tasks
 from fiancee_jax.data import sources
-from fiancee_jax.guidance import build as database_build
-from fiancee_jax.models import exits as exits_lib
+from fiancee_jax import parallel
+from fiancee_jax import tasks
+from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.data import input_pipeline
+from fiancee_jax.metrics import exit_distances
 from fiancee_jax.models import factory
 from fiancee_jax.routing import calibration
-from fiancee_jax.training import backbone as backbone_training
+from fiancee_jax.training import artifact_io
 from fiancee_jax.training import exits as exits_training
+from fiancee_jax.training import loop
 from fiancee_jax.training import optimizers
 
 STAGE = 'predictor'
@@ -34,118 +37,34 @@ _SPLIT_STREAM = {'train': 10, 'validation': 11, 'test': 12}
 
 
 class PredictorState(NamedTuple):
-  step: jax.Array  # int32 []
   params: Any  # predictor variables
   opt: optax.OptState
 
 
-def fixed_z(config: ml_collections.ConfigDict, split: str,
-            indices: np.ndarray) -> np.ndarray | None:
-  """One z per dataset index of `split`: float32 [len(indices), z_dim], reproducible; None
-  for a noise-free backbone."""
-  z_dim = factory.get_task(config).noise_dim
-  if not z_dim:
-    return None
-  key = jax.random.fold_in(jax.random.key(config.seed), _SPLIT_STREAM[split])
-  return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (z_dim,)))(
-      jnp.asarray(indices)))
-
-
-def load_inputs(config: ml_collections.ConfigDict, split: str, n: int,
-                draws: int = 1) -> tuple[np.ndarray, ...]:
-  """Exit-path inputs of the first n examples of `split`: the data plus a fixed z per index.
-
-  With `draws` > 1 (and a generator with noise) the n examples are repeated `draws` times,
-  each repetition with its own z: [draws * n, ...], example i of draw d at d * n + i.
-  """
-  data = sources.load_data(config, split, n)
-  task = factory.get_task(config)
-  if draws > 1 and task.noise_dim:
-    data = tuple(np.concatenate([x] * draws) for x in data)
-  z = fixed_z(config, split, np.arange(len(data[0])))
-  return tasks.with_noise(task, data, z)
-
-
-def measure_distances(config: ml_collections.ConfigDict, model: exits_lib.ExitModel,
-                      params: dict, inputs: tuple[np.ndarray, ...], batch: int,
-                      reference: np.ndarray | None = None) -> np.ndarray:
-  """Distance of every exit's output to the backbone's: float32 [N, E - 1].
-
-  With `reference` (float32 [N, H, W, 3], e.g. the ground truth), the distance of every exit
-  and of the backbone to it instead: float32 [N, E].
-  """
-  dist = exits_training.get_distance(config)
-
-  @jax.jit
-  def f(params, ref, *inputs):  # params an argument: closed over, XLA would fold them in
-    images, teacher = model.all_exits(params, *inputs)
-    if ref is None:
-      return jnp.stack([dist.fn(img, teacher) for img in images], axis=-1)
-    return jnp.stack([dist.fn(img, ref) for img in images + [teacher]], axis=-1)
-
-  def chunk(x, s):
-    x = np.asarray(x[s:s + batch])
-    pad = batch - len(x)
-    return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x  # one compiled shape
-
-  n = len(inputs[0])
-  out = []
-  for s in range(0, n, batch):
-    ref = None if reference is None else chunk(reference, s)
-    out.append(np.asarray(f(params, ref, *(chunk(x, s) for x in inputs)))[:min(batch, n - s)])
-  return np.concatenate(out).astype(np.float32)
-
-
 def trained_exit_params(config, workdir, variant: str) -> dict:
-  """{'backbone', 'exits', 'database'} params of the trained `variant` exits."""
-  bb, _ = backbone_training.load_backbone(config, workdir)
-  ex = exits_training.load_exits(config, workdir)
-  if variant not in ex:
+  """{'backbone', 'exits', 'database'} params of the trained `variant` exits (artifacts)."""
+  arts = artifact_io.load_lineage(config, workdir, upto='exits')
+  if variant not in arts['exits'].tree:
     raise ValueError(f'exit variant {variant!r} was not trained (config.exits)')
-  db = database_build.load(config, workdir) if variant == 'guided' else None
-  return {'backbone': bb, 'exits': ex[variant], 'database': db}
+  db = arts['database'].tree if variant == 'guided' else None
+  return {'backbone': arts['backbone'].tree, 'exits': arts['exits'].tree[variant],
+          'database': db}
 
 
 def split_distances(config, workdir, split: str, n: int, variant: str | None = None,
                     draws: int = 1):
-  """(inputs, distances float32 [N, E - 1]) of a split's first n examples, cached on disk.
-
-  inputs: the exit paths' inputs (load_inputs), e.g. (labels [N, H, W], z [N, z_dim]);
-  N = draws * n with a z per draw for generators with noise, else n.
-  """
+  """(inputs, distances float32 [N, E - 1]) of a split's first n examples under the workdir's
+  exits artifact (metrics/exit_distances.py: cached, keyed by the artifact's fingerprint)."""
   variant = variant or exits_training.variants(config)[0]
-  inputs = load_inputs(config, split, n, draws)
-  key = _inputs_key(config, variant, inputs)
-  cache = os.path.join(workdir, 'checkpoints', STAGE, f'distances_{split}_{variant}.npz')
-  if os.path.exists(cache):
-    try:
-      with np.load(cache) as f:
-        # Same count is not enough: (maps, draws) = (4096, 8) and (2048, 16) differ.
-        if 'key' in f and str(f['key']) == key:
-          return inputs, f['distances']
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-      # A cache: measured again, never trusted half-read.
-      logging.warning('predictor: cached distances %s are damaged (%s: %s); measuring them '
-                      'again.', cache, type(e).__name__, e)
-  model = factory.make_exit_model(config, guided=(variant == 'guided'))
-  params = trained_exit_params(config, workdir, variant)
-  d = measure_distances(config, model, params, inputs, config.predictor.measure_batch)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = cache + '.tmp.npz'
-    np.savez(tmp, distances=d, key=np.array(key))
-    os.replace(tmp, cache)
-  return inputs, d
-
-
-def _inputs_key(config, variant: str, inputs: tuple[np.ndarray, ...]) -> str:
-  """What cached distances were measured on: the distance, the exits and the inputs' bytes."""
-  h = hashlib.sha256(f'{exits_training.get_distance(config).name}/{variant}'.encode())
-  for x in inputs:
-    x = np.ascontiguousarray(x)
-    h.update(f'{x.dtype}{x.shape}'.encode())
-    h.update(memoryview(x).cast('B'))
-  return h.hexdigest()
+  arts = artifact_io.load_lineage(config, workdir, upto='exits')
+  if variant not in arts['exits'].tree:
+    raise ValueError(f'exit variant {variant!r} was not trained (config.exits)')
+  params = {'backbone': arts['backbone'].tree, 'exits': arts['exits'].tree[variant],
+            'database': arts['database'].tree if variant == 'guided' else None}
+  return exit_distances.split_distances(
+      config, workdir, split, n,
+      exit_model=factory.make_exit_model(config, guided=(variant == 'guided')),
+      params=params, exits_fingerprint=arts['exits'].fingerprint, draws=draws)
 
 
 def _optimizer(config) -> optax.GradientTransformation:
@@ -174,18 +93,16 @@ def fold_target_stats(params: Any, mean: np.ndarray, std: np.ndarray) -> Any:
 
 
 def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
-  """step(state) -> (state, measurements): a random minibatch per step (key = step).
+  """step(state, batch) -> (state, measurements) on the minibatch batch['index'] (int32 [B]).
 
   targets: standardised distances [N, E - 1]; every ensemble member gets its own loss.
   """
   p = config.predictor
   model = factory.make_predictor(config)
   tx = _optimizer(config)
-  key = jax.random.fold_in(jax.random.key(config.seed), 4)
 
-  def step(state: PredictorState):
-    idx = jax.random.randint(jax.random.fold_in(key, state.step), (p.batch_size,), 0,
-                             targets.shape[0])
+  def step(state: PredictorState, batch):
+    idx = batch['index']
 
     def loss_fn(params):
       pred = model.apply(params, *(x[idx] for x in inputs), per_member=True)  # [M, B, E-1]
@@ -194,85 +111,93 @@ def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     upd, opt = tx.update(grads, state.opt, state.params)
-    return PredictorState(state.step + 1, optax.apply_updates(state.params, upd), opt), {
+    return PredictorState(optax.apply_updates(state.params, upd), opt), {
         'predictor/loss': loss}
 
-  return step, tx
+  return step
 
 
-def _state_template(config: ml_collections.ConfigDict) -> PredictorState:
-  """Abstract PredictorState of this config (for restoring without data)."""
+def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> PredictorState:
+  """Fresh predictor variables and optimizer state (shapes from the task's inputs)."""
   model = factory.make_predictor(config)
-  params = jax.eval_shape(model.init, jax.random.key(0),
-                          *tasks.input_specs(factory.get_task(config), 1))
-  tx = _optimizer(config)
-  return jax.eval_shape(lambda p: PredictorState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                        params)
+  inputs = [jnp.zeros(s.shape, s.dtype) for s in tasks.input_specs(factory.get_task(config), 1)]
+  params = model.init(key, *inputs)
+  return PredictorState(params, _optimizer(config).init(params))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the predictor stage; returns {'params', 'margins', 'risk_control'}."""
+def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:
+  """Runs the predictor stage; returns the `predictor` artifact (trained once per workdir).
+
+  A finished stage whose artifact is missing is exported again from its checkpoint, without
+  measuring the targets again (they can take most of the stage).
+  """
   p = config.predictor
   if p.loss not in ('l1', 'mse'):
     raise ValueError(f"config.predictor.loss={p.loss!r}: use 'l1' or 'mse'")
-  directory = os.path.join(workdir, 'checkpoints', STAGE)
-  ckpt = checkpoint.Checkpointer(directory, max_to_keep=2,
-                                 save_every=max(1, p.num_steps // 3),
-                                 allow_restart=config.checkpoint.allow_restart)
-  if ckpt.latest_step() is not None:
-    # A finished stage is not measured again (its targets can take most of the stage).
-    state, meta = ckpt.restore(_state_template(config))
-    if meta.get('finished'):  # its params are already folded
-      ckpt.close()
-      _export_artifact(config, workdir, state.params, meta)
-      return {'params': state.params, **_calibration_of(meta)}
-  inputs, targets = split_distances(config, workdir, 'train', p.num_train,
-                                    draws=p.get('z_draws', 1))
-  inputs = tuple(jnp.asarray(x) for x in inputs)
-  mean, std = target_stats(targets)
-  model = factory.make_predictor(config)
-  step_fn, tx = make_train_step(config, inputs, jnp.asarray((targets - mean) / std))
-  # Jitted: eager init dispatches (and compiles) every initialiser op by op.
-  params = jax.jit(model.init)(jax.random.fold_in(jax.random.key(config.seed), 5),
-                               *(x[:1] for x in inputs))
-  state = PredictorState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-  step_fn = jax.jit(step_fn, donate_argnums=0)
-  with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=p.num_steps) as writer:
-    for step in range(int(state.step), p.num_steps):
-      state, m = step_fn(state)
-      if (step + 1) % config.exits.log_every == 0 or step + 1 == p.num_steps:
-        writer.write_scalars(step + 1, metric_logging.check_finite(jax.device_get(m), step + 1))
-      if ckpt.should_save(step + 1) and step + 1 < p.num_steps:
-        ckpt.save(step + 1, state)
-  state = state._replace(params=fold_target_stats(state.params, mean, std))
-  margins, risk_control = calibrate(config, workdir, state.params)
-  meta = {'finished': True,
-          # +inf (an exit never taken) is stored as None: metadata is JSON.
-          'margins': [float(m) if np.isfinite(m) else None for m in margins],
-          'calibration': config.router.calibration,
-          'risk_control': None if risk_control is None else risk_control.to_dict(),
-          'distance': exits_training.get_distance(config).name}
-  ckpt.save(p.num_steps, state, force=True, metadata=meta)
-  ckpt.close()
-  _export_artifact(config, workdir, state.params, meta)
-  return {'params': state.params, 'margins': margins, 'risk_control': risk_control}
+  exits = artifact_io.load_lineage(config, workdir, upto='exits')['exits']
+  if artifacts.exists(workdir, STAGE):
+    return artifact_io.load_predictor(config, workdir, exits)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divisible(p.batch_size, mesh, 'config.predictor.batch_size')
+  measured = {}
+
+  def targets() -> dict[str, Any]:
+    """The training targets, measured (or read from the cache) at most once per run."""
+    if not measured:
+      inputs, d = split_distances(config, workdir, 'train', p.num_train,
+                                  draws=p.get('z_draws', 1))
+      mean, std = target_stats(d)
+      measured.update(inputs=inputs, distances=d, mean=mean, std=std)
+    return measured
+
+  def make_step():
+    t = targets()
+    return make_train_step(config, tuple(jnp.asarray(x) for x in t['inputs']),
+                           jnp.asarray((t['distances'] - t['mean']) / t['std']))
+
+  def batches(start: int):
+    n = len(targets()['distances'])
+    if n < p.batch_size:
+      raise ValueError(f'config.predictor.batch_size={p.batch_size} exceeds the {n} measured '
+                       'targets; lower it or raise config.predictor.num_train')
+    return input_pipeline.batches(
+        range(n), batch_size=p.batch_size, seed=config.seed + 4,
+        start_step=start, process_index=jax.process_index(),
+        process_count=jax.process_count(), prefetch=0,
+        load_fn=lambda _, idx: {'index': np.asarray(idx, np.int32)})
+
+  def finish(state: PredictorState, writer) -> tuple[PredictorState, dict]:
+    del writer
+    t = targets()
+    state = state._replace(params=fold_target_stats(state.params, t['mean'], t['std']))
+    margins, risk_control = calibrate(config, workdir, state.params)
+    return state, {
+        # +inf (an exit never taken) is stored as None: metadata is JSON.
+        'margins': [float(m) if np.isfinite(m) else None for m in margins],
+        'calibration': config.router.calibration,
+        'risk_control': None if risk_control is None else risk_control.to_dict(),
+        'distance': exits_training.get_distance(config).name}
+
+  key = jax.random.fold_in(jax.random.key(config.seed), 5)
+  result = loop.train(
+      stage=STAGE, workdir=workdir, mesh=mesh,
+      schedule=loop.Schedule.of(p),
+      init=lambda: init_state(config, key), make_step=make_step, batches=batches,
+      finish=finish)
+  metadata = {k: result.metadata[k] for k in ('margins', 'calibration', 'risk_control',
+                                              'distance')}
+  parents = {'exits': exits.fingerprint}
+  fp = artifacts.save(workdir, STAGE, result.state.params, config=config, parents=parents,
+                      metadata=metadata)
+  return artifacts.Artifact(tree=result.state.params, fingerprint=fp, parents=parents,
+                            metadata=metadata)
 
 
-def _export_artifact(config, workdir: str, params: Any, meta: dict) -> None:
-  """WORKDIR/artifacts/predictor: folded variables + calibration (artifacts.py), once."""
-  if not artifacts.exists(workdir, STAGE):
-    parent = artifacts.read_manifest(workdir, 'exits')['fingerprint']
-    artifacts.save(workdir, STAGE, params, config=config, parents={'exits': parent},
-                   metadata={k: meta[k] for k in ('margins', 'calibration', 'risk_control',
-                                                  'distance')})
-
-
-def _calibration_of(meta: dict) -> dict:
-  """{'margins': float32 [E - 1], 'risk_control': RiskControl or None} from checkpoint metadata."""
-  margins = np.array([np.inf if m is None else m for m in meta['margins']], np.float32)
-  rc = meta.get('risk_control')
+def calibration_of(metadata: dict) -> dict:
+  """{'margins': float32 [E - 1], 'risk_control': RiskControl or None} from the predictor
+  artifact's metadata."""
+  margins = np.array([np.inf if m is None else m for m in metadata['margins']], np.float32)
+  rc = metadata.get('risk_control')
   return {'margins': margins,
           'risk_control': None if rc is None else calibration.RiskControl.from_dict(rc)}
 
@@ -300,9 +225,6 @@ def calibrate(config, workdir, params) -> tuple[np.ndarray, calibration.RiskCont
 
 def load_predictor(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict]:
   """(predictor variables, {'margins': float32 [E - 1], 'risk_control': RiskControl or
-  None}) of `workdir`."""
-  state, meta = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE),
-                                            _state_template(config), stage=STAGE,
-                                            total_steps=config.predictor.num_steps)
-  return state.params, _calibration_of(meta)
-
+  None}) of `workdir`, from its artifacts."""
+  art = artifact_io.load_lineage(config, workdir, upto='predictor')['predictor']
+  return art.tree, calibration_of(art.metadata)

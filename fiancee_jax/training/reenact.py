@@ -11,12 +11,13 @@ of the motion code: the avatars give `swap`, the driver's motion rendered with a
 identity, and L_id is a contrastive (InfoNCE) loss that makes each driver's motion code
 pick out its own swap among the batch's: informative about motion, blind to identity.
 
-Resumable exactly like the OASIS trainer: the state (including the step, which is the data
-position of `avatars_tfds.batches`) is checkpointed under workdir/checkpoints/backbone.
-Validation cross pairs (identity A's source, identity B's driver, ground truth A with B's
-motion) are scored at every sample step against copy-the-source and copy-the-driver.
+The loop (training/loop.py) resumes, checks, logs, draws samples and checkpoints under
+workdir/checkpoints/backbone; at the end the EMA generator's spectral-norm sigmas are
+refreshed and it is exported as the `backbone` artifact (or, with `config.train.pretrained`,
+the shipped one is installed). Validation cross pairs (identity A's source, identity B's
+driver, ground truth A with B's motion) are scored at every sample step against
+copy-the-source and copy-the-driver.
 """
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,18 +26,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from fiancee_jax import artifacts
-from fiancee_jax import checkpoint
-from fiancee_jax import metric_logging
-from fiancee_jax import parallel
-from fiancee_jax.data import avatars_tfds
 from fiancee_jax.data import sources
+from fiancee_jax.models import factory
+from fiancee_jax import parallel
+from fiancee_jax import tasks
+from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.data import avatars_tfds
 from fiancee_jax.data import visualize
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import reenact
+from fiancee_jax.training import loop
 from fiancee_jax.training import optimizers
+from fiancee_jax.training import pretrained
+from fiancee_jax.training import artifact_io
 
 STAGE = 'backbone'
 _TRAIN_KEYS = ('source', 'driver', 'target', 'swap')
@@ -52,11 +56,6 @@ class ReenactState(NamedTuple):
   d_opt: optax.OptState
   ema_params: Any  # EMA of g_params (what later stages use)
   ema_stats: Any  # spectral-norm sigmas refreshed for ema_params when training ends
-
-
-def data_source(config: ml_collections.ConfigDict, split: str) -> Any:
-  """The avatars split named by config.data ('train': self pairs, else cross pairs)."""
-  return sources.data_source(config, split)
 
 
 def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
@@ -75,7 +74,7 @@ def init_key(seed: int) -> jax.Array:
 
 def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> ReenactState:
   """Fresh state from the init stream `key` (any PRNG implementation; see init_key)."""
-  g, d = reenact.make_generator(config), reenact.make_discriminator(config)
+  g, d = factory.make_generator(config), factory.make_discriminator(config)
   h, w = config.data.resolution
   image = jnp.zeros((1, h, w, 3))
   kg, kd = jax.random.split(key)
@@ -112,7 +111,7 @@ def make_train_step(config: ml_collections.ConfigDict):
 
   batch: {'source', 'driver', 'target', 'swap': float32 [B, H, W, 3] in [-1, 1]}.
   """
-  g, d = reenact.make_generator(config), reenact.make_discriminator(config)
+  g, d = factory.make_generator(config), factory.make_discriminator(config)
   tx_g, tx_d = optimizers.gan_optimizers(config.train)
   dist = get_distance(config)
   perceptual = f'perceptual_{dist.name}'
@@ -174,13 +173,6 @@ def make_train_step(config: ml_collections.ConfigDict):
   return step
 
 
-def generate(config: ml_collections.ConfigDict, params: Any, stats: Any, source: jax.Array,
-             driver: jax.Array) -> jax.Array:
-  """Backbone inference: source, driver float32 [B, H, W, 3] -> images [B, H, W, 3]."""
-  g = reenact.make_generator(config)
-  return g.apply({'params': params, 'batch_stats': stats}, source, driver)
-
-
 def evaluate_cross(config: ml_collections.ConfigDict, variables: dict, source: Any, *,
                    num: int, batch_size: int, generate_fn: Callable | None = None
                    ) -> dict[str, float]:
@@ -201,7 +193,7 @@ def evaluate_cross(config: ml_collections.ConfigDict, variables: dict, source: A
   """
   dist = get_distance(config)
   if generate_fn is None:
-    g = reenact.make_generator(config)
+    g = factory.make_generator(config)
     generate_fn = jax.jit(lambda v, s, d: g.apply(v, s, d))
   sums, count = {}, 0
   for batch in avatars_tfds.eval_batches(source, batch_size=batch_size, prefetch=0):
@@ -220,114 +212,72 @@ def evaluate_cross(config: ml_collections.ConfigDict, variables: dict, source: A
   return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-class _Compiled(NamedTuple):
-  init: Callable  # jitted init_state(config, key), replicated
-  step: Callable  # jitted make_train_step, state donated
-  generate: Callable  # jitted (variables, source, driver) -> images
-  refresh: Callable  # jitted spectral-norm power iteration for given params
+def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:
+  """Runs the backbone stage; returns the `backbone` artifact (EMA generator variables).
 
-
-# Compiled functions per (config, mesh): a resumed or repeated run in the same process
-# (tests, notebooks) reuses the executables instead of compiling them again.
-_COMPILED: dict[tuple[str, Any], _Compiled] = {}
-
-
-def _compiled(config: ml_collections.ConfigDict, mesh) -> _Compiled:
-  key = (config.to_json_best_effort(sort_keys=True), mesh)
-  if key not in _COMPILED:
-    repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    g = reenact.make_generator(config)
-
-    def refresh(params, stats, source, driver):
-      _, upd = g.apply({'params': params, 'batch_stats': stats}, source, driver, train=True,
-                       mutable=['batch_stats'])
-      return upd['batch_stats']
-
-    _COMPILED[key] = _Compiled(
-        init=jax.jit(lambda k: init_state(config, k), out_shardings=repl),
-        step=jax.jit(make_train_step(config), in_shardings=(repl, data_sh),
-                     out_shardings=(repl, repl), donate_argnums=0),
-        generate=jax.jit(lambda v, s, d: g.apply(v, s, d)),
-        refresh=jax.jit(refresh))
-  return _COMPILED[key]
-
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> ReenactState:
-  """Runs (or resumes) the reenactment backbone stage; returns the final state."""
+  Order: with `config.train.pretrained` the shipped backbone is installed; else a backbone
+  artifact the workdir already holds is returned (checked); else the loop trains (or
+  resumes, or reads back a finished checkpoint) and the EMA generator is exported.
+  """
+  ready = pretrained.ready_backbone(config, workdir)
+  if ready is not None:
+    return ready
   tc = config.train
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(tc.batch_size, mesh, 'config.train.batch_size')
-  train_src = data_source(config, 'train')
-  val_src = data_source(config, 'validation')
-
-  fns = _compiled(config, mesh)
-  state = fns.init(init_key(config.seed))
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', STAGE),
-                                 max_to_keep=tc.keep_checkpoints,
-                                 save_every=tc.checkpoint_every,
-                                 allow_restart=config.checkpoint.allow_restart)
-  # Resume order: this stage's latest valid checkpoint in the workdir, else scratch.
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    logging.info('reenact backbone: resumed at step %d', int(state.step))
-    if meta.get('finished'):
-      _export_artifact(config, workdir, state)
-      return state
-  start = int(state.step)
+  train_src = sources.data_source(config, 'train')
+  val_src = sources.data_source(config, 'validation')
   samples = _sample_batch(config, val_src)
-  batches = avatars_tfds.batches(
-      train_src, batch_size=tc.batch_size, seed=config.seed, start_step=start,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch=config.data.prefetch)
-  with metric_logging.MetricWriter(workdir, stage=STAGE, total_steps=tc.num_steps) as writer:
-    for step in range(start, tc.num_steps):
-      batch = next(batches)
-      if step == start:
-        avatars_tfds.check_batch(batch, resolution=tuple(config.data.resolution))
-      state, m = fns.step(state, parallel.shard_batch({k: batch[k] for k in _TRAIN_KEYS}, mesh))
-      m = jax.device_get(m)
-      # Raises NonFiniteMetricError on NaN/inf before anything of this step is saved.
-      metric_logging.check_finite(m, step + 1)
-      if (step + 1) % tc.log_every == 0 or step + 1 == tc.num_steps:
-        writer.write_scalars(step + 1, m)
-      writer.update_progress(step + 1, m)
-      if (step + 1) % tc.sample_every == 0 and step + 1 < tc.num_steps:
-        variables = {'params': state.ema_params,
-                     'batch_stats': _ema_stats(config, fns, state, samples, mesh)}
-        _write_samples(fns, workdir, variables, samples, step + 1, writer)
-        writer.write_scalars(step + 1, _evaluate(config, fns, variables, val_src))
-      if ckpt.should_save(step + 1) and step + 1 < tc.num_steps:
-        ckpt.save(step + 1, state, metadata={'data_position': step + 1})
-    if hasattr(batches, 'close'):
-      batches.close()
+  g = factory.make_generator(config)
+  # Compiled once per stage run, shared by the sample grids, the evaluation and `finish`.
+  generate = jax.jit(lambda v, s, d: g.apply(v, s, d))
+  refresh = jax.jit(_refresh_fn(g))
+  key = init_key(config.seed)
 
-    state = state._replace(ema_stats=_ema_stats(config, fns, state, samples, mesh))
-    variables = {'params': state.ema_params, 'batch_stats': state.ema_stats}
-    _write_samples(fns, workdir, variables, samples, tc.num_steps, writer)
-    writer.write_scalars(tc.num_steps, _evaluate(config, fns, variables, val_src))
-  ckpt.save(int(state.step), state, metadata={'data_position': int(state.step),
-                                              'finished': True}, force=True)
-  ckpt.close()
-  _export_artifact(config, workdir, state)
-  return state
+  def ema_stats(state: ReenactState) -> Any:
+    return _ema_stats(config, refresh, state, samples, mesh)
 
+  def write_samples(state: ReenactState, step: int, writer) -> None:
+    # The last call (step = num_steps) comes after `finish`, which refreshed ema_stats.
+    stats = state.ema_stats if step == tc.num_steps else ema_stats(state)
+    variables = {'params': state.ema_params, 'batch_stats': stats}
+    if jax.process_index() == 0:
+      fake = generate(variables, samples['source'], samples['driver'])
+      cols = [visualize.images_to_uint8(x) for x in
+              (samples['source'], samples['driver'], np.asarray(fake), samples['target'])]
+      visualize.save_grid(cols, workdir_lib.sample_path(workdir, STAGE, step))
+      writer.write_images(step, {'samples': visualize.grid(cols)})
+    n = min(tc.num_eval, len(val_src))
+    writer.write_scalars(step, evaluate_cross(
+        config, variables, val_src, num=n, generate_fn=generate,
+        batch_size=min(tc.num_sample_images, n)))
 
-def _export_artifact(config, workdir: str, state) -> None:
-  """WORKDIR/artifacts/backbone: the EMA generator variables (artifacts.py), once."""
-  if not artifacts.exists(workdir, 'backbone'):
-    artifacts.save(workdir, 'backbone',
-                   {'params': state.ema_params, 'batch_stats': state.ema_stats},
-                   config=config, metadata={'steps': int(state.step)})
+  result = loop.train(
+      stage=STAGE, workdir=workdir, mesh=mesh,
+      schedule=loop.Schedule.of(tc),
+      init=lambda: init_state(config, key),
+      make_step=lambda: make_train_step(config),
+      batches=lambda start: sources.train_batches(config, train_src, batch_size=tc.batch_size,
+                                                seed=config.seed, start_step=start),
+      check_batch=lambda batch: sources.check_batch(config, batch),
+      write_samples=write_samples,
+      finish=lambda state, writer: (state._replace(ema_stats=ema_stats(state)), {}))
+  return artifact_io.export_backbone(config, workdir, result.state.ema_params,
+                                     result.state.ema_stats)
 
 
-def _evaluate(config, fns: _Compiled, variables, val_src) -> dict[str, float]:
-  n = min(config.train.num_eval, len(val_src))
-  return evaluate_cross(config, variables, val_src, num=n, generate_fn=fns.generate,
-                        batch_size=min(config.train.num_sample_images, n))
+def _refresh_fn(g) -> Callable:
+  """(params, stats, source, driver) -> stats after one spectral-norm power iteration."""
+
+  def refresh(params, stats, source, driver):
+    _, upd = g.apply({'params': params, 'batch_stats': stats}, source, driver, train=True,
+                     mutable=['batch_stats'])
+    return upd['batch_stats']
+
+  return refresh
 
 
-def _ema_stats(config, fns: _Compiled, state: ReenactState, samples, mesh) -> Any:
+def _ema_stats(config, refresh: Callable, state: ReenactState, samples, mesh) -> Any:
   """Spectral-norm sigmas for the EMA weights: `ema_stats_batches` power iterations.
 
   Starts from the live generator's u vectors (close to the EMA's); the inputs only drive
@@ -337,7 +287,7 @@ def _ema_stats(config, fns: _Compiled, state: ReenactState, samples, mesh) -> An
   stats = state.g_stats
   source, driver = (jax.device_put(samples[k][:1], repl) for k in ('source', 'driver'))
   for _ in range(config.train.ema_stats_batches):
-    stats = fns.refresh(state.ema_params, stats, source, driver)
+    stats = refresh(state.ema_params, stats, source, driver)
   return stats
 
 
@@ -345,28 +295,3 @@ def _sample_batch(config, source) -> dict[str, np.ndarray]:
   """The first validation cross pairs, float32 in [-1, 1] (source, driver, target)."""
   n = min(config.train.num_sample_images, len(source))
   return avatars_tfds.load(source, np.arange(n))
-
-
-def _write_samples(fns: _Compiled, workdir, variables, samples, step, writer) -> None:
-  """samples/backbone_{step}.png: source | driver | generated | ground truth (cross pairs)."""
-  if jax.process_index() != 0:
-    return
-  fake = fns.generate(variables, samples['source'], samples['driver'])
-  cols = [visualize.images_to_uint8(x) for x in
-          (samples['source'], samples['driver'], np.asarray(fake), samples['target'])]
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-  visualize.save_grid(cols, os.path.join(workdir, 'samples', f'{STAGE}_{step:06d}.png'))
-  writer.write_images(step, {'samples': visualize.grid(cols)})
-
-
-def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict]:
-  """The trained backbone of `workdir`: (EMA generator variables, discriminator variables).
-
-  Raises:
-    checkpoint.CheckpointError: no finished backbone checkpoint (names the directory).
-  """
-  target = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
-  state, _ = checkpoint.restore_finished(os.path.join(workdir, 'checkpoints', STAGE), target,
-                                         stage=STAGE, total_steps=config.train.num_steps)
-  return ({'params': state.ema_params, 'batch_stats': state.ema_stats},
-          {'params': state.d_params, 'batch_stats': state.d_stats})

@@ -6,6 +6,7 @@ import pytest
 from configs import avatars
 from configs import landscapes
 from fiancee_jax.metrics import costs
+from fiancee_jax.metrics import exit_distances
 from fiancee_jax.models import factory
 from fiancee_jax.training import predictor as predictor_training
 
@@ -73,10 +74,10 @@ def test_default_predictor_stays_within_two_percent_of_the_backbone():
 
 
 def test_z_draws_repeat_the_maps_with_new_noise(tiny_config):
-  inputs = predictor_training.load_inputs(tiny_config, 'train', 4, draws=3)
+  inputs = exit_distances.load_inputs(tiny_config, 'train', 4, draws=3)
   labels, z = inputs
   assert labels.shape[0] == z.shape[0] == 12
   np.testing.assert_array_equal(labels[:4], labels[8:])
-  np.testing.assert_allclose(z[:4], predictor_training.load_inputs(tiny_config, 'train', 4)[1])
+  np.testing.assert_allclose(z[:4], exit_distances.load_inputs(tiny_config, 'train', 4)[1])
   assert not np.allclose(z[:4], z[4:8])
 

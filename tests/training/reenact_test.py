@@ -1,5 +1,6 @@
 """Tests of the reenactment trainer on the tiny avatars config (one compile shared by all)."""
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,14 @@ import numpy as np
 import pytest
 
 from configs import avatars as avatars_config
+from fiancee_jax import artifacts
+from fiancee_jax.data import sources
+from fiancee_jax.models import factory
 from fiancee_jax import checkpoint
 from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
+from fiancee_jax import tasks
+from fiancee_jax.training import artifact_io
 from fiancee_jax.training import reenact as reenact_training
 
 
@@ -36,7 +42,8 @@ class _Interrupted(Exception):
 def runs(config, tmp_path_factory):
   """(uninterrupted workdir, interrupted-and-resumed workdir, error before resuming)."""
   full = str(tmp_path_factory.mktemp('full'))
-  reenact_training.train(config, full)
+  art = reenact_training.train(config, full)
+  assert art.metadata == {'steps': 6}
 
   killed = str(tmp_path_factory.mktemp('killed'))
   real_batches = reenact_training.avatars_tfds.batches
@@ -51,11 +58,12 @@ def runs(config, tmp_path_factory):
     mp.setattr(reenact_training.avatars_tfds, 'batches', dying_batches)
     with pytest.raises(_Interrupted):
       reenact_training.train(config, killed)
-  with pytest.raises(checkpoint.CheckpointError, match='stopped at step 2 of 6') as unfinished:
-    reenact_training.load_backbone(config, killed)
-  state = reenact_training.train(config, killed)
-  assert int(state.step) == 6
-  return full, killed, unfinished
+  assert checkpoint.Checkpointer(os.path.join(killed, 'checkpoints', 'backbone')).all_steps() == [2]
+  with pytest.raises(artifacts.ArtifactError, match='no backbone artifact'):
+    artifact_io.load_backbone(config, killed)  # nothing is exported before the end
+  resumed = reenact_training.train(config, killed)
+  assert resumed.metadata == {'steps': 6}
+  return full, killed
 
 
 def test_a_few_steps_lower_the_loss(runs):
@@ -70,17 +78,31 @@ def test_a_few_steps_lower_the_loss(runs):
 
 
 def test_resume_after_interruption_gives_the_same_parameters(config, runs):
-  full, killed, _ = runs
-  a = jax.device_get(reenact_training.load_backbone(config, full))
-  b = jax.device_get(reenact_training.load_backbone(config, killed))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert jax.tree.leaves(a[0]['batch_stats'])  # spectral-norm sigmas of the EMA weights
+  full, killed = runs
+  a = artifact_io.load_backbone(config, full)
+  b = artifact_io.load_backbone(config, killed)
+  assert a.fingerprint == b.fingerprint  # hashes every byte of the EMA generator
+  for x, y in zip(jax.tree.leaves(a.tree), jax.tree.leaves(b.tree)):
+    np.testing.assert_array_equal(x, y)
+  assert jax.tree.leaves(a.tree['batch_stats'])  # spectral-norm sigmas of the EMA weights
+
+
+def test_a_finished_stage_is_not_trained_again(config, runs, tmp_path):
+  full = runs[0]
+  lines = len(metric_logging.read_metrics(full))
+  before = artifact_io.load_backbone(config, full).fingerprint
+  assert reenact_training.train(config, full).fingerprint == before
+  # The artifact lost (e.g. killed between the final checkpoint and the export): exported
+  # again from the finished checkpoint, without a step.
+  shutil.move(artifacts.path(full, 'backbone'), str(tmp_path / 'moved'))
+  assert reenact_training.train(config, full).fingerprint == before
+  assert artifact_io.load_backbone(config, full).fingerprint == before
+  assert len(metric_logging.read_metrics(full)) == lines
 
 
 def test_load_backbone_without_a_run_says_what_to_do(config, tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match='run --stages=backbone'):
-    reenact_training.load_backbone(config, str(tmp_path))
+  with pytest.raises(artifacts.ArtifactError, match='run --stages=backbone'):
+    artifact_io.load_backbone(config, str(tmp_path))
 
 
 def test_identity_loss_rewards_codes_of_the_motion_only():
@@ -107,7 +129,7 @@ def test_wrong_dataset_is_refused(config):
                      r"the 'reenact' backbone takes \(source, driver\)"):
     config_checks.check_config(bad)
   with pytest.raises(ValueError, match='unknown split'):
-    reenact_training.data_source(config, 'val')
+    sources.data_source(config, 'val')
 
 
 def test_train_step_rejects_bad_batches(config):
