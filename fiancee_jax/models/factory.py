@@ -51,10 +51,20 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool) -> exits
   """Backbone + exits as configured; `guided` selects the database-fed variant."""
   from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
   lookup = database.make_lookup(database_spec(config)) if guided else None
+  e = config.exits
+  n = len(e.attach_after)
+  # branch_scale[k] multiplies both widths of branch k (() = 1 for every branch).
+  scale = tuple(e.get('branch_scale', ())) or (1.0,) * n
+  if len(scale) != n:
+    raise ValueError(f'config.exits.branch_scale={scale} needs one factor per exit branch '
+                     f'({n}: config.exits.attach_after={tuple(e.attach_after)}), or ()')
+  hidden = e.get('spade_hidden_mult', None)
   return exits.ExitModel(
-      backbone=make_generator(config), attach_after=tuple(config.exits.attach_after),
-      width_mult=config.exits.width_mult, guided=guided,
-      key_block=config.database.key_block, lookup=lookup)
+      backbone=make_generator(config), attach_after=tuple(e.attach_after),
+      width_mult=tuple(e.width_mult * s for s in scale), guided=guided,
+      key_block=config.database.key_block, lookup=lookup,
+      hidden_mult=None if hidden is None else tuple(hidden * s for s in scale),
+      z_aware=e.get('z_aware', True))
 
 
 def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:

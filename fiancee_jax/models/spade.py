@@ -109,9 +109,16 @@ class SpadeResBlock(nn.Module):
   spectral_norm: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, seg: jax.Array, *, train: bool,
-               momentum: float = 0.9) -> jax.Array:
-    """x: [B, h, w, Cin], seg: float32 [B, H, W, S] (one-hot labels ++ noise) -> [B, h, w, features]."""
+  def __call__(self, x: jax.Array, seg: jax.Array, *, z: jax.Array | None = None,
+               train: bool, momentum: float = 0.9) -> jax.Array:
+    """x: [B, h, w, Cin], seg: float32 [B, H, W, S] (one-hot labels ++ noise) -> [B, h, w, features].
+
+    z: float32 [B, Z] or None. When given, a Dense(z) per SPADE (parameters `z_hidden`) is
+    added to its shared hidden pre-activation: what a 3x3 conv over Z broadcast z channels
+    computes away from the borders, for Z x hidden MACs per image instead of 9 x Z x hidden
+    per pixel. Light blocks of exit branches take z this way; the backbone's blocks get z
+    as broadcast channels of `seg` (as OASIS does) and pass None.
+    """
     fin, fout = x.shape[-1], self.features
     fmid = min(fin, fout)
     kw = dict(train=train, momentum=momentum)
@@ -122,6 +129,9 @@ class SpadeResBlock(nn.Module):
     norms['1'] = SPADE(self.spade_hidden, fmid, name='norm_1')
     seg = layers.resize_nearest(seg, x.shape[1:3])
     actv = fused_conv(seg, [n.hidden_params(seg.shape[-1]) for n in norms.values()])
+    if z is not None:
+      offsets = nn.Dense(len(norms) * self.spade_hidden, name='z_hidden')(z)
+      actv = [a + o[:, None, None, :] for a, o in zip(actv, jnp.split(offsets, len(norms), -1))]
     actv = dict(zip(norms, (nn.relu(a) for a in actv)))
     if fin != fout:
       xs = norms['s'](x, actv['s'], **kw)
