@@ -82,7 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attach_after=(3, 4),  # backbone blocks after which exits attach
       width_mult=0.5,  # light blocks: feature widths x width_mult
       spade_hidden_mult=0.5,  # light blocks: SPADE hidden width x this (x backbone's)
-      branch_scale=(),  # per-branch factor on both multipliers (later exits wider); () = 1s
+      # Per-branch multipliers (one per attach point) overriding the two above; () = same.
+      branch_width_mults=(),
+      branch_hidden_mults=(),
       z_aware=True,  # light blocks see z (a Dense(z) in each SPADE); False: z-blind
       guided=True,  # feed the guiding database to the exits
       train_unguided=True,  # also train the same exits without guidance (ablation)

@@ -52,19 +52,26 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool) -> exits
   from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
   lookup = database.make_lookup(database_spec(config)) if guided else None
   e = config.exits
-  n = len(e.attach_after)
-  # branch_scale[k] multiplies both widths of branch k (() = 1 for every branch).
-  scale = tuple(e.get('branch_scale', ())) or (1.0,) * n
-  if len(scale) != n:
-    raise ValueError(f'config.exits.branch_scale={scale} needs one factor per exit branch '
-                     f'({n}: config.exits.attach_after={tuple(e.attach_after)}), or ()')
   hidden = e.get('spade_hidden_mult', None)
   return exits.ExitModel(
       backbone=make_generator(config), attach_after=tuple(e.attach_after),
-      width_mult=tuple(e.width_mult * s for s in scale), guided=guided,
+      width_mult=_branch_mults(e, 'width_mult', e.width_mult), guided=guided,
       key_block=config.database.key_block, lookup=lookup,
-      hidden_mult=None if hidden is None else tuple(hidden * s for s in scale),
+      hidden_mult=_branch_mults(e, 'hidden_mult', hidden),
       z_aware=e.get('z_aware', True))
+
+
+def _branch_mults(e: ml_collections.ConfigDict, what: str,
+                  default: float | None) -> tuple[float, ...] | float | None:
+  """config.exits.branch_{what}s (one multiplier per branch) if given, else `default`."""
+  per_branch = tuple(e.get(f'branch_{what}s', ()))
+  if not per_branch:
+    return default
+  if len(per_branch) != len(e.attach_after):
+    raise ValueError(f'config.exits.branch_{what}s={per_branch} needs one multiplier per exit '
+                     f'branch ({len(e.attach_after)}: config.exits.attach_after='
+                     f'{tuple(e.attach_after)}), or () for the single one')
+  return per_branch
 
 
 def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:
