@@ -67,7 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           num_eval=64,  # validation cross pairs scored at every sample step
       ))
   config.database.key_block = 0  # G2D block (<= the earliest attach point)
-  config.exits.update(attach_after=(0, 2), num_steps=300)  # 0..3 are the G2D ResBlocks
+  config.exits.update(attach_after=(0, 2), num_steps=300,  # 0..3 are the G2D ResBlocks
+                      lr_schedule='constant')
   config.predictor.update(num_train=1024, num_steps=1000)
   # iters keeps the job within 20 min.
   config.benchmark.update(warmup=2, iters=5, switch_rounds=100, lowering_rounds=10)

@@ -107,16 +107,27 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
   # Exit branches, distilled from the frozen backbone (EMA weights).
   config.exits = dict(
       attach_after=(3, 4),  # backbone blocks after which exits attach
-      width_mult=0.5,  # light blocks: widths (and SPADE hidden) x width_mult
+      width_mult=0.5,  # light blocks: feature widths x width_mult
+      spade_hidden_mult=0.5,  # light blocks: SPADE hidden width x this (x backbone's)
+      # Per-branch multipliers (one per attach point) overriding the two above; () = same.
+      branch_width_mults=(),
+      branch_hidden_mults=(),
+      z_aware=True,  # light blocks see z (a Dense(z) in each SPADE); False: z-blind
       guided=True,  # feed the guiding database to the exits
       train_unguided=True,  # also train the same exits without guidance (ablation)
       batch_size=16,
       num_steps=500,
       lr=1e-3,
+      lr_schedule='cosine',  # 'constant' | 'cosine' (decays to 0 at num_steps)
+      warmup_steps=0,  # linear warm-up from 0 over these steps
       b1=0.5,
       b2=0.999,
       l1_weight=1.0,
       perceptual_weight=1.0,  # x config.distance (differentiable)
+      # x feature distillation (losses/distillation.py): 1x1-projected light-block outputs
+      # against the backbone's block outputs, 'l2' | 'l1' relative to the teacher's scale.
+      feature_weight=0.0,
+      feature_loss='l2',
       adversarial_weight=0.0,  # x OASIS generator loss against the frozen discriminator
       log_every=20,
       sample_every=200,

@@ -2,12 +2,19 @@
 
 A staged backbone (a linen module) provides `conditioning(*inputs)`, `stem(cond)`,
 `block(i, h, cond, train=...)`, `head(h)`, `num_blocks` and a `light_factory` with
-`block_width(j, mult)`, `block(j, mult, name)`, `head(name)` and `condition(cond)` (the
-part of the conditioning light blocks see). An exit attached after
-block i is a 1x1 projection of the block-i features (concatenated with the guiding map,
-if guided) followed by light versions of blocks i+1..K-1 and its own image head. The
-guiding map is also appended to the conditioning the light blocks see, so that it
-reaches every resolution of the branch.
+`block_width(j, mult)`, `block(j, mult, name, hidden_mult=None)`, `head(name)`,
+`condition(cond)` (the spatial part of the conditioning light blocks see) and
+`latent(cond)` (the per-image latent [B, Z] z-aware light blocks take as `z=`, or None).
+An exit attached after block i is a 1x1 projection of the block-i features (concatenated
+with the guiding map, if guided) followed by light versions of blocks i+1..K-1 and its
+own image head. The guiding map is also appended to the conditioning the light blocks
+see, so that it reaches every resolution of the branch.
+
+Widths: light block j of branch k has `widths[j + 1] x width_mult[k]` channels and (OASIS)
+a SPADE hidden width of `spade_hidden x hidden_mult[k]`; the two are separate knobs because
+at full resolution SPADE's modulation, not the feature path, is what a narrow light block
+spends its FLOPs on. Each light block's output is sown into the 'intermediates' collection
+as `out_{j}` (at the resolution of backbone block j's output), for feature distillation.
 
 Exit k < len(attach_after) is a branch; exit len(attach_after) is the backbone itself.
 `exit_path(k)` builds a pure function of (params, inputs) with k static, so each exit
@@ -43,6 +50,8 @@ class ExitBranch(nn.Module):
   attach_after: int
   width_mult: float
   guided: bool
+  hidden_mult: float | None = None  # SPADE hidden width x this; None = width_mult
+  z_aware: bool = True  # light blocks take factory.latent(cond) (z) when there is one
 
   @nn.compact
   def __call__(self, h: jax.Array, cond: jax.Array, guide: jax.Array | None = None, *,
@@ -50,6 +59,10 @@ class ExitBranch(nn.Module):
     """h: [B, h, w, C_i]; cond: [B, H, W, S]; guide: [B, H, W, G] or None -> [B, H, W, 3]."""
     width = self.factory.block_width(self.attach_after, self.width_mult)
     x = nn.Conv(width, (1, 1), name='proj')(h)
+    latent = self.factory.latent(cond) if self.z_aware else None
+    block_kw = dict(train=train, momentum=momentum)
+    if latent is not None:
+      block_kw['z'] = latent
     cond = self.factory.condition(cond)
     if self.guided:
       if guide is None:
@@ -57,9 +70,21 @@ class ExitBranch(nn.Module):
       x = jnp.concatenate([x, area_resize(guide, x.shape[1:3])], axis=-1)
       cond = jnp.concatenate([cond, area_resize(guide, cond.shape[1:3])], axis=-1)
     for j in range(self.attach_after + 1, self.factory.num_blocks):
-      x = self.factory.block(j, self.width_mult, name=f'block_{j}')(
-          x, cond, train=train, momentum=momentum)
+      x = self.factory.block(j, self.width_mult, name=f'block_{j}',
+                             hidden_mult=self.hidden_mult)(x, cond, **block_kw)
+      self.sow('intermediates', f'out_{j}', x)
     return self.factory.head(name='head')(x)
+
+
+def _per_branch(value: float | Sequence[float] | None, n: int, what: str) -> tuple:
+  """A multiplier given once or per branch -> one per branch (None stays None)."""
+  if value is None or isinstance(value, (int, float)):
+    return (value,) * n
+  value = tuple(value)
+  if len(value) != n:
+    raise ValueError(f'{what}={value} gives {len(value)} multipliers for {n} exit branches; '
+                     'give one number or one per entry of config.exits.attach_after')
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +96,13 @@ class ExitModel:
   """
   backbone: nn.Module
   attach_after: tuple[int, ...]
-  width_mult: float
+  width_mult: float | tuple[float, ...]  # light-block widths x this (one, or per branch)
   guided: bool
   key_block: int  # block whose output gives the database keys
   lookup: LookupFn | None = None
+  # SPADE hidden width of the light blocks x this (one, or per branch); None = width_mult.
+  hidden_mult: float | tuple[float, ...] | None = None
+  z_aware: bool = True  # light blocks see the backbone's latent (z), if it has one
 
   def __post_init__(self):
     k = self.backbone.num_blocks
@@ -83,6 +111,10 @@ class ExitModel:
       raise ValueError(
           f'config.exits.attach_after={pts} must be increasing block indices in [0, {k - 2}] '
           f'(the backbone has {k} blocks; the last block is the backbone exit)')
+    for what, mults in (('width_mult', self.width_mult), ('hidden_mult', self.hidden_mult)):
+      mults = _per_branch(mults, len(pts), what)
+      if any(m is not None and not m > 0 for m in mults):
+        raise ValueError(f'{what}={mults} must be > 0 (light-block width multipliers)')
     if self.guided and not 0 <= self.key_block <= pts[0]:
       raise ValueError(
           f'config.database.key_block={self.key_block} must be <= the earliest attach point '
@@ -95,8 +127,12 @@ class ExitModel:
 
   @property
   def branches(self) -> list[ExitBranch]:
-    return [ExitBranch(self.backbone.light_factory, a, self.width_mult, self.guided)
-            for a in self.attach_after]
+    n = len(self.attach_after)
+    return [ExitBranch(self.backbone.light_factory, a, w, self.guided, hidden_mult=hm,
+                       z_aware=self.z_aware)
+            for a, w, hm in zip(self.attach_after,
+                                _per_branch(self.width_mult, n, 'width_mult'),
+                                _per_branch(self.hidden_mult, n, 'hidden_mult'))]
 
   def last_block(self, k: int) -> int:
     """Last backbone block that exit k runs."""
@@ -149,24 +185,32 @@ class ExitModel:
 
   def branch_outputs(self, exit_vars: Sequence[Params], outs: dict, cond: jax.Array,
                      guide: jax.Array | None, *, train: bool = False,
-                     momentum: float = 0.9):
+                     momentum: float = 0.9, features: bool = False):
     """Every branch's image from a `backbone_pass`.
 
     Returns:
-      (images, stats): images is a list of [B, H, W, 3] (one per branch); stats the
-      branches' new batch_stats when `train`, else None.
+      (images, stats), or (images, stats, feats) with `features`: images is a list of
+      [B, H, W, 3] (one per branch); stats the branches' new batch_stats when `train`, else
+      None; feats[k] = {j: output of light block j of branch k [B, h_j, w_j, C_kj]}, at the
+      resolution of `outs[j]` (the backbone's block j).
     """
-    images, stats = [], []
+    images, stats, feats = [], [], []
+    mutable = (['batch_stats'] if train else []) + (['intermediates'] if features else [])
     for k, branch in enumerate(self.branches):
-      feats = outs[branch.attach_after]
-      if train:
-        img, upd = branch.apply(exit_vars[k], feats, cond, guide, train=True,
-                                momentum=momentum, mutable=['batch_stats'])
-        stats.append(upd['batch_stats'])
+      h = outs[branch.attach_after]
+      kw = dict(train=True, momentum=momentum) if train else {}
+      if mutable:
+        img, upd = branch.apply(exit_vars[k], h, cond, guide, mutable=mutable, **kw)
       else:
-        img = branch.apply(exit_vars[k], feats, cond, guide)
+        img, upd = branch.apply(exit_vars[k], h, cond, guide), {}
+      if train:
+        stats.append(upd['batch_stats'])
+      if features:
+        feats.append({int(name.removeprefix('out_')): v[0]
+                      for name, v in upd['intermediates'].items()})
       images.append(img)
-    return images, (stats if train else None)
+    stats = stats if train else None
+    return (images, stats, feats) if features else (images, stats)
 
   def all_exits(self, params: Params, *inputs: jax.Array):
     """(list of branch images [B, H, W, 3], teacher [B, H, W, 3]) sharing one backbone pass."""

@@ -93,10 +93,27 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool,
   from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
   k = _kernels(config, kernels)
   lookup = database.make_lookup(database_spec(config), k['top_k']) if guided else None
+  e = config.exits
+  hidden = e.get('spade_hidden_mult', None)
   return exits.ExitModel(
-      backbone=make_generator(config, kernels=k), attach_after=tuple(config.exits.attach_after),
-      width_mult=config.exits.width_mult, guided=guided,
-      key_block=config.database.key_block, lookup=lookup)
+      backbone=make_generator(config, kernels=k), attach_after=tuple(e.attach_after),
+      width_mult=_branch_mults(e, 'width_mult', e.width_mult), guided=guided,
+      key_block=config.database.key_block, lookup=lookup,
+      hidden_mult=_branch_mults(e, 'hidden_mult', hidden),
+      z_aware=e.get('z_aware', True))
+
+
+def _branch_mults(e: ml_collections.ConfigDict, what: str,
+                  default: float | None) -> tuple[float, ...] | float | None:
+  """config.exits.branch_{what}s (one multiplier per branch) if given, else `default`."""
+  per_branch = tuple(e.get(f'branch_{what}s', ()))
+  if not per_branch:
+    return default
+  if len(per_branch) != len(e.attach_after):
+    raise ValueError(f'config.exits.branch_{what}s={per_branch} needs one multiplier per exit '
+                     f'branch ({len(e.attach_after)}: config.exits.attach_after='
+                     f'{tuple(e.attach_after)}), or () for the single one')
+  return per_branch
 
 
 def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:

@@ -45,11 +45,12 @@ class LightSpadeBlock(nn.Module):
   conv_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, h: jax.Array, seg: jax.Array, *, train: bool = False,
-               momentum: float = 0.9) -> jax.Array:
+  def __call__(self, h: jax.Array, seg: jax.Array, *, z: jax.Array | None = None,
+               train: bool = False, momentum: float = 0.9) -> jax.Array:
+    """h: [B, h, w, C]; seg: [B, H, W, S]; z: [B, Z] or None (z-blind) -> [B, h', w', features]."""
     h = spade.SpadeResBlock(self.features, self.spade_hidden, self.spectral_norm,
                             conv_impl=self.conv_impl, name='res')(
-                                h, seg, train=train, momentum=momentum)
+                                h, seg, z=z, train=train, momentum=momentum)
     return layers.upsample2x(h) if self.upsample else h
 
 
@@ -77,21 +78,35 @@ class OasisLightFactory:
     return len(self.widths) - 1
 
   def condition(self, cond: jax.Array) -> jax.Array:
-    """The conditioning light blocks see: the one-hot labels without the z channels.
+    """The spatial conditioning light blocks see: the one-hot labels without the z channels.
 
-    z is already in the features an exit starts from; dropping its 64 broadcast channels
-    makes SPADE's shared conv (most of a block's FLOPs) ~5x cheaper, which buys wider
-    light blocks for the same cost.
+    Their SPADEs take z through `latent` instead: as broadcast channels it would make
+    SPADE's shared conv (most of a light block's FLOPs) several times dearer for what a
+    per-image offset computes.
     """
     return cond if self.num_classes is None else cond[..., :self.num_classes]
+
+  def latent(self, cond: jax.Array) -> jax.Array | None:
+    """The per-image z [B, Z] that z-aware light blocks see (the broadcast channels of
+    `cond` [B, H, W, C + Z] at one pixel); None when the factory does not know the classes."""
+    if self.num_classes is None or cond.shape[-1] == self.num_classes:
+      return None
+    return cond[:, 0, 0, self.num_classes:]
 
   def block_width(self, j: int, width_mult: float) -> int:
     """Output width of light block j."""
     return max(1, round(self.widths[j + 1] * width_mult))
 
-  def block(self, j: int, width_mult: float, name: str) -> nn.Module:
+  def hidden_width(self, hidden_mult: float) -> int:
+    """SPADE hidden width of a light block."""
+    return max(1, round(self.spade_hidden * hidden_mult))
+
+  def block(self, j: int, width_mult: float, name: str,
+            hidden_mult: float | None = None) -> nn.Module:
+    """Light block j: widths x width_mult, SPADE hidden x hidden_mult (None: width_mult)."""
     return LightSpadeBlock(
-        self.block_width(j, width_mult), max(1, round(self.spade_hidden * width_mult)),
+        self.block_width(j, width_mult),
+        self.hidden_width(width_mult if hidden_mult is None else hidden_mult),
         upsample=j < self.num_blocks - 1, spectral_norm=self.spectral_norm,
         conv_impl=self.conv_impl, name=name)
 

@@ -249,12 +249,18 @@ class ReenactLightFactory:
     (never the driver: its identity must not leak), else cond unchanged (and ignored)."""
     return cond[..., :3] if self.source_skip else cond
 
+  def latent(self, cond: jax.Array) -> None:
+    """No per-image latent: the driver's motion is already in the features."""
+    del cond
+
   def block_width(self, j: int, width_mult: float) -> int:
     """Output width of light block j."""
     return max(1, round(self.widths[j + 1] * width_mult))
 
-  def block(self, j: int, width_mult: float, name: str) -> nn.Module:
+  def block(self, j: int, width_mult: float, name: str,
+            hidden_mult: float | None = None) -> nn.Module:
     """Light G2D block j: same upsampling as backbone block j, fewer channels."""
+    del hidden_mult  # G2D blocks have no SPADE
     return LightG2DBlock(self.block_width(j, width_mult), self.factors[j],
                          self.spectral_norm, self.source_skip, self.conv_impl, name=name)
 

@@ -3,8 +3,8 @@
 For each batch the backbone (EMA weights, the backbone artifact) runs once: it gives the
 teacher image, the features every branch starts from and the database keys. Every branch,
 in the guided variant and (for the ablation) the unguided one, is trained to reproduce the
-teacher for the same label map and z: L1 + the configured perceptual distance + an optional
-OASIS adversarial term against the frozen discriminator (read only when
+teacher for the same label map and z: L1 + the configured perceptual distance + optional
+feature distillation (losses/distillation.py) + an optional OASIS adversarial term against the frozen discriminator (read only when
 `config.exits.adversarial_weight` > 0). The loop (training/loop.py) resumes, checks, logs,
 draws samples and checkpoints; the result is the `exits` artifact.
 """
@@ -22,6 +22,7 @@ from fiancee_jax import parallel
 from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import visualize
+from fiancee_jax.losses import distillation
 from fiancee_jax.losses import oasis as oasis_losses
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import factory
@@ -36,7 +37,9 @@ STAGE = 'exits'
 class ExitsState(NamedTuple):
   step: jax.Array  # int32 [], completed steps (= data position)
   rng: jax.Array  # typed PRNG key []
-  params: Any  # {'guided': [branch params], 'unguided': [...]} (variants present only)
+  # {'guided': [branch params], 'unguided': [...]} (variants present only), plus
+  # 'distill': {variant: [FeatureProjections params per branch]} when feature_weight > 0.
+  params: Any
   stats: Any  # same structure: branch batch_stats
   opt: optax.OptState
 
@@ -53,12 +56,20 @@ def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
 def init_state(config, key, bb, db) -> ExitsState:
   inputs = [jnp.zeros(s.shape, s.dtype)
             for s in tasks.input_specs(factory.get_task(config), 1)]
-  params, stats = {}, {}
+  params, stats, distill = {}, {}, {}
   for v in variants(config):
     model = factory.make_exit_model(config, guided=(v == 'guided'))
     ev = model.init_exits(jax.random.fold_in(key, len(params)), bb, db, *inputs)
     params[v] = [e['params'] for e in ev]
     stats[v] = [e['batch_stats'] for e in ev]
+    if config.exits.get('feature_weight', 0.0):
+      _, cond, outs = model.prefix(bb, inputs, model.backbone.num_blocks - 1)
+      guide = model.guide({'database': db}, outs, cond.shape[1:3])
+      _, _, feats = model.branch_outputs(ev, outs, cond, guide, features=True)
+      distill[v] = [distillation.init_projections(jax.random.fold_in(key, 1000 + k), outs, f)
+                    for k, f in enumerate(feats)]
+  if distill:
+    params['distill'] = distill
   tx = _optimizer(config)
   return ExitsState(step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(key, 99),
                     params=params, stats=stats, opt=tx.init(params))
@@ -66,7 +77,9 @@ def init_state(config, key, bb, db) -> ExitsState:
 
 def _optimizer(config):
   e = config.exits
-  return optimizers.adam(e.lr, e.b1, e.b2)
+  lr = optimizers.schedule(e.lr, e.num_steps, e.get('lr_schedule', 'constant'),
+                           e.get('warmup_steps', 0))
+  return optimizers.adam(lr, e.b1, e.b2)
 
 
 def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict | None, db: Any):
@@ -83,6 +96,9 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict | N
   tx = _optimizer(config)
   task = factory.get_task(config)
   num_classes = config.data.get('num_classes', 0)
+  feature_weight = e.get('feature_weight', 0.0)
+  feature_norm = e.get('feature_loss', 'l2')
+  distillation.check_weights(e.l1_weight, e.perceptual_weight, feature_weight, feature_norm)
 
   def step(state: ExitsState, batch):
     data = tuple(batch[k] for k in task.data_keys)
@@ -98,22 +114,31 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict | N
       total, meas, new_stats = 0.0, {}, {}
       for v, model in models.items():
         ev = [{'params': p, 'batch_stats': s} for p, s in zip(params[v], state.stats[v])]
-        images, st = model.branch_outputs(ev, outs, cond, guide if v == 'guided' else None,
-                                          train=True)
+        images, st, feats = model.branch_outputs(
+            ev, outs, cond, guide if v == 'guided' else None, train=True, features=True)
         new_stats[v] = st
         suffix = '' if v == 'guided' else '_noguide'
         for k, img in enumerate(images):
-          l1 = jnp.mean(jnp.abs(img - teacher))
-          dk = jnp.mean(dist.fn(img, teacher))
-          loss = e.l1_weight * l1 + e.perceptual_weight * dk
+          projected = None
+          if feature_weight:
+            projected = distillation.FeatureProjections(
+                distillation.projection_widths(outs, feats[k])).apply(
+                    {'params': params['distill'][v][k]}, feats[k])
+          loss, terms = distillation.exit_loss(
+              img, teacher, distance_fn=dist.fn, l1_weight=e.l1_weight,
+              perceptual_weight=e.perceptual_weight, feature_weight=feature_weight,
+              projected=projected, teacher_features=outs, feature_norm=feature_norm)
           if e.adversarial_weight > 0:
             logits = disc.apply(dvars, img)
             adv = oasis_losses.n1_cross_entropy(logits, batch['labels'], for_real=True,
                                                 num_classes=num_classes)
             loss = loss + e.adversarial_weight * adv
             meas[f'exit{k}{suffix}/adv'] = adv
-          meas[f'exit{k}{suffix}/l1'] = l1
-          meas[f'exit{k}{suffix}/{dist.name}'] = dk
+          meas[f'exit{k}{suffix}/l1'] = terms['l1']
+          if 'perceptual' in terms:
+            meas[f'exit{k}{suffix}/{dist.name}'] = terms['perceptual']
+          if 'features' in terms:
+            meas[f'exit{k}{suffix}/features'] = terms['features']
           total = total + loss
       return total, (new_stats, meas)
 
@@ -158,7 +183,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, state: ExitsState,
            database: artifacts.Artifact | None) -> artifacts.Artifact:
   """Writes the `exits` artifact from a finished state (call on every process)."""
   tree = {v: [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
-          for v in state.params}
+          for v in variants(config)}
   parents = {'backbone': backbone.fingerprint}
   if database is not None:
     parents['database'] = database.fingerprint

@@ -65,3 +65,119 @@ def test_bad_attach_points_are_refused():
     exits.ExitModel(g, (1, 3), 0.25, False, 0)
   with pytest.raises(ValueError, match='key_block'):
     exits.ExitModel(g, (1, 2), 0.25, True, 2)
+
+
+def _tiny(**exit_knobs):
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.exits.update(exit_knobs)
+  return config
+
+
+def _init_unguided(config):
+  model = factory.make_exit_model(config, guided=False)
+  labels = jax.random.randint(jax.random.key(1), (2, 16, 16), 0, config.data.num_classes)
+  z = jax.random.normal(jax.random.key(2), (2, config.backbone.z_dim))
+  bb = model.backbone.init(jax.random.key(0), labels, z)
+  return model, {'backbone': bb, 'database': None,
+                 'exits': model.init_exits(jax.random.key(3), bb, None, labels, z)}, labels, z
+
+
+@pytest.mark.parametrize('z_aware', [True, False])
+def test_only_z_aware_branches_see_z(z_aware):
+  # The features a branch starts from stay fixed; only the z in the conditioning changes.
+  model, params, labels, z = _init_unguided(_tiny(z_aware=z_aware))
+  # z's weights start at zero (a z-aware branch starts as the z-blind one); give them values
+  # as training would.
+  params['exits'] = jax.tree_util.tree_map_with_path(
+      lambda path, x: (jax.random.normal(jax.random.key(len(path)), x.shape)
+                       if 'z_hidden' in jax.tree_util.keystr(path) else x), params['exits'])
+  outs, cond, _, _ = model.backbone_pass(params, labels, z)
+  cond_other_z = model.backbone.apply(params['backbone'], labels, -z, method='conditioning')
+  a, _ = model.branch_outputs(params['exits'], outs, cond, None)
+  b, _ = model.branch_outputs(params['exits'], outs, cond_other_z, None)
+  for k, (x, y) in enumerate(zip(a, b)):
+    change = float(jnp.abs(x - y).mean())
+    assert (change > 1e-3) if z_aware else (change == 0.0), (k, change)
+
+
+@pytest.mark.parametrize('knobs', [
+    dict(z_aware=False),
+    dict(width_mult=1.0, spade_hidden_mult=0.25),
+    dict(width_mult=1.0, spade_hidden_mult=0.5, branch_width_mults=(0.5, 1.0),
+         branch_hidden_mults=(0.25, 0.5)),
+])
+def test_light_block_shapes_and_costs_follow_the_knobs(knobs):
+  config = _tiny(**knobs)
+  e, b = config.exits, config.backbone
+  model, params, labels, z = _init_unguided(config)
+  widths = model.backbone.widths
+  n = len(e.attach_after)
+  width_mults = e.branch_width_mults or (e.width_mult,) * n
+  hidden_mults = e.branch_hidden_mults or (e.spade_hidden_mult,) * n
+  for k, attach in enumerate(e.attach_after):
+    for j in range(attach + 1, model.backbone.num_blocks):
+      res = params['exits'][k]['params'][f'block_{j}']['res']
+      hidden = max(1, round(b.spade_hidden * hidden_mults[k]))
+      assert res['conv_1']['kernel'].shape[-1] == max(1, round(widths[j + 1] * width_mults[k]))
+      assert res['norm_0']['shared']['kernel'].shape == (3, 3, config.data.num_classes, hidden)
+      assert res['norm_0']['gamma']['kernel'].shape[2] == hidden
+      if e.z_aware:  # one Dense(z) for the block's three SPADEs (shortcut, 0, 1)
+        assert res['z_hidden']['kernel'].shape == (b.z_dim, 3 * hidden)
+      else:
+        assert 'z_hidden' not in res
+  images, teacher = model.all_exits(params, labels, z)
+  assert all(img.shape == teacher.shape for img in images)
+  g = [c['gflops'] for c in stats.exit_stats(config, guided=False)]
+  assert all(x < y for x, y in zip(g, g[1:])), g
+
+
+def test_z_costs_a_dense_not_a_conv():
+  # z through Dense(z) adds a per-image matmul and a broadcast add, far less than the
+  # conv over broadcast z channels the backbone's SPADEs pay.
+  blind = stats.exit_stats(_tiny(z_aware=False), guided=False)
+  aware = stats.exit_stats(_tiny(z_aware=True), guided=False)
+  for x, y in zip(blind[:-1], aware[:-1]):
+    assert x['gflops'] < y['gflops'] < 1.05 * x['gflops']
+
+
+def test_branch_features_match_the_backbone_resolutions():
+  model, params, labels, z = _init_unguided(_tiny())
+  outs, cond, _, _ = model.backbone_pass(params, labels, z)
+  images, new_stats, feats = model.branch_outputs(params['exits'], outs, cond, None,
+                                                  train=True, features=True)
+  assert len(feats) == len(images) == len(new_stats) == 2
+  for k, attach in enumerate(model.attach_after):
+    assert sorted(feats[k]) == list(range(attach + 1, model.backbone.num_blocks))
+    for j, f in feats[k].items():
+      assert f.shape[:3] == outs[j].shape[:3]
+  # Without features the call keeps its two results and writes no intermediates.
+  images2, st = model.branch_outputs(params['exits'], outs, cond, None)
+  assert st is None
+  np.testing.assert_allclose(images2[0], model.branch_outputs(
+      params['exits'], outs, cond, None, features=True)[0][0])
+  assert set(params['exits'][0]) == {'params', 'batch_stats'}
+
+
+def test_bad_width_knobs_are_refused():
+  with pytest.raises(ValueError, match='branch_width_mults'):
+    factory.make_exit_model(_tiny(branch_width_mults=(1.0,)), guided=False)
+  g = factory.make_generator(landscapes.get_config('tiny'))
+  with pytest.raises(ValueError, match='width_mult'):
+    exits.ExitModel(g, (1, 2), (0.5, 0.0), False, 0)
+  with pytest.raises(ValueError, match='hidden_mult'):
+    exits.ExitModel(g, (1, 2), 0.5, False, 0, hidden_mult=(0.5, 0.5, 0.5))
+
+
+def test_a_z_aware_branch_starts_as_the_z_blind_one():
+  # z's Dense starts at zero: before training, z-awareness changes no output.
+  model, params, labels, z = _init_unguided(_tiny(z_aware=True))
+  blind = factory.make_exit_model(_tiny(z_aware=False), guided=False)
+  without_z = jax.tree_util.tree_map(lambda x: x, params['exits'])
+  for ev in without_z:
+    for block in ev['params'].values():
+      block.get('res', {}).pop('z_hidden', None)
+  a, _ = model.all_exits(params, labels, z)
+  b, _ = blind.all_exits({**params, 'exits': without_z}, labels, z)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, atol=1e-6)
