@@ -82,8 +82,7 @@ def with_kernels(model: model_lib.FianceeModel,
               else em.backbone.clone(conv_impl=kernels['conv']))
   lookup = (em.lookup if have['top_k'] is None
             else dataclasses.replace(em.lookup, top_k_impl=kernels['top_k']))
-  return dataclasses.replace(
-      model, exit_model=dataclasses.replace(em, backbone=backbone, lookup=lookup))
+  return model.replace(exit_model=dataclasses.replace(em, backbone=backbone, lookup=lookup))
 
 
 def _check_arguments(model, data, thresholds, batch_size, warmup, iters, switch_rounds,
