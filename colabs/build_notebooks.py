@@ -542,7 +542,8 @@ show(fig)'''),
 `BucketedRouter` runs the predictor on the device, groups the samples by exit on the host,
 covers each group with bucket-sized chunks (by default powers of two up to the batch, largest
 first, so 41 samples run as 32 + 8 + 1; only a remainder below the smallest bucket is padded)
-and calls that exit's own executable at each size, then scatters the images back in order. `warmup()` compiles every
+and calls that exit's own executable at each size, then scatters the images back in order.
+`warmup()` compiles every
 (exit, bucket) pair once; after it, no call compiles (`time_fn` would raise if one did).'''),
       code('''\
 # Quick mode compiles two bucket sizes (a remainder below 2 is padded); the full mode compiles

@@ -24,11 +24,10 @@ import numpy as np
 from absl import logging
 
 from fiancee_jax import model as model_lib
-from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from fiancee_jax.evaluation import intervals
 from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import distances
-from fiancee_jax.data import sources
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
 from fiancee_jax.routing import calibration
@@ -162,6 +161,12 @@ def check_data(config: ml_collections.ConfigDict) -> None:
 def check_backbone(config: ml_collections.ConfigDict) -> None:
   b, s = config.backbone, 'backbone'
   task = factory.get_task(config)  # raises for an unknown config.backbone.name
+  keys = sources.data_keys(config)  # raises for an unknown config.data.name
+  if keys != task.data_keys:
+    raise ConfigError(f'config.data.name={config.data.name!r} gives ({", ".join(keys)}) but the '
+                      f'{b.name!r} backbone takes ({", ".join(task.data_keys)}): pick a '
+                      'dataset that gives them (config.data.name) or another backbone '
+                      '(config.backbone.name)')
   res = tuple(config.data.resolution)
   _bool(b, s, 'spectral_norm')
   if task.name == 'reenactment':

@@ -4,7 +4,6 @@ This is the object that routing, evaluation, the benchmark, the CLI and the Cola
 Exit paths take a tuple of inputs (`(labels, z)` for OASIS, `(source, driver)` for the
 reenactment backbone); `make_inputs` builds them from the data (tasks.py).
 """
-import dataclasses
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +14,6 @@ from flax import linen as nn
 
 from fiancee_jax import tasks
 from fiancee_jax.models import exits as exits_lib
-
 
 # () -> (GFLOPs per exit path at batch 1, the backbone last; GFLOPs of the predictor).
 CostFn = Callable[[], tuple[Sequence[float], float]]

@@ -18,10 +18,10 @@ checks are `fiancee_jax.metrics.fid.convert_state_dict`, driven by `fid.npz_shap
 layout is documented in fiancee_jax/metrics/fid.py.
 """
 import argparse
-from collections.abc import Callable
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 

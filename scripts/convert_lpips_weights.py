@@ -25,9 +25,9 @@ The .npz layout is documented in fiancee_jax/metrics/lpips.py. Takes a few secon
 import os
 import sys
 
+import numpy as np
 from absl import app
 from absl import flags
-import numpy as np
 
 try:
   from fiancee_jax.metrics import lpips

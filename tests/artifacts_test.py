@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from fiancee_jax import artifacts
 from configs import landscapes
+from fiancee_jax import artifacts
 
 
 @pytest.fixture

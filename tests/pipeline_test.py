@@ -11,7 +11,6 @@ from fiancee_jax import artifacts
 from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
-from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import sources
 from fiancee_jax.training import artifact_io
 from tests.evaluation import report_test

@@ -29,8 +29,8 @@ from fiancee_jax import model as model_lib
 from fiancee_jax import pipeline
 from fiancee_jax import stats
 from fiancee_jax import tasks
-from fiancee_jax.routing import router as router_lib
 from fiancee_jax.metrics import costs
+from fiancee_jax.routing import router as router_lib
 from fiancee_jax.training import predictor as predictor_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

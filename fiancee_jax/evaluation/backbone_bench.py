@@ -20,7 +20,6 @@ from fiancee_jax.metrics import latency
 from fiancee_jax.models import factory
 
 
-
 def run(config: ml_collections.ConfigDict, *, batch_size: int | None = None,
         iters: int = 10, matmul_n: int = 2048) -> dict:
   """{'backbone_gflop_per_s', 'matmul_gflop_per_s', 'ratio', ...} from one process."""

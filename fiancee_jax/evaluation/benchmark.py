@@ -31,7 +31,7 @@ Measured (`run_benchmark` calls one function per item):
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax

@@ -17,8 +17,8 @@ and the predictor per seed on the one trained backbone and writes one report per
 with `seed_intervals[path] = {'ci95': [lo, hi], 'std', 'values'}` for every number that varies
 across seeds: mean +- t_{0.975, S-1} s / sqrt(S) (Student t; None for S = 1).
 """
-from collections.abc import Sequence
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np

@@ -20,8 +20,8 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from fiancee_jax import tasks
-from fiancee_jax.evaluation import intervals
 from fiancee_jax.data import sources
+from fiancee_jax.evaluation import intervals
 from fiancee_jax.evaluation import plots
 from fiancee_jax.evaluation import tradeoff
 from fiancee_jax.guidance import database as database_lib

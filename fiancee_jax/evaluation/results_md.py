@@ -246,7 +246,8 @@ def _bench_summary(bench: dict) -> str:
   for r in bench['routing']:
     lat = r.get('latency_speedup')  # bench.json files from before the latency model lack it
     lat_cols = (f"{lat:.2f} | {r['measured_speedup'] / lat:.2f}" if lat else '- | -')
-    out.append(f"| {r['threshold']:.3f} | {r['images_per_s']:.0f} | {r['backbone_images_per_s']:.0f} "
+    out.append(f"| {r['threshold']:.3f} | {r['images_per_s']:.0f} | "
+               f"{r['backbone_images_per_s']:.0f} "
                f"| {r['measured_speedup']:.2f} | {r['flops_speedup']:.2f} | "
                f"{r['measured_speedup'] / r['flops_speedup']:.2f} | {lat_cols} | "
                f"{' / '.join(str(x) for x in r['exit_histogram'])} |")

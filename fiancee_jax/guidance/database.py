@@ -47,13 +47,15 @@ class DatabaseSpec:
     h, w = self.resolution
     gh, gw = self.grid
     if h % gh or w % gw:
-      raise ValueError(f'config.database.grid={self.grid} must divide the resolution {self.resolution}')
+      raise ValueError(f'config.database.grid={self.grid} must divide the resolution '
+                       f'{self.resolution}')
     if self.metric not in ('cosine', 'l2'):
       raise ValueError(f"config.database.metric={self.metric!r}: use 'cosine' or 'l2'")
     if not 1 <= self.top_k <= self.num_entries:
       raise ValueError(f'config.database.top_k={self.top_k} must be in [1, num_entries]')
     if not 1 <= self.key_dim <= self.feature_width:
-      raise ValueError(f'config.database.key_dim={self.key_dim} must be in [1, {self.feature_width}] '
+      raise ValueError(f'config.database.key_dim={self.key_dim} must be in '
+                       f'[1, {self.feature_width}] '
                        f'(the width of block {self.key_block})')
 
   @property

@@ -18,9 +18,8 @@ import numpy as np
 
 from fiancee_jax import artifacts
 from fiancee_jax import model as model_lib
-from fiancee_jax.metrics import costs
-from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.metrics import costs
 from fiancee_jax.models import factory
 from fiancee_jax.routing import calibration
 

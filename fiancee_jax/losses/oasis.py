@@ -4,7 +4,8 @@ import jax.numpy as jnp
 
 
 def class_balance_weights(labels: jax.Array, num_classes: int) -> jax.Array:
-  """Per-pixel weights [B, H, W]: inverse class frequency in the batch, mean 1 over present classes."""
+  """Per-pixel weights [B, H, W]: inverse class frequency in the batch, mean 1 over the
+  classes present."""
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   counts = onehot.sum(axis=(0, 1, 2))
   present = (counts > 0).sum()

@@ -23,10 +23,10 @@ WORKDIR/t_star.json ({"value", "definition", "distance", "num_samples"}); every 
 reads that record. `config.evaluate.t_star`, a positive finite number, replaces the measured
 value (None measures it).
 """
-from collections.abc import Callable
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax

@@ -24,16 +24,15 @@ Small images get fewer scales: as many (up to 5) as keep the coarsest scale's sh
 >= filter_size, the weights of the scales used rescaled to sum to 1 (`ms_ssim_num_scales`:
 256 -> 5, 128 -> 4, 64 and 64x48 -> 3, 32 -> 2, 16 -> 1, where MS-SSIM equals SSIM).
 """
-from collections.abc import Callable, Sequence
 import functools
 import os
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiancee_jax.metrics import lpips
 from fiancee_jax.metrics.lpips import make_lpips_fn  # re-exported: the LPIPS factory
 
 __all__ = ['DEFAULT', 'DISTANCE_NAMES', 'Distance', 'MSSSIM_WEIGHTS', 'batched', 'check_name',

@@ -20,9 +20,9 @@ import numpy as np
 
 from fiancee_jax import tasks
 from fiancee_jax.data import sources
-from fiancee_jax.models import factory
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import exits as exits_lib
+from fiancee_jax.models import factory
 
 _SPLIT_STREAM = {'train': 10, 'validation': 11, 'test': 12}
 

@@ -43,18 +43,18 @@ Usage:
 Use >= 2048 images per set (fewer make the 2048x2048 covariance singular and FID biased
 upwards); published FIDs use 10k or 50k.
 """
-from collections.abc import Callable, Iterable, Mapping
 import dataclasses
 import os
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 
-from absl import logging
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from scipy import linalg
 
 NPZ_FORMAT_VERSION = 1

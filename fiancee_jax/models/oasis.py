@@ -162,7 +162,8 @@ class OasisGenerator(nn.Module):
 
   def block(self, i: int, h: jax.Array, seg: jax.Array, *, train: bool = False,
             momentum: float = 0.9) -> jax.Array:
-    """Block i (static): [B, h, w, widths[i]] -> [B, 2h, 2w, widths[i + 1]] (no x2 after the last)."""
+    """Block i (static): [B, h, w, widths[i]] -> [B, 2h, 2w, widths[i + 1]] (no x2 after the
+    last)."""
     h = self.blocks[i](h, seg, train=train, momentum=momentum)
     if i < self.num_blocks - 1:
       h = layers.upsample2x(h)

@@ -115,7 +115,8 @@ class SpadeResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, seg: jax.Array, *, z: jax.Array | None = None,
                train: bool, momentum: float = 0.9) -> jax.Array:
-    """x: [B, h, w, Cin], seg: float32 [B, H, W, S] (one-hot labels ++ noise) -> [B, h, w, features].
+    """x: [B, h, w, Cin], seg: float32 [B, H, W, S] (one-hot labels ++ noise) ->
+    [B, h, w, features].
 
     z: float32 [B, Z] or None. When given, a Dense(z) per SPADE (parameters `z_hidden`) is
     added to its shared hidden pre-activation: what a 3x3 conv over Z broadcast z channels

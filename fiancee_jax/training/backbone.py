@@ -17,19 +17,18 @@ import numpy as np
 import optax
 
 from fiancee_jax import artifacts
-from fiancee_jax.data import sources
 from fiancee_jax import checkpoint
 from fiancee_jax import parallel
-from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import input_pipeline
+from fiancee_jax.data import sources
 from fiancee_jax.data import visualize
 from fiancee_jax.losses import oasis as oasis_losses
 from fiancee_jax.models import factory
+from fiancee_jax.training import artifact_io
 from fiancee_jax.training import loop
 from fiancee_jax.training import optimizers
 from fiancee_jax.training import pretrained
-from fiancee_jax.training import artifact_io
 
 STAGE = 'backbone'
 

@@ -12,8 +12,8 @@ import numpy as np
 from absl import logging
 
 from fiancee_jax import artifacts
-from fiancee_jax.data import sources
 from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from fiancee_jax.guidance import database
 from fiancee_jax.models import factory
 from fiancee_jax.training import artifact_io

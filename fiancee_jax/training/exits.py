@@ -4,7 +4,8 @@ For each batch the backbone (EMA weights, the backbone artifact) runs once: it g
 teacher image, the features every branch starts from and the database keys. Every branch,
 in the guided variant and (for the ablation) the unguided one, is trained to reproduce the
 teacher for the same label map and z: L1 + the configured perceptual distance + optional
-feature distillation (losses/distillation.py) + an optional OASIS adversarial term against the frozen discriminator (read only when
+feature distillation (losses/distillation.py) + an optional OASIS adversarial term against
+the frozen discriminator (read only when
 `config.exits.adversarial_weight` > 0). The loop (training/loop.py) resumes, checks, logs,
 draws samples and checkpoints; the result is the `exits` artifact.
 """
@@ -17,10 +18,10 @@ import numpy as np
 import optax
 
 from fiancee_jax import artifacts
-from fiancee_jax.data import sources
 from fiancee_jax import parallel
 from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.data import sources
 from fiancee_jax.data import visualize
 from fiancee_jax.losses import distillation
 from fiancee_jax.losses import oasis as oasis_losses

@@ -19,10 +19,8 @@ import optax
 from absl import logging
 
 from fiancee_jax import artifacts
-from fiancee_jax.data import sources
 from fiancee_jax import parallel
 from fiancee_jax import tasks
-from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import input_pipeline
 from fiancee_jax.metrics import exit_distances
 from fiancee_jax.models import factory

@@ -28,19 +28,17 @@ import numpy as np
 import optax
 
 from fiancee_jax import artifacts
-from fiancee_jax.data import sources
-from fiancee_jax.models import factory
 from fiancee_jax import parallel
-from fiancee_jax import tasks
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import avatars_tfds
+from fiancee_jax.data import sources
 from fiancee_jax.data import visualize
 from fiancee_jax.metrics import distances
-from fiancee_jax.models import reenact
+from fiancee_jax.models import factory
+from fiancee_jax.training import artifact_io
 from fiancee_jax.training import loop
 from fiancee_jax.training import optimizers
 from fiancee_jax.training import pretrained
-from fiancee_jax.training import artifact_io
 
 STAGE = 'backbone'
 _TRAIN_KEYS = ('source', 'driver', 'target', 'swap')

@@ -10,7 +10,10 @@ import pytest
 
 from fiancee_jax.evaluation import bench_markdown
 from fiancee_jax.evaluation import benchmark
-from tests.routing.router_test import bucketed, switch, tiny_labels, tiny_model
+from tests.routing.router_test import bucketed
+from tests.routing.router_test import switch
+from tests.routing.router_test import tiny_labels
+from tests.routing.router_test import tiny_model
 
 BATCH = 4
 

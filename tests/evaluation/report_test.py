@@ -152,6 +152,7 @@ def test_results_markdown_and_plots_render_a_built_report(tmp_path):
 def test_plots_do_not_import_the_report_module():
   import ast  # pylint: disable=g-import-not-at-top
   import inspect  # pylint: disable=g-import-not-at-top
+
   from fiancee_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   names = {a.name for node in ast.walk(ast.parse(inspect.getsource(plots)))
            if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}

@@ -6,7 +6,8 @@ import numpy as np
 
 from fiancee_jax.inference import generate as generate_lib
 from fiancee_jax.routing import router
-from tests.routing.router_test import tiny_labels, tiny_model
+from tests.routing.router_test import tiny_labels
+from tests.routing.router_test import tiny_model
 
 
 def test_routers_live_on_the_model_and_go_with_it():

@@ -12,9 +12,9 @@ import pytest
 
 import fiancee_jax
 from fiancee_jax import artifacts
-from fiancee_jax.metrics import costs
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.inference import loading
+from fiancee_jax.metrics import costs
 from fiancee_jax.metrics import latency
 
 # Tests that use the shared `tiny_run` job run on one xdist worker (--dist loadgroup).

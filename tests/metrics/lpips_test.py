@@ -5,7 +5,6 @@ source (`alexnet().features`, `vgg16().features` = make_layers(cfg 'D')), indepe
 fiancee_jax/metrics/lpips.py, and the trunk is checked against a NumPy re-implementation of
 PyTorch's conv2d / max_pool2d.
 """
-import os
 
 import jax
 import jax.numpy as jnp

@@ -128,15 +128,15 @@ def test_light_block_shapes_and_costs_follow_the_knobs(knobs):
         assert 'z_hidden' not in res
   images, teacher = model.all_exits(params, labels, z)
   assert all(img.shape == teacher.shape for img in images)
-  g = [c['gflops'] for c in stats.exit_stats(config, guided=False)]
+  g = [c['gflops'] for c in costs.exit_stats(config, guided=False)]
   assert all(x < y for x, y in zip(g, g[1:])), g
 
 
 def test_z_costs_a_dense_not_a_conv():
   # z through Dense(z) adds a per-image matmul and a broadcast add, far less than the
   # conv over broadcast z channels the backbone's SPADEs pay.
-  blind = stats.exit_stats(_tiny(z_aware=False), guided=False)
-  aware = stats.exit_stats(_tiny(z_aware=True), guided=False)
+  blind = costs.exit_stats(_tiny(z_aware=False), guided=False)
+  aware = costs.exit_stats(_tiny(z_aware=True), guided=False)
   for x, y in zip(blind[:-1], aware[:-1]):
     assert x['gflops'] < y['gflops'] < 1.05 * x['gflops']
 

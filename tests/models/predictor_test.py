@@ -56,7 +56,8 @@ def test_pair_predictor_for_reenactment():
   folded = predictor_training.fold_target_stats(variables, np.float32([0.1, 0.2]),
                                                 np.float32([2.0, 3.0]))
   np.testing.assert_allclose(model.apply(folded, src, -src),
-                             np.asarray(model.apply(variables, src, -src)) * [2.0, 3.0] + [0.1, 0.2],
+                             np.asarray(model.apply(variables, src, -src)) * [2.0, 3.0]
+                             + [0.1, 0.2],
                              atol=1e-5)
 
 

@@ -9,12 +9,10 @@ import pytest
 
 from configs import avatars as avatars_config
 from fiancee_jax import artifacts
-from fiancee_jax.data import sources
-from fiancee_jax.models import factory
 from fiancee_jax import checkpoint
 from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
-from fiancee_jax import tasks
+from fiancee_jax.data import sources
 from fiancee_jax.training import artifact_io
 from fiancee_jax.training import reenact as reenact_training
 
