@@ -30,6 +30,7 @@ from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import costs
 from fiancee_jax.metrics import distances
 from fiancee_jax.metrics import exit_distances
+from fiancee_jax.metrics import fid
 
 LPIPS_REFERENCE = 0.1  # the paper's absolute bar ("about half the compute at LPIPS <= 0.1")
 SECOND_DISTANCE = '1-msssim'
@@ -312,7 +313,6 @@ def _fid_feature_fn(config: ml_collections.ConfigDict):
   path = config.distance.get('fid_weights', '')
   if not path:
     return None
-  from fiancee_jax.metrics import fid  # pylint: disable=g-import-not-at-top
   return fid.make_feature_fn(fid.load_params(path))
 
 
@@ -387,8 +387,6 @@ def fid_table(feature_fn, outputs: list[np.ndarray], reals: np.ndarray,
 
   feature_fn: images [B, H, W, 3] -> features [B, D] (metrics/fid.py's Inception pool3).
   """
-  # pylint: disable-next=g-import-not-at-top
-  from fiancee_jax.metrics import fid
   mu, sigma = fid.statistics(fid.compute_features(feature_fn, reals, batch=batch))
   scores = []
   for k, images in enumerate(outputs):

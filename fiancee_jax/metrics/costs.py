@@ -126,9 +126,9 @@ def reenact_stats(config: ml_collections.ConfigDict) -> dict:
     generator (source, driver -> image) and G2D alone (projected volume -> image, the part
     exits replace).
   """
-  if config.backbone.name != 'reenact':
-    raise ValueError(f"reenact_stats needs config.backbone.name='reenact', got "
-                     f'{config.backbone.name!r}; use backbone_stats')
+  if factory.get_task(config).name != 'reenactment':
+    raise ValueError(f'reenact_stats needs the reenactment backbone, got '
+                     f'config.backbone.name={config.backbone.name!r}; use backbone_stats')
   g = factory.make_generator(config, kernels=XLA)
   h, w = config.data.resolution
   img = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
@@ -207,7 +207,7 @@ def compute_stats(config: ml_collections.ConfigDict) -> dict:
   spec = factory.database_spec(config)
   backbone = backbone_stats(config)
   backbone['broadcast_z_share'] = broadcast_z_share(config)
-  if config.backbone.name == 'reenact':  # exits replace G2D only: say what share it is
+  if factory.get_task(config).name == 'reenactment':  # exits replace G2D only: say what share it is
     r = reenact_stats(config)
     backbone['g2d'] = {'params': r['g2d_params'], 'gflops': r['g2d_gflops'],
                        'gflops_fraction': r['g2d_gflops'] / r['gflops']}
