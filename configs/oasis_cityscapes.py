@@ -2,9 +2,9 @@
 
 Needs the Cityscapes files (fiancee_jax/data/cityscapes.py says where they go; prepare
 once with `python -m fiancee_jax.data.prepare --config=configs/oasis_cityscapes.py
---config.data.manual_dir=DIR`) and accelerators: 29,600 steps at batch 20 (OASIS trained on
+--config.data.manual_dir=DIR`) and accelerators: 29,600 steps at batch 20 (OASIS recommends
 4 V100 GPUs). `configs/oasis_cityscapes.py:tiny` (16x32, tiny widths, a few steps) runs
-every stage on a small fake directory in CI in about a minute.
+every stage on a small fake directory in CI (a few minutes on 2 CPU cores).
 
 OASIS on Cityscapes: gtFine label ids (35 channels), 256x512, horizontal flips, and the
 official code's Cityscapes recipe (its config.py and scripts/train_cityscapes.sh): batch

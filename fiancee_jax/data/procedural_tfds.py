@@ -209,7 +209,9 @@ class _Helpers:
       self._tmp = tempfile.TemporaryDirectory(prefix='procedural-')
     for k in range(len(self._bounds) - 1):
       out = os.path.join(self._tmp.name, f'part{k}.npz')
-      cmd = [sys.executable, _WORKER, self._path, str(self._bounds[k]),
+      # -P: the worker's directory is not put on sys.path, so no module of this package
+      # can shadow what the worker and NumPy import.
+      cmd = [sys.executable, '-P', _WORKER, self._path, str(self._bounds[k]),
              str(self._bounds[k + 1]), json.dumps(self._kwargs), out]
       self._procs.append((subprocess.Popen(cmd, stderr=subprocess.PIPE), out))
     return self

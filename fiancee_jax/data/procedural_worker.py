@@ -2,7 +2,7 @@
 
   python procedural_worker.py GENERATOR_PATH START STOP KWARGS_JSON OUT_NPZ
 
-Run by path (`procedural_tfds` starts it with `sys.executable`), so that neither the
+Run by path (`procedural_tfds` starts it with `sys.executable -P`), so that neither the
 package's `__init__` nor the caller's `__main__` is imported (unlike multiprocessing's
 spawn), and nothing is forked from a threaded process. It loads the generator module by
 path (a module that imports only NumPy), calls `example(index=i, **kwargs)` for

@@ -16,9 +16,9 @@ STAGES = 'backbone,database,exits,predictor,evaluate'
 
 def _fake(name, root):
   if name == 'ade20k':
-    return fake_datasets.make_ade20k(root, num_train=24, num_val=8)
+    return fake_datasets.make_ade20k(root, num_train=36, num_val=8)
   return fake_datasets.make_cityscapes(
-      root, cities={'train': {'aachen': 12, 'bochum': 12}, 'val': {'lindau': 8}})
+      root, cities={'train': {'aachen': 18, 'bochum': 18}, 'val': {'lindau': 8}})
 
 
 @pytest.mark.parametrize('module,name', [(oasis_ade20k, 'ade20k'),
