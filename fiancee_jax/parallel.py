@@ -63,3 +63,10 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Puts every leaf on all devices of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def data_mesh(batch_size: int, key: str) -> Mesh:
+  """The device mesh, after checking that the global batch `key` = batch_size divides over it."""
+  mesh = make_mesh()
+  check_batch_divisible(batch_size, mesh, key)
+  return mesh

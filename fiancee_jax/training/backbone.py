@@ -154,8 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   if ready is not None:
     return ready
   tc = config.train
-  mesh = parallel.make_mesh()
-  parallel.check_batch_divisible(tc.batch_size, mesh, 'config.train.batch_size')
+  mesh = parallel.data_mesh(tc.batch_size, 'config.train.batch_size')
   train_src = sources.data_source(config, 'train')
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
   result = loop.train(
@@ -163,9 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
       schedule=loop.Schedule.of(tc),
       init=lambda: init_state(config, key),
       make_step=lambda: make_train_step(config),
-      batches=lambda start: sources.train_batches(config, train_src, batch_size=tc.batch_size,
-                                                seed=config.seed, start_step=start),
-      check_batch=lambda batch: sources.check_batch(config, batch),
+      **loop.data_feed(config, train_src, batch_size=tc.batch_size, seed=config.seed),
       write_samples=_sample_writer(
           config, workdir, _sample_batch(config, sources.data_source(config, 'validation'))),
       finish=lambda state, writer: (_recompute_ema_stats(config, state, train_src, mesh), {}))

@@ -159,8 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   database = artifact_io.load_database(config, workdir, backbone) if e.guided else None
   if artifacts.exists(workdir, STAGE):
     return artifact_io.load_exits(config, workdir, backbone, database)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_divisible(e.batch_size, mesh, 'config.exits.batch_size')
+  mesh = parallel.data_mesh(e.batch_size, 'config.exits.batch_size')
   dvars = (backbone_training.load_discriminator(config, workdir, backbone)
            if e.adversarial_weight > 0 else None)
   bb, dvars, db = parallel.replicate(
@@ -172,9 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
       schedule=loop.Schedule.of(e),
       init=lambda: init_state(config, key, bb, db),
       make_step=lambda: make_train_step(config, bb, dvars, db),
-      batches=lambda start: sources.train_batches(config, train_src, batch_size=e.batch_size,
-                                                seed=config.seed + 3, start_step=start),
-      check_batch=lambda batch: sources.check_batch(config, batch),
+      **loop.data_feed(config, train_src, batch_size=e.batch_size, seed=config.seed + 3),
       write_samples=_sample_writer(config, workdir, bb, db, sample_inputs(config)))
   return export(config, workdir, result.state, backbone, database)
 

@@ -43,6 +43,7 @@ from fiancee_jax import checkpoint
 from fiancee_jax import metric_logging
 from fiancee_jax import parallel
 from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.data import sources
 
 State = Any
 Batch = dict[str, Any]
@@ -283,3 +284,11 @@ def _steps(stage, mesh, schedule, ckpt, preemption, writer, state, start, step_f
     if hasattr(it, 'close'):
       it.close()
   return state
+
+
+def data_feed(config, source, *, batch_size: int, seed: int) -> dict[str, Callable[..., Any]]:
+  """{'batches', 'check_batch'} for `train`: deterministic batches of `source` from any step
+  (data/sources.py; step s of `seed` is always the same batch) and the first batch's check."""
+  return {'batches': lambda start: sources.train_batches(config, source, batch_size=batch_size,
+                                                         seed=seed, start_step=start),
+          'check_batch': lambda batch: sources.check_batch(config, batch)}

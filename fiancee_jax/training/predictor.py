@@ -135,8 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   exits = artifact_io.load_lineage(config, workdir, upto='exits')['exits']
   if artifacts.exists(workdir, STAGE):
     return artifact_io.load_predictor(config, workdir, exits)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_divisible(p.batch_size, mesh, 'config.predictor.batch_size')
+  mesh = parallel.data_mesh(p.batch_size, 'config.predictor.batch_size')
   measured = {}
 
   def targets() -> dict[str, Any]:

@@ -211,18 +211,17 @@ def evaluate_cross(config: ml_collections.ConfigDict, variables: dict, source: A
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:
-  """Runs the backbone stage; returns the `backbone` artifact (EMA generator variables).
+  """The reenactment backbone stage; returns the `backbone` artifact (EMA generator).
 
-  Order: with `config.train.pretrained` the shipped backbone is installed; else a backbone
-  artifact the workdir already holds is returned (checked); else the loop trains (or
-  resumes, or reads back a finished checkpoint) and the EMA generator is exported.
+  As training/backbone.py's `train`: a shipped backbone (`config.train.pretrained`) or the
+  workdir's own artifact is returned as is; else the loop trains and the EMA generator is
+  exported.
   """
   ready = pretrained.ready_backbone(config, workdir)
   if ready is not None:
     return ready
   tc = config.train
-  mesh = parallel.make_mesh()
-  parallel.check_batch_divisible(tc.batch_size, mesh, 'config.train.batch_size')
+  mesh = parallel.data_mesh(tc.batch_size, 'config.train.batch_size')
   train_src = sources.data_source(config, 'train')
   val_src = sources.data_source(config, 'validation')
   samples = _sample_batch(config, val_src)
@@ -255,9 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
       schedule=loop.Schedule.of(tc),
       init=lambda: init_state(config, key),
       make_step=lambda: make_train_step(config),
-      batches=lambda start: sources.train_batches(config, train_src, batch_size=tc.batch_size,
-                                                seed=config.seed, start_step=start),
-      check_batch=lambda batch: sources.check_batch(config, batch),
+      **loop.data_feed(config, train_src, batch_size=tc.batch_size, seed=config.seed),
       write_samples=write_samples,
       finish=lambda state, writer: (state._replace(ema_stats=ema_stats(state)), {}))
   return artifact_io.export_backbone(config, workdir, result.state.ema_params,
