@@ -27,11 +27,12 @@ def test_ade20k_generator_matches_official_size_and_compute():
 
 
 def test_small_generator_matches_design_numbers():
-  # DESIGN.md: ch 16 / hidden 32 at 64x64 (151 classes) is 5.76 M params, 1.52 GMACs.
+  # DESIGN.md: ch 16 / hidden 32 at 64x64 (151 classes, OASIS's z_dim 64) is 5.76 M params,
+  # 1.52 GMACs.
   config = landscapes.get_config()
   with config.unlocked():
     config.data.num_classes = 151
-    config.backbone.update(ch=16, spade_hidden=32)
+    config.backbone.update(ch=16, spade_hidden=32, z_dim=64)
   s = costs.backbone_stats(config)
   assert abs(s['params'] - 5.76e6) / 5.76e6 < 0.01
   assert abs(s['gflops'] - 3.04) / 3.04 < 0.05

@@ -44,7 +44,7 @@ def runs(config, tmp_path_factory):
   assert art.metadata == {'steps': 6}
 
   killed = str(tmp_path_factory.mktemp('killed'))
-  real_batches = reenact_training.avatars_tfds.batches
+  real_batches = sources.train_batches
 
   def dying_batches(*args, **kwargs):
     for i, batch in enumerate(real_batches(*args, **kwargs)):
@@ -53,7 +53,7 @@ def runs(config, tmp_path_factory):
       yield batch
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(reenact_training.avatars_tfds, 'batches', dying_batches)
+    mp.setattr(sources, 'train_batches', dying_batches)
     with pytest.raises(_Interrupted):
       reenact_training.train(config, killed)
   assert checkpoint.Checkpointer(os.path.join(killed, 'checkpoints', 'backbone')).all_steps() == [2]
