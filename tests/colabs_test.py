@@ -1,16 +1,20 @@
-"""The Colabs run top to bottom in CI, and are stored as colabs/build_notebooks.py writes them.
+"""The Colabs run top to bottom in CI, and each stored .ipynb is jupytext of its paired .py.
+
+The reviewed and linted source of each Colab is colabs/NAME.py (jupytext percent format); after
+editing it, `jupytext --sync colabs/NAME.py` rewrites colabs/NAME.ipynb, outputs stripped.
 
 Execution uses nbclient with a `python3` kernel of this very interpreter (a kernelspec written to
 a temporary directory, so a fresh machine needs only `pip install -r requirements.txt -e .`).
 The notebooks load the session's finished tiny job (`tiny_run` in conftest.py) through
 FIANCEE_WORKDIR instead of training: the test shares the xdist worker that built it.
 """
-import importlib.util
 import os
 import re
 import sys
 import time
+import types
 
+import jupytext
 import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
@@ -35,33 +39,37 @@ EXPECTED = {
 _RUNS = {'landscapes': 'tiny_run', 'avatars': 'tiny_avatars_run'}
 
 
-def _load_builder():
-  spec = importlib.util.spec_from_file_location('build_notebooks',
-                                                os.path.join(COLABS, 'build_notebooks.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _code_cells(nb):
   return [c for c in nb.cells if c.cell_type == 'code']
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
-def test_stored_notebook_is_generated_and_stripped(name):
+def test_stored_notebook_is_jupytext_of_its_py_and_stripped(name):
   path = os.path.join(COLABS, name)
+  py_path = path[:-len('.ipynb')] + '.py'
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
   for i, cell in enumerate(_code_cells(nb)):
     assert cell.outputs == [], f'{name}: code cell {i} is stored with outputs; strip them'
     assert cell.execution_count is None, f'{name}: code cell {i} has an execution count'
   assert 'widgets' not in nb.metadata, f'{name} is stored with widget state'
-  with open(path, encoding='utf-8') as f:
-    stored = f.read()
-  generated = nbformat.writes(_load_builder().notebooks()[name])
-  assert stored.rstrip('\n') == generated.rstrip('\n'), (
-      f'colabs/{name} differs from what colabs/build_notebooks.py writes; edit the builder and '
-      'run `python colabs/build_notebooks.py`')
+  assert nb.metadata.get('jupytext', {}).get('formats') == 'ipynb,py:percent', (
+      f'{name} is not paired with its .py (jupytext formats ipynb,py:percent)')
+  paired = jupytext.read(py_path)
+  stored = [(c.cell_type, c.source) for c in nb.cells]
+  expected = [(c.cell_type, c.source) for c in paired.cells]
+  assert stored == expected, (
+      f'colabs/{name} differs from jupytext of {os.path.basename(py_path)}; edit the .py and run '
+      f'`jupytext --sync {os.path.relpath(py_path, REPO)}`')
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_parameter_cell_comes_first(name):
+  nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
+  first = _code_cells(nb)[0]
+  assert 'parameters' in first.metadata.get('tags', []), f'{name}: untagged first code cell'
+  assert re.search(r"^REPO_URL = .*# @param", first.source, re.M), (
+      f'{name}: the first code cell does not hold the REPO_URL form field')
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
@@ -70,7 +78,38 @@ def test_notebook_calls_only_public_api(name):
   source = '\n'.join(c.source for c in _code_cells(nb))
   private = re.findall(r'\._[A-Za-z]\w*|import _\w+', source)
   assert not private, f'{name} uses private names {sorted(set(private))}'
-  assert 'google.colab' in source and '!pip install' in source  # the Colab setup cell
+  # The Colab setup: the package with its colab extra, never requirements.txt (whose pins would
+  # replace the runtime's own jax and jaxlib).
+  assert 'google.colab' in source and "'pip', 'install'" in source and "'.[colab]'" in source
+  assert "'-r'" not in source
+
+
+def _setup(name) -> str:
+  """The parameter cell and the setup cell of a notebook, as one source."""
+  nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
+  return '\n'.join(c.source for c in _code_cells(nb)[:2])
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_setup_uses_the_surrounding_checkout(name, monkeypatch):
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  monkeypatch.chdir(COLABS)  # where Jupyter starts a notebook opened from the checkout
+  namespace = {}
+  exec(_setup(name), namespace)  # pylint: disable=exec-used
+  assert namespace['ROOT'] == REPO and os.getcwd() == REPO and sys.path[0] == REPO
+
+
+@pytest.mark.parametrize('in_colab', [False, True])
+def test_setup_outside_a_checkout_names_the_fix(in_colab, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  if in_colab:
+    monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
+  else:
+    monkeypatch.delitem(sys.modules, 'google.colab', raising=False)
+  error = ValueError if in_colab else RuntimeError
+  with pytest.raises(error, match='REPO_URL' if in_colab else 'checkout'):
+    exec(_setup(NOTEBOOKS[0]), {})  # pylint: disable=exec-used
+  assert os.listdir(tmp_path) == []  # nothing cloned, nothing installed
 
 
 @pytest.fixture(scope='module')
