@@ -207,7 +207,7 @@ def shrink_for_tests(config: ml_collections.ConfigDict) -> None:
   config.exits.update(attach_after=(1, 2), batch_size=8, num_steps=4, log_every=2,
                       sample_every=2, checkpoint_every=2)
   config.predictor.update(width=4, num_steps=4, log_every=2, checkpoint_every=2)
-  config.evaluate.update(bootstrap_resamples=200)
+  config.evaluate.update(seeds=1, bootstrap_resamples=200)
   config.benchmark.update(warmup=1, iters=2, switch_rounds=4, exit_parts=False)
 
 

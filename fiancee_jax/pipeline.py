@@ -3,7 +3,13 @@
 Each stage resumes from its own checkpoint under WORKDIR/checkpoints/STAGE and ends by
 exporting its artifact (training stages) or report files; a preempted training stage raises
 `loop.Preempted` after saving, so no later stage runs.
+
+t* is fixed right after the backbone stage (training/t_star.py), before any exit is trained.
+The seeded stages (database, exits, predictor, evaluate) run once per seed of
+config.evaluate.seeds (replicates.py); the evaluate stage then writes the report aggregated
+over seeds to WORKDIR/report/report.json.
 """
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +20,7 @@ from absl import logging
 
 from fiancee_jax import config_checks
 from fiancee_jax import parallel
+from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import benchmark
 from fiancee_jax.evaluation import report
@@ -22,6 +29,7 @@ from fiancee_jax.training import database
 from fiancee_jax.training import exits
 from fiancee_jax.training import predictor
 from fiancee_jax.training import reenact
+from fiancee_jax.training import t_star
 
 Stage = Callable[[ml_collections.ConfigDict, str], Any]
 
@@ -33,6 +41,26 @@ BACKBONE_TRAINERS: dict[str, Stage] = {'oasis': backbone.train, 'reenact': reena
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Stage `benchmark`: report/bench.json and report/bench.md (evaluation/benchmark.py)."""
   return benchmark.run_stage(config, workdir)
+
+
+def run_seeded(stage: Stage, name: str, config: ml_collections.ConfigDict,
+               workdir: str) -> Any:
+  """Runs a seeded stage once per seed (replicates.py); returns the first seed's result, or
+  for `evaluate` the report aggregated over seeds."""
+  t_star.fix(config, workdir)  # a no-op once fixed; the replicates copy it
+  reps = replicates.prepare(config, workdir, process_index=jax.process_index())
+  if name != 'evaluate':
+    results = []
+    for seed, cfg, sub in reps:
+      logging.info('stage %s, seed %d', name, seed)
+      results.append(stage(cfg, sub))
+    return results[0]
+  reports = []
+  for seed, cfg, sub in reps:
+    logging.info('stage evaluate, seed %d', seed)
+    reports.append(stage(cfg, sub, replicates.report_dir(workdir, seed)))
+  return report.write_aggregate(os.path.join(workdir, 'report'), reports,
+                                replicates.report_dir(workdir, reps[0][0]))
 
 
 def stage_table(config: ml_collections.ConfigDict) -> dict[str, Stage]:
@@ -69,6 +97,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict[st
   for name in names:
     logging.info('stage %s', name)
     start = time.perf_counter()
-    results[name] = table[name](config, workdir)
+    if name in replicates.SEEDED_STAGES:
+      results[name] = run_seeded(table[name], name, config, workdir)
+    else:
+      results[name] = table[name](config, workdir)
+    if name == 'backbone':
+      t_star.fix(config, workdir)
     workdir_lib.record_time(workdir, name, time.perf_counter() - start)
   return results

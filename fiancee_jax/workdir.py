@@ -9,7 +9,10 @@ Layout (DESIGN.md section 3):
   WORKDIR/checkpoints/STAGE/      training checkpoints of a stage (resuming only)
   WORKDIR/artifacts/KIND          params-only artifacts (artifacts.py), what inference reads
   WORKDIR/samples/STAGE_STEP.png  sample grids written during training
-  WORKDIR/report/                 report.json, bench.json and plots
+  WORKDIR/t_star.json             t*, fixed after the backbone stage (metrics/anchors.py)
+  WORKDIR/report/                 report.json (over seeds), bench.json and plots
+  WORKDIR/seeds/SEED/             the other seeds' workdirs and every seed's report
+                                  (replicates.py)
 
 config.json is written and compared by config_checks.write_config (before any compute).
 """

@@ -26,7 +26,8 @@ def workdir(tiny_run):
 
 def test_workdir_contract(workdir):
   wd, _ = workdir
-  for name in ('config.json', 'metrics.jsonl', 'report/report.json', 'report/bench.json',
+  for name in ('config.json', 'metrics.jsonl', 't_star.json', 'seeds/0/report/report.json',
+               'report/report.json', 'report/bench.json',
                'report/bench.md', 'report/distance_vs_gflops.png', 'report/exit_histogram.png',
                'report/predicted_vs_true.png', 'report/samples.png'):
     assert os.path.exists(os.path.join(wd, name)), name
@@ -130,6 +131,45 @@ def test_rerun_resumes_every_stage_without_retraining(workdir, tmp_path):
   assert results['exits'].metadata['steps'] == config.exits.num_steps
   assert len(metric_logging.read_metrics(wd)) == lines  # not a step was taken
   assert os.path.getmtime(os.path.join(wd, 'report', 'report.json')) == before
+
+
+def test_seeds_repeat_the_seeded_stages_on_one_backbone(workdir, tmp_path):
+  wd, config = workdir
+  new = str(tmp_path / 'seeds')
+  os.makedirs(os.path.join(new, 'artifacts'))
+  shutil.copytree(artifacts.path(wd, 'backbone'), artifacts.path(new, 'backbone'))
+  shutil.copyfile(os.path.join(wd, 't_star.json'), os.path.join(new, 't_star.json'))
+  two = config.copy_and_resolve_references()
+  with two.unlocked():
+    two.evaluate.seeds = 2
+  pipeline.run(two, new, 'database,exits,predictor,evaluate')
+  fp = {s: {k: artifacts.read_manifest(d, k)['fingerprint'] for k in artifacts.KINDS}
+        for s, d in ((0, new), (1, os.path.join(new, 'seeds', '1')))}
+  assert fp[0]['backbone'] == fp[1]['backbone']  # one backbone ...
+  for kind in ('database', 'exits', 'predictor'):  # ... and per-seed everything else
+    assert fp[0][kind] != fp[1][kind], kind
+  with open(os.path.join(new, 'seeds', '1', 'config.json')) as f:
+    assert json.load(f)['seed'] == 1
+  with open(os.path.join(new, 't_star.json')) as f, \
+      open(os.path.join(new, 'seeds', '1', 't_star.json')) as g:
+    assert json.load(f) == json.load(g)  # t* is shared, fixed before the exits
+  per_seed = []
+  for s in (0, 1):
+    with open(os.path.join(new, 'seeds', str(s), 'report', 'report.json')) as f:
+      per_seed.append(json.load(f))
+  with open(os.path.join(new, 'report', 'report.json')) as f:
+    agg = json.load(f)
+  assert agg['seeds'] == [0, 1] and agg['num_seeds'] == 2
+  assert [r['seeds'] for r in per_seed] == [[0], [1]]
+  values = [r['exits'][0]['mean_distance'] for r in per_seed]
+  assert agg['exits'][0]['mean_distance'] == pytest.approx(np.mean(values))
+  entry = agg['seed_intervals']['exits/0/mean_distance']
+  assert entry['values'] == pytest.approx(values)
+  lo, hi = entry['ci95']
+  assert lo < np.mean(values) < hi
+  assert agg['t_star'] == per_seed[0]['t_star'] == per_seed[1]['t_star']
+  for name in ('distance_vs_gflops.png', 'samples.png'):
+    assert os.path.exists(os.path.join(new, 'report', name)), name
 
 
 def test_workdir_with_another_config_is_refused(workdir):

@@ -13,6 +13,7 @@ Everything after the model and the test distances are loaded is a function of ar
 """
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -196,8 +197,8 @@ def second_distances(outputs: list[np.ndarray], batch: int) -> np.ndarray:
   return np.stack([distances.batched(fn, o, outputs[-1], batch) for o in outputs[:-1]], -1)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Writes workdir/report/report.json and the plots; returns the report."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, out: str | None = None) -> dict:
+  """Writes report.json and the plots to `out` (default WORKDIR/report); returns the report."""
   n = min(config.router.num_eval, config.data.num_test)
   fid_fn = _fid_feature_fn(config)  # a bad weights file fails here, before any compute
   model = loading.load_model(workdir, config)
@@ -211,13 +212,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # depends on the backbone and the validation inputs only).
   validation = exit_distances.load_inputs(config, 'validation', config.data.num_validation)
   return evaluate_model(config, workdir, model, inputs, true, no_guide, pred, validation,
-                        fid_fn=fid_fn)
+                        fid_fn=fid_fn, out=out)
 
 
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
                    inputs: tuple[np.ndarray, ...], true: np.ndarray,
                    no_guide: np.ndarray | None, pred: np.ndarray,
-                   validation: tuple[np.ndarray, ...], *, fid_fn=None) -> dict:
+                   validation: tuple[np.ndarray, ...], *, fid_fn=None,
+                   out: str | None = None) -> dict:
   """The evaluate stage on loaded arrays: the report, written with its plots by process 0.
 
   Args:
@@ -225,6 +227,7 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
     true, no_guide, pred: float [N, E - 1] guided and unguided distances, predictions.
     validation: the exit paths' inputs of the first config.data.num_validation validation
       samples (for t*, if it is not fixed yet).
+    out: where report.json and the plots go (default WORKDIR/report).
   """
   batch = config.predictor.measure_batch
   distance = distances.from_config(config)
@@ -278,15 +281,35 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
   if fid_fn is not None:
     report['fid'] = fid_table(fid_fn, outputs, split['image'] if target is None else target)
   if jax.process_index() == 0:
-    write_report(os.path.join(workdir, 'report'), report)
+    out = out or os.path.join(workdir, 'report')
+    write_report(out, report)
     num = min(8, len(true))
     data = inputs[:tasks.num_data(model.task)]
-    plots.write_all(os.path.join(workdir, 'report'), report, pred, true,
+    plots.write_all(out, report, pred, true,
                     columns=model.task.columns(tuple(x[:num] for x in data)),
                     outputs=[o[:num] for o in outputs],
                     routed_ids=route_ids(pred[:num], t_star['value'],
                                          model.margins_at(t_star['value'])),
                     target=None if target is None else target[:num])
+  return report
+
+
+# Plots of one seed that the aggregated report keeps (they show samples, not figures).
+SEED_PLOTS = ('predicted_vs_true.png', 'samples.png')
+
+
+def write_aggregate(out: str, reports: list[dict], first_seed_dir: str) -> dict:
+  """The report over seeds (intervals.aggregate_seed_reports) as out/report.json, its
+  quality-vs-compute and exit plots, and the first seed's sample plots; returns it."""
+  report = intervals.aggregate_seed_reports(reports)
+  if jax.process_index() == 0:
+    write_report(out, report)
+    plots.distance_vs_gflops(os.path.join(out, 'distance_vs_gflops.png'), report)
+    plots.exit_histogram(os.path.join(out, 'exit_histogram.png'), report)
+    for name in SEED_PLOTS:
+      src = os.path.join(first_seed_dir, name)
+      if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(out, name))
   return report
 
 

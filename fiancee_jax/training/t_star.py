@@ -1,0 +1,42 @@
+"""t*, the headline quality bar, fixed right after the backbone stage (before any exit trains).
+
+t* is read from the backbone alone (metrics/anchors.py): by default the mean distance between
+the backbone's outputs on the first config.data.num_validation validation inputs (each with
+its fixed z) and their sigma-1 Gaussian blur. It is written to WORKDIR/t_star.json, which
+every later stage reads back unchanged, so no threshold is chosen after the exits are seen.
+"""
+import jax
+import ml_collections
+import numpy as np
+
+from fiancee_jax.metrics import anchors
+from fiancee_jax.metrics import exit_distances
+from fiancee_jax.models import factory
+from fiancee_jax.training import artifact_io
+
+
+def backbone_outputs(config: ml_collections.ConfigDict, variables, inputs: tuple[np.ndarray, ...],
+                     batch: int) -> np.ndarray:
+  """The backbone's outputs float32 [N, H, W, 3] on `inputs`, in chunks of `batch` through one
+  compiled shape (the last chunk padded)."""
+  generator = factory.make_generator(config)
+  apply = jax.jit(lambda v, *x: generator.apply(v, *x))
+  n, out = len(inputs[0]), []
+  for s in range(0, n, batch):
+    x = tuple(np.asarray(v[s:s + batch]) for v in inputs)
+    pad = batch - len(x[0])
+    if pad:
+      x = tuple(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for v in x)
+    out.append(np.asarray(apply(variables, *x))[:batch - pad])
+  return np.concatenate(out)
+
+
+def fix(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Fixes t* from the workdir's backbone artifact (a configured t* needs no backbone run);
+  returns the record of WORKDIR/t_star.json."""
+  def images() -> np.ndarray:
+    backbone = artifact_io.load_backbone(config, workdir)
+    inputs = exit_distances.load_inputs(config, 'validation', config.data.num_validation)
+    return backbone_outputs(config, backbone.tree, inputs, config.predictor.measure_batch)
+
+  return anchors.fix_t_star(config, workdir, images)
