@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
@@ -261,7 +262,6 @@ def _verify_manifest(root: epath.Path, where: str, *, checksums: bool) -> None:
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 

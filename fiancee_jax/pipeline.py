@@ -58,7 +58,8 @@ def run_seeded(stage: Stage, name: str, config: ml_collections.ConfigDict,
   reports = []
   for seed, cfg, sub in reps:
     logging.info('stage evaluate, seed %d', seed)
-    reports.append(stage(cfg, sub, replicates.report_dir(workdir, seed)))
+    reports.append(stage(cfg, sub, replicates.report_dir(workdir, seed),
+                         anchors_of=reports[0] if reports else None))
   return report.write_aggregate(os.path.join(workdir, 'report'), reports,
                                 replicates.report_dir(workdir, reps[0][0]))
 

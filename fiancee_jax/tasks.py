@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiancee_jax.data import visualize
+
 Data = tuple[np.ndarray, ...]
 
 
@@ -131,7 +133,6 @@ class Synthesis:
 
   def columns(self, data: Data) -> list[np.ndarray]:
     """uint8 [B, H, W, 3] pictures of the data, for sample grids."""
-    from fiancee_jax.data import visualize  # pylint: disable=g-import-not-at-top
     return [visualize.label_map_to_rgb(np.asarray(data[0]), self.num_classes)]
 
 
@@ -191,7 +192,6 @@ class Reenactment:
     return tuple(out)
 
   def columns(self, data: Data) -> list[np.ndarray]:
-    from fiancee_jax.data import visualize  # pylint: disable=g-import-not-at-top
     return [visualize.images_to_uint8(np.asarray(x)) for x in data]
 
 

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-try:
+try:  # optional: POSIX only
   import fcntl
 except ImportError:  # Not POSIX: rely on TFDS's rename alone.
   fcntl = None

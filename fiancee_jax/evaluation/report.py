@@ -185,7 +185,8 @@ def measure_anchors(config: ml_collections.ConfigDict, model, distance: distance
     data = tuple(inputs[:tasks.num_data(task)])
     generate = lambda z: backbone(tasks.with_noise(task, data, z))
     sampler = lambda key, n: np.asarray(jax.random.normal(key, (n, task.noise_dim)))
-  key = jax.random.fold_in(jax.random.key(config.seed), 0xA7C)  # the anchors' own stream
+  # The anchors' own stream, from the data seed: every seed of a job shares its anchors.
+  key = jax.random.fold_in(jax.random.key(config.data.seed), 0xA7C)
   return anchors.anchor_distances(distance.fn, images, key, generate_fn=generate,
                                   z_sampler=sampler, num_average=config.evaluate.z_average,
                                   batch=config.predictor.measure_batch)
@@ -197,8 +198,13 @@ def second_distances(outputs: list[np.ndarray], batch: int) -> np.ndarray:
   return np.stack([distances.batched(fn, o, outputs[-1], batch) for o in outputs[:-1]], -1)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, out: str | None = None) -> dict:
-  """Writes report.json and the plots to `out` (default WORKDIR/report); returns the report."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, out: str | None = None, *,
+             anchors_of: dict | None = None) -> dict:
+  """Writes report.json and the plots to `out` (default WORKDIR/report); returns the report.
+
+  anchors_of: the report of another seed of this job (same backbone, same test inputs), whose
+  `distance_anchors` are reused instead of measured again; None measures them.
+  """
   n = min(config.router.num_eval, config.data.num_test)
   fid_fn = _fid_feature_fn(config)  # a bad weights file fails here, before any compute
   model = loading.load_model(workdir, config)
@@ -212,14 +218,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, out: str | None = 
   # depends on the backbone and the validation inputs only).
   validation = exit_distances.load_inputs(config, 'validation', config.data.num_validation)
   return evaluate_model(config, workdir, model, inputs, true, no_guide, pred, validation,
-                        fid_fn=fid_fn, out=out)
+                        fid_fn=fid_fn, out=out,
+                        anchors=None if anchors_of is None else anchors_of['distance_anchors'])
 
 
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
                    inputs: tuple[np.ndarray, ...], true: np.ndarray,
                    no_guide: np.ndarray | None, pred: np.ndarray,
                    validation: tuple[np.ndarray, ...], *, fid_fn=None,
-                   out: str | None = None) -> dict:
+                   out: str | None = None, anchors: dict | None = None) -> dict:
   """The evaluate stage on loaded arrays: the report, written with its plots by process 0.
 
   Args:
@@ -228,6 +235,7 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
     validation: the exit paths' inputs of the first config.data.num_validation validation
       samples (for t*, if it is not fixed yet).
     out: where report.json and the plots go (default WORKDIR/report).
+    anchors: distance_anchors measured already on the same backbone and inputs, or None.
   """
   batch = config.predictor.measure_batch
   distance = distances.from_config(config)
@@ -247,8 +255,8 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
       distance=distance.name, pred=pred, true=true, true_unguided=no_guide, second=second,
       margins_at=model.margins_at, exit_costs=cstats, exit_gflops_unguided=unguided_gflops,
       predictor_gflops=model.predictor_gflops, t_star=t_star,
-      distance_anchors=measure_anchors(config, model, distance, inputs, outputs[-1],
-                                       backbone),
+      distance_anchors=anchors or measure_anchors(config, model, distance, inputs,
+                                                  outputs[-1], backbone),
       target_met=config.router.target_met, thresholds=thresholds,
       resamples=ev.bootstrap_resamples, bootstrap_seed=ev.bootstrap_seed,
       num_z_average=ev.z_average)

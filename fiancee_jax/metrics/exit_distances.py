@@ -30,11 +30,17 @@ _SPLIT_STREAM = {'train': 10, 'validation': 11, 'test': 12}
 def fixed_z(config: ml_collections.ConfigDict, split: str,
             indices: np.ndarray) -> np.ndarray | None:
   """One z per dataset index of `split`: float32 [len(indices), z_dim], reproducible; None
-  for a noise-free backbone."""
+  for a noise-free backbone.
+
+  The validation and test z come from config.data.seed, so every seed of a job
+  (replicates.py) calibrates and is evaluated on the same inputs; the training z (predictor
+  targets) from config.seed.
+  """
   z_dim = factory.get_task(config).noise_dim
   if not z_dim:
     return None
-  key = jax.random.fold_in(jax.random.key(config.seed), _SPLIT_STREAM[split])
+  seed = config.seed if split == 'train' else config.data.seed
+  key = jax.random.fold_in(jax.random.key(seed), _SPLIT_STREAM[split])
   return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (z_dim,)))(
       jnp.asarray(indices)))
 

@@ -13,6 +13,7 @@ import ml_collections
 from flax import linen as nn
 
 from fiancee_jax import tasks
+from fiancee_jax.guidance import database
 from fiancee_jax.models import exits
 from fiancee_jax.models import oasis
 from fiancee_jax.models import predictor
@@ -73,7 +74,6 @@ def make_discriminator(config: ml_collections.ConfigDict, *,
 
 def database_spec(config: ml_collections.ConfigDict):
   """The DatabaseSpec the config's model expects."""
-  from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
   g = make_generator(config, kernels=kernels_lib.XLA)  # only its widths are read
   db = config.database
   if not 0 <= db.key_block < g.num_blocks:
@@ -90,7 +90,6 @@ def database_spec(config: ml_collections.ConfigDict):
 def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool,
                     kernels: Mapping[str, str] | None = None) -> exits.ExitModel:
   """Backbone + exits as configured; `guided` selects the database-fed variant."""
-  from fiancee_jax.guidance import database  # pylint: disable=g-import-not-at-top
   k = _kernels(config, kernels)
   lookup = database.make_lookup(database_spec(config), k['top_k']) if guided else None
   e = config.exits
