@@ -51,6 +51,19 @@ class ArtifactError(ValueError):
   """An artifact is missing, damaged, or does not belong to this config or workdir."""
 
 
+class DamagedArtifactError(ArtifactError):
+  """An artifact's files are damaged (missing, truncated, rewritten, no file list, or arrays
+  that do not hash to its fingerprint); its stage can rebuild it.
+
+  Attributes:
+    damage: what is wrong, naming the directory (the message adds the way on).
+  """
+
+  def __init__(self, kind: str, p: str, damage: str):
+    self.damage = damage
+    super().__init__(f'{damage}; delete {p} and rerun --stages={STAGE_OF[kind]} to rebuild it')
+
+
 class Artifact(NamedTuple):
   tree: Any  # the pytree of arrays
   fingerprint: str  # sha256 hex of this artifact
@@ -137,7 +150,10 @@ def read_manifest(workdir: str, kind: str) -> dict[str, Any]:
   p = path(workdir, kind)
   if not os.path.isdir(p):
     raise ArtifactError(f'no {kind} artifact at {p}; run --stages={STAGE_OF[kind]}')
-  return checkpoint.read_pytree_metadata(p)
+  try:
+    return checkpoint.read_pytree_metadata(p)
+  except checkpoint.CheckpointError as e:
+    raise DamagedArtifactError(kind, p, f'{kind} artifact at {p} is damaged ({e})') from e
 
 
 def load(workdir: str, kind: str, template: Any = None, *,
@@ -154,25 +170,28 @@ def load(workdir: str, kind: str, template: Any = None, *,
     parents: {kind: fingerprint} the artifact must have been built from.
 
   Raises:
-    ArtifactError: missing, damaged (names the file), foreign (names both fingerprints), or
-      built with other config values (names the keys).
+    DamagedArtifactError: damaged files or arrays (names the file and the stage to rerun).
+    ArtifactError: missing, foreign (names both fingerprints), or built with other config
+      values (names the keys).
   """
   p = path(workdir, kind)
   if not os.path.isdir(p):
     raise ArtifactError(f'no {kind} artifact at {p}; run --stages={STAGE_OF[kind]}')
   # Where it came from is checked on the manifest before the arrays are read, so that an
   # artifact of another config or run is named as such, not as one of unexpected shapes.
+  _check_manifest(p, kind, read_manifest(workdir, kind), config, parents)
   try:
-    _check_manifest(p, kind, checkpoint.read_pytree_metadata(p), config, parents)
     tree, manifest = checkpoint.load_pytree(p, template)
+  except checkpoint.CorruptCheckpointError as e:
+    raise DamagedArtifactError(kind, p, f'{kind} artifact at {p} is damaged ({e})') from e
   except checkpoint.CheckpointError as e:
     raise ArtifactError(f'{kind} artifact at {p} cannot be read ({e}); rebuild it with '
                         f'--stages={STAGE_OF[kind]} after deleting {p}') from e
   fp = fingerprint(kind, tree, manifest.get('config', {}), manifest.get('parents', {}))
   if fp != manifest.get('fingerprint'):
-    raise ArtifactError(f'{kind} artifact at {p} is damaged: its arrays hash to {fp[:12]} but '
-                        f'its manifest says {str(manifest.get("fingerprint"))[:12]}; delete {p} '
-                        f'and rerun --stages={STAGE_OF[kind]}')
+    raise DamagedArtifactError(
+        kind, p, f'{kind} artifact at {p} is damaged: its arrays hash to {fp[:12]} but its '
+        f'manifest says {str(manifest.get("fingerprint"))[:12]}')
   _check_manifest(p, kind, manifest, config, parents)
   return Artifact(tree=tree, fingerprint=manifest['fingerprint'],
                   parents=dict(manifest.get('parents', {})),

@@ -149,6 +149,10 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                       f'{res}')
   if not isinstance(_get(d, s, 'name'), str):
     raise ConfigError(f'config.data.name must be a dataset name (str), got {d.name!r}')
+  if d.name not in sources.DATASETS:
+    raise ConfigError(f'config.data.name={d.name!r} is not a known dataset; use one of '
+                      f'{", ".join(map(repr, sorted(sources.DATASETS)))} '
+                      '(fiancee_jax/data/sources.py)')
   _seed(d.get('seed', 0), 'config.data.seed')
   for key in ('num_train', 'num_validation', 'num_test'):
     _int(d, s, key, 1)

@@ -158,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   train_src = sources.data_source(config, 'train')
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
   result = loop.train(
-      stage=STAGE, workdir=workdir, mesh=mesh,
+      stage=STAGE, workdir=workdir, mesh=mesh, allow_restart=config.checkpoint.allow_restart,
       schedule=loop.Schedule.of(tc),
       init=lambda: init_state(config, key),
       make_step=lambda: make_train_step(config),

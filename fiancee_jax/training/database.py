@@ -3,7 +3,8 @@
 The frozen backbone runs on the first `config.database.num_images` training inputs (z from a
 fixed stream); keys are pooled features of block `config.database.key_block`, values the
 backbone's output patches (guidance/database.py). The result is the `database` artifact,
-whose parent is the backbone artifact it was built from.
+whose parent is the backbone artifact it was built from. A damaged database artifact is
+rebuilt, with a warning naming the damage.
 """
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,12 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   backbone = artifact_io.load_backbone(config, workdir)
   if artifacts.exists(workdir, STAGE):
     logging.info('database: found %s', artifacts.path(workdir, STAGE))
-    return artifact_io.load_database(config, workdir, backbone)
+    try:
+      return artifact_io.load_database(config, workdir, backbone)
+    except artifacts.DamagedArtifactError as e:
+      # The database is a function of the backbone and the config: rebuilt, it is the same
+      # arrays with the same fingerprint, so exits built from it stay valid.
+      logging.warning('%s; rebuilding it from the backbone artifact.', e.damage)
   spec = factory.database_spec(config)
   bb = backbone.tree
   model = factory.make_exit_model(config, guided=False)

@@ -6,8 +6,9 @@ optionally a sample writer and an end-of-training hook; `train` does the rest:
 
 1. Resume (once). Order: this stage's latest valid checkpoint in WORKDIR/checkpoints/STAGE
    (a finished one is returned at once, nothing is compiled or stepped), else a fresh state
-   from `init` (scratch). The step number is the data position: batches(step) resumes the
-   data exactly.
+   from `init` (scratch). A damaged newest checkpoint stops the stage (checkpoint.py says
+   how to go on) unless `allow_restart`. The step number is the data position:
+   batches(step) resumes the data exactly.
 2. Step: the jitted step (state replicated and donated, batch sharded over `data`). Beside
    the measurements it keeps, on the device, the first step whose measurements were not all
    finite, so that a NaN between two fetches is not missed.
@@ -183,7 +184,7 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
           batches: Callable[[int], Iterator[Batch]],
           check_batch: Callable[[Batch], None] | None = None,
           write_samples: SampleFn | None = None,
-          finish: FinishFn | None = None) -> Result:
+          finish: FinishFn | None = None, allow_restart: bool = False) -> Result:
   """Runs (or resumes, or reads back) one stage's training.
 
   Args:
@@ -203,6 +204,8 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
       once at the end (after `finish`) on every process.
     finish: (state, writer) -> (state, metadata) at the end, before the final checkpoint
       (e.g. recomputing EMA statistics); the metadata is stored with it.
+    allow_restart: fall back past damaged checkpoints (to scratch if none is intact) with a
+      warning naming each, instead of refusing them (config.checkpoint.allow_restart).
 
   Returns:
     Result(state, metadata of the finished checkpoint).
@@ -219,7 +222,8 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
   n = schedule.num_steps
   ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir, stage),
                                  max_to_keep=schedule.keep_checkpoints,
-                                 save_every=schedule.checkpoint_every)
+                                 save_every=schedule.checkpoint_every,
+                                 allow_restart=allow_restart)
   with ckpt, _PreemptionNotice() as preemption:
     # Resume order: (1) this stage's latest valid checkpoint in the workdir; (2) scratch.
     if ckpt.latest_step() is not None:

@@ -250,7 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
         batch_size=min(tc.num_sample_images, n)))
 
   result = loop.train(
-      stage=STAGE, workdir=workdir, mesh=mesh,
+      stage=STAGE, workdir=workdir, mesh=mesh, allow_restart=config.checkpoint.allow_restart,
       schedule=loop.Schedule.of(tc),
       init=lambda: init_state(config, key),
       make_step=lambda: make_train_step(config),
