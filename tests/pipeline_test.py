@@ -136,8 +136,8 @@ def test_rerun_resumes_every_stage_without_retraining(workdir, tmp_path):
 def test_seeds_repeat_the_seeded_stages_on_one_backbone(workdir, tmp_path):
   wd, config = workdir
   new = str(tmp_path / 'seeds')
-  os.makedirs(os.path.join(new, 'artifacts'))
-  shutil.copytree(artifacts.path(wd, 'backbone'), artifacts.path(new, 'backbone'))
+  # The first seed is tiny_run's own (its artifacts are found, not retrained).
+  shutil.copytree(os.path.join(wd, 'artifacts'), os.path.join(new, 'artifacts'))
   shutil.copyfile(os.path.join(wd, 't_star.json'), os.path.join(new, 't_star.json'))
   two = config.copy_and_resolve_references()
   with two.unlocked():
@@ -148,6 +148,7 @@ def test_seeds_repeat_the_seeded_stages_on_one_backbone(workdir, tmp_path):
   assert fp[0]['backbone'] == fp[1]['backbone']  # one backbone ...
   for kind in ('database', 'exits', 'predictor'):  # ... and per-seed everything else
     assert fp[0][kind] != fp[1][kind], kind
+  assert fp[0] == {k: artifacts.read_manifest(wd, k)['fingerprint'] for k in artifacts.KINDS}
   with open(os.path.join(new, 'seeds', '1', 'config.json')) as f:
     assert json.load(f)['seed'] == 1
   with open(os.path.join(new, 't_star.json')) as f, \
@@ -168,6 +169,9 @@ def test_seeds_repeat_the_seeded_stages_on_one_backbone(workdir, tmp_path):
   lo, hi = entry['ci95']
   assert lo < np.mean(values) < hi
   assert agg['t_star'] == per_seed[0]['t_star'] == per_seed[1]['t_star']
+  # Every seed is evaluated on the same test inputs, so the anchors are measured once.
+  assert agg['distance_anchors'] == per_seed[0]['distance_anchors'] == per_seed[1][
+      'distance_anchors']
   for name in ('distance_vs_gflops.png', 'samples.png'):
     assert os.path.exists(os.path.join(new, 'report', name)), name
 

@@ -219,14 +219,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, out: str | None = 
   validation = exit_distances.load_inputs(config, 'validation', config.data.num_validation)
   return evaluate_model(config, workdir, model, inputs, true, no_guide, pred, validation,
                         fid_fn=fid_fn, out=out,
-                        anchors=None if anchors_of is None else anchors_of['distance_anchors'])
+                        known_anchors=(None if anchors_of is None
+                                       else anchors_of['distance_anchors']))
 
 
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
                    inputs: tuple[np.ndarray, ...], true: np.ndarray,
                    no_guide: np.ndarray | None, pred: np.ndarray,
                    validation: tuple[np.ndarray, ...], *, fid_fn=None,
-                   out: str | None = None, anchors: dict | None = None) -> dict:
+                   out: str | None = None, known_anchors: dict | None = None) -> dict:
   """The evaluate stage on loaded arrays: the report, written with its plots by process 0.
 
   Args:
@@ -235,7 +236,8 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
     validation: the exit paths' inputs of the first config.data.num_validation validation
       samples (for t*, if it is not fixed yet).
     out: where report.json and the plots go (default WORKDIR/report).
-    anchors: distance_anchors measured already on the same backbone and inputs, or None.
+    known_anchors: distance_anchors measured already on the same backbone and inputs, or
+      None.
   """
   batch = config.predictor.measure_batch
   distance = distances.from_config(config)
@@ -255,7 +257,7 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
       distance=distance.name, pred=pred, true=true, true_unguided=no_guide, second=second,
       margins_at=model.margins_at, exit_costs=cstats, exit_gflops_unguided=unguided_gflops,
       predictor_gflops=model.predictor_gflops, t_star=t_star,
-      distance_anchors=anchors or measure_anchors(config, model, distance, inputs,
+      distance_anchors=known_anchors or measure_anchors(config, model, distance, inputs,
                                                   outputs[-1], backbone),
       target_met=config.router.target_met, thresholds=thresholds,
       resamples=ev.bootstrap_resamples, bootstrap_seed=ev.bootstrap_seed,
