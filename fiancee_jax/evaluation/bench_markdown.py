@@ -40,6 +40,12 @@ def _parts_markdown(bench: dict[str, Any]) -> list[str]:
           '']
 
 
+def _source(op_name: str) -> str:
+  """The JAX operation of an HLO instruction without the outer `jit(fn)/` (model path kept)."""
+  parts = op_name.split('/')
+  return '/'.join(parts[1:] if len(parts) > 1 and parts[0].startswith('jit(') else parts) or '-'
+
+
 def _profile_markdown(bench: dict[str, Any]) -> list[str]:
   profile = bench.get('profile')
   if not profile or not profile.get('exits'):  # written before profiles were recorded
@@ -59,7 +65,7 @@ def _profile_markdown(bench: dict[str, Any]) -> list[str]:
     p = x['batch']
     peak = p['memory'].get('peak_memory_in_bytes') or p['memory'].get('temp_size_in_bytes', 0)
     if profile.get('top_ops_source') == 'trace':
-      rows += [[x['exit'], o['op'], o['opcode'], o['source'].split('/')[-1] or '-', o['ms'],
+      rows += [[x['exit'], o['op'], o['opcode'], _source(o['source']), o['ms'],
                 f"{100 * o['share']:.0f} %", _fmt(peak / 2**20)] for o in p['top_ops']]
     else:
       rows += [[x['exit'], o['opcode'], o['count'], _fmt(peak / 2**20)] for o in p['op_counts']]
