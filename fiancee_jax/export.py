@@ -117,7 +117,8 @@ def export_model(model: model_lib.FianceeModel, out_dir: str, *,
 
   Args:
     model: a FianceeModel (usually `fiancee_jax.load_model(workdir)`).
-    out_dir: directory to write (created; files of an earlier export are overwritten).
+    out_dir: directory to write (created; an earlier export's files are overwritten, its
+      manifest removed first).
     buckets: batch sizes to export every exit at; None: router.default_buckets(), the sizes
       `generate`'s bucketed router runs.
     platforms: jax.export platforms ('cpu', 'cuda', 'rocm', 'tpu'); None: the backend JAX
@@ -140,6 +141,9 @@ def export_model(model: model_lib.FianceeModel, out_dir: str, *,
     raise ValueError(f'platforms {platforms} must be among {known} (e.g. --platforms=cpu,cuda)')
   thresholds = [model_lib.check_threshold(t) for t in thresholds]
   os.makedirs(out_dir, exist_ok=True)
+  # The manifest goes last: an export stopped half-way has none, and `load` says so.
+  if os.path.exists(os.path.join(out_dir, MANIFEST)):
+    os.remove(os.path.join(out_dir, MANIFEST))
 
   def lower(fn, *args):
     return jax_export.export(jax.jit(fn), platforms=platforms)(*flops_lib.abstract(args))
@@ -232,7 +236,13 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
     raise ExportError(f'{out_dir} holds format {got[0]!r} version {got[1]!r}; this library '
                       f'reads {FORMAT!r} version {FORMAT_VERSION}: export the model again '
                       'with this version of fiancee_jax')
-  for name, digest in manifest.get('files', {}).items():
+  files = manifest.get('files') or {}
+  needed = {a['file'] for a in manifest.get('artifacts', [])} | {PARAMS}
+  unlisted = sorted(needed - set(files))
+  if unlisted:
+    raise ExportError(f'{path} lists no sha256 for {unlisted}, so they cannot be checked; '
+                      'export the model again')
+  for name, digest in files.items():
     p = os.path.join(out_dir, name)
     if not os.path.exists(p):
       raise ExportError(f'{p} is missing (listed in {path}); export the model again')
@@ -255,8 +265,8 @@ def _load_leaves(path: str, avals: Sequence[Any]) -> list[jax.Array]:
 
 def _check_call(entry: dict[str, Any], inputs: Sequence[Any]) -> None:
   want = [(tuple(i['shape']), i['dtype']) for i in entry['inputs']]
-  got = [(tuple(np.shape(x)), np.dtype(getattr(x, 'dtype', np.asarray(x).dtype)).name)
-         for x in inputs]
+  got = [(tuple(np.shape(x)), np.dtype(x.dtype if hasattr(x, 'dtype') else
+                                        np.asarray(x).dtype).name) for x in inputs]
   if got != want:
     raise ValueError(f"{entry['file']} takes {[i['name'] for i in entry['inputs']]} as "
                      f'{want}, got {got}; pad the batch to bucket {entry["batch"]} or use '

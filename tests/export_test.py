@@ -128,6 +128,10 @@ def test_damaged_missing_or_other_format_files_are_refused(exported, tmp_path):
     json.dump({**manifest, 'format_version': export.FORMAT_VERSION + 1}, f)
   with pytest.raises(export.ExportError, match='version 2.*export the model again'):
     export.load(d)
+  with open(path, 'w') as f:
+    json.dump({**manifest, 'files': {}}, f)  # nothing to check the files against
+  with pytest.raises(export.ExportError, match='lists no sha256'):
+    export.load(d)
   with pytest.raises(export.ExportError, match='does not exist'):
     export.load(str(tmp_path / 'nothing'))
 

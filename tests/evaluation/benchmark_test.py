@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from fiancee_jax import config_checks
 from fiancee_jax.evaluation import bench_markdown
 from fiancee_jax.evaluation import benchmark
 from fiancee_jax.evaluation import profiling
@@ -211,6 +212,19 @@ def test_write_bench(bench, tmp_path):
   md = bench_markdown.render_markdown(old)
   assert 'separate loops of 2 calls' in md and "Where each exit's time goes" not in md
   assert '## Kernels' not in md and 'Inside each exit' not in md
+
+
+def test_trace_dir_is_checked(tiny_config):
+  config_checks.check_benchmark(tiny_config)  # the default: 'trace'
+  for value, match in ((None, 'must be a directory name'), ('hlo', 'would mix traces'),
+                       ('./', 'would mix traces')):
+    with tiny_config.unlocked():
+      tiny_config.benchmark.trace_dir = value
+    with pytest.raises(config_checks.ConfigError, match=match):
+      config_checks.check_benchmark(tiny_config)
+  with tiny_config.unlocked():
+    tiny_config.benchmark.trace_dir = ''  # not traced
+  config_checks.check_benchmark(tiny_config)
 
 
 def test_run_benchmark_validates_before_compiling():
