@@ -189,8 +189,12 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
   # exit_parts: also time each exit's prefix, lookup and branch alone (where its time goes);
   # lowering_rounds: interleaved rounds timing each exit on config.kernels against 'xla'
   # kernels (0 = not measured; nothing to compare where they resolve to 'xla').
+  # trace_dir: a jax.profiler trace of every exit path at batch_size goes to
+  # trace_dir/exit{k}_b{batch} (TensorBoard / Perfetto), relative to WORKDIR/report unless
+  # absolute; '' = not traced. Every exit's optimised HLO and memory analysis always go to
+  # WORKDIR/report/hlo/.
   config.benchmark = dict(batch_size=64, warmup=3, iters=10, switch_rounds=200,
-                          exit_parts=True, lowering_rounds=20)
+                          exit_parts=True, lowering_rounds=20, trace_dir='trace')
   # A damaged checkpoint (truncated, overwritten, no file list) stops its stage with a message
   # naming the step; True falls back past damaged steps instead (to scratch if none is left).
   config.checkpoint = dict(allow_restart=False)

@@ -320,6 +320,13 @@ def check_benchmark(config: ml_collections.ConfigDict) -> None:
   for key in ('warmup', 'lowering_rounds'):
     _int(b, s, key, 0)
   _bool(b, s, 'exit_parts')
+  trace_dir = _get(b, s, 'trace_dir')
+  if not isinstance(trace_dir, str):
+    raise ConfigError(f"config.benchmark.trace_dir must be a directory name (e.g. 'trace', "
+                      f"relative to WORKDIR/report) or '' for no traces, got {trace_dir!r}")
+  if trace_dir and os.path.normpath(trace_dir) in ('.', 'hlo'):
+    raise ConfigError(f'config.benchmark.trace_dir={trace_dir!r} would mix traces into '
+                      "WORKDIR/report or report/hlo; name a subdirectory such as 'trace'")
   n = min(config.router.num_eval, config.data.num_test)
   if b.batch_size > n:
     raise ConfigError(f'config.benchmark.batch_size={b.batch_size} exceeds the {n} test inputs '

@@ -40,6 +40,47 @@ def _parts_markdown(bench: dict[str, Any]) -> list[str]:
           '']
 
 
+def _source(op_name: str) -> str:
+  """The JAX operation of an HLO instruction without the outer `jit(fn)/` (model path kept)."""
+  parts = op_name.split('/')
+  return '/'.join(parts[1:] if len(parts) > 1 and parts[0].startswith('jit(') else parts) or '-'
+
+
+def _profile_markdown(bench: dict[str, Any]) -> list[str]:
+  profile = bench.get('profile')
+  if not profile or not profile.get('exits'):  # written before profiles were recorded
+    return []
+  b = bench['batch_size']
+  where = []
+  if profile.get('hlo_dir'):
+    where.append(f"optimised HLO and memory analysis in `{profile['hlo_dir']}/`")
+  if profile.get('trace_dir'):
+    where.append(f"profiler traces in `{profile['trace_dir']}/` (TensorBoard Profile tab, "
+                 'or Perfetto on the `*.trace.json.gz` files)')
+  out = [f'### Inside each exit (batch {b})', '']
+  if where:
+    out += ['Per exit: ' + '; '.join(where) + '.', '']
+  rows = []
+  for x in profile['exits']:
+    p = x['batch']
+    peak = p['memory'].get('peak_memory_in_bytes') or p['memory'].get('temp_size_in_bytes', 0)
+    if profile.get('top_ops_source') == 'trace':
+      rows += [[x['exit'], o['op'], o['opcode'], _source(o['source']), o['ms'],
+                f"{100 * o['share']:.0f} %", _fmt(peak / 2**20)] for o in p['top_ops']]
+    else:
+      rows += [[x['exit'], o['opcode'], o['count'], _fmt(peak / 2**20)] for o in p['op_counts']]
+  if profile.get('top_ops_source') == 'trace':
+    out += [_table(['exit', 'HLO op', 'opcode', 'JAX op', 'ms per call', 'share',
+                    'peak MiB'], rows), '',
+            "Top ops by time, from each exit's profiler trace (the XLA runtime's events per "
+            'HLO instruction, summed over the traced calls); share: of all traced op time.', '']
+  else:
+    out += [_table(['exit', 'opcode', 'count', 'peak MiB'], rows), '',
+            "Most frequent ops in each exit's optimised HLO (not traced: "
+            'config.benchmark.trace_dir is empty).', '']
+  return out
+
+
 def _kernels_markdown(bench: dict[str, Any]) -> list[str]:
   kernels = bench.get('kernels')
   if not kernels:  # written before kernels were recorded
@@ -85,6 +126,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
                f"{_fmt(x['batch']['median_ms'])} ({_fmt(x['batch']['p90_ms'])})",
                x['images_per_s']] for x in bench['exits']]),
       '',
+      *_profile_markdown(bench),
       *_parts_markdown(bench),
       f"Predictor: {_fmt(bench['predictor']['gflops'])} GFLOPs, batch 1 "
       f"{_fmt(bench['predictor']['batch1']['median_ms'])} ms, batch {b} "

@@ -24,7 +24,11 @@ Measured (`run_benchmark` calls one function per item):
 - the kernels (ops/kernels.py): the implementations the model runs, and every exit path at
   `batch_size` built a second time on the plain XLA kernels and timed interleaved against the
   model's own (`kernel_ab`): what the kernel choice buys, and how close each exit then runs
-  to the backbone's GFLOP/s.
+  to the backbone's GFLOP/s;
+- inside every exit (`profiling.exit_profiles`): its optimised HLO and memory analysis at
+  batch 1 and `batch_size` written to files, a profiler trace of it at `batch_size` (run after
+  its timed loop, so no timing includes the profiler), and its top ops by time from that
+  trace (by count from the HLO when not traced).
 
 `bench_markdown.render_markdown` renders the result; `write_bench` writes both files.
 """
@@ -40,6 +44,7 @@ import numpy as np
 
 from fiancee_jax import model as model_lib
 from fiancee_jax.evaluation import bench_markdown
+from fiancee_jax.evaluation import profiling
 from fiancee_jax.evaluation import report
 from fiancee_jax.inference import loading
 from fiancee_jax.metrics import exit_distances
@@ -402,7 +407,8 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
                   seed: int = 0, matmul_n: int = 2048, switch_rounds: int = 100,
                   parts: bool = True, lowering_rounds: int = 20,
                   bucketed: router_lib.BucketedRouter | None = None,
-                  switch: router_lib.SwitchRouter | None = None) -> dict[str, Any]:
+                  switch: router_lib.SwitchRouter | None = None,
+                  hlo_dir: str | None = None, trace_dir: str | None = None) -> dict[str, Any]:
   """Measures exits, routing and dispatch overheads; returns the bench.json content.
 
   Args:
@@ -422,12 +428,16 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
     bucketed: a BucketedRouter for `model` whose buckets include `batch_size`, to reuse its
       executables (default: a new one with buckets 1, 2, 4, ..., batch_size).
     switch: a SwitchRouter for `model` to reuse (default: a new one).
+    hlo_dir: where every exit's optimised HLO and memory analysis go (exit{k}_b{b}.hlo.txt,
+      .memory.json, at batch 1 and batch_size); None: not written.
+    trace_dir: where a profiler trace of every exit at batch_size goes (trace_dir/exit{k}_b{b},
+      `iters` calls each); None: not traced.
 
   Returns:
     A JSON-serialisable dict (bench_markdown.render_markdown renders it). Keys: 'hardware',
     'device', 'protocol', 'batch_size', 'resolution', 'num_exits', 'distance', 'matmul_n',
-    'matmul_gflops_per_s', 'exits', 'exit_parts', 'backbone', 'predictor', 'routing',
-    'switch', 'vmap_switch', 'kernels', 'router_compiles'.
+    'matmul_gflops_per_s', 'exits', 'profile', 'exit_parts', 'backbone', 'predictor',
+    'routing', 'switch', 'vmap_switch', 'kernels', 'router_compiles'.
 
   Raises:
     ValueError: bad data, thresholds or sizes (before anything is compiled).
@@ -453,6 +463,11 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   one_d, batch_d = jax.device_put((one, batch))
   exits = exit_latencies(model, switch, bucketed, one_d, batch_d, **timing)
   out['exits'] = exits
+  out['profile'] = {
+      'hlo_dir': hlo_dir, 'trace_dir': trace_dir,
+      'top_ops_source': 'trace' if trace_dir else 'hlo_op_counts',
+      'exits': profiling.exit_profiles(model, switch, bucketed, one_d, batch_d, hlo_dir=hlo_dir,
+                                       trace_dir=trace_dir, calls=iters)}
   out['exit_parts'] = exit_parts(model, batch_d, **timing) if parts else []
   out['backbone'] = {'gflops': float(model.backbone_gflops),
                      'images_per_s': exits[-1]['images_per_s'],
@@ -492,8 +507,13 @@ def write_bench(bench: dict[str, Any], out_dir: str) -> tuple[str, str]:
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Stage `benchmark`: report/bench.json and report/bench.md of the workdir's artifacts,
-  timed on the test split's first min(router.num_eval, data.num_test) examples."""
+  timed on the test split's first min(router.num_eval, data.num_test) examples; every exit's
+  HLO and memory analysis in report/hlo/, its profiler trace under config.benchmark.trace_dir
+  (relative to report/; '' = not traced)."""
   model = loading.load_model(workdir, config)
+  report_dir = os.path.join(workdir, 'report')
+  trace_dir = config.benchmark.get('trace_dir', '')
+  first = jax.process_index() == 0  # one process writes files, as it writes the report
   n = min(config.router.num_eval, config.data.num_test)
   inputs = exit_distances.load_inputs(config, 'test', n)
   # t* and fixed thresholds only: a threshold picked from the evaluate stage's results would
@@ -503,7 +523,14 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   bench = run_benchmark(model, inputs[:len(model.task.data_keys)], batch_size=b.batch_size,
                         thresholds=thresholds, warmup=b.warmup, iters=b.iters,
                         switch_rounds=b.switch_rounds, parts=b.exit_parts,
-                        lowering_rounds=b.lowering_rounds, seed=config.seed)
-  if jax.process_index() == 0:
-    write_bench(bench, os.path.join(workdir, 'report'))
+                        lowering_rounds=b.lowering_rounds, seed=config.seed,
+                        hlo_dir=os.path.join(report_dir, 'hlo') if first else None,
+                        trace_dir=(os.path.join(report_dir, trace_dir)
+                                   if first and trace_dir else None))
+  if first:
+    # Paths relative to report/, so that bench.json does not depend on where the workdir is.
+    for key in ('hlo_dir', 'trace_dir'):
+      if bench['profile'][key]:
+        bench['profile'][key] = os.path.relpath(bench['profile'][key], report_dir)
+    write_bench(bench, report_dir)
   return bench

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from fiancee_jax import config_checks
 from fiancee_jax.evaluation import bench_markdown
 from fiancee_jax.evaluation import benchmark
+from fiancee_jax.evaluation import profiling
 from tests.routing.router_test import bucketed
 from tests.routing.router_test import switch
 from tests.routing.router_test import tiny_labels
@@ -30,7 +32,8 @@ def _finite_numbers(tree, path=''):
 
 
 @pytest.fixture(scope='module')
-def bench():
+def bench(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench_profile')
   model = tiny_model()
   labels = tiny_labels(6, seed=7)
   inputs = model.make_inputs(labels[:BATCH], jax.random.key(0))
@@ -38,13 +41,14 @@ def bench():
   thresholds = [0.0, float(np.median(pred)), 1.0]
   return benchmark.run_benchmark(model, labels, batch_size=BATCH, thresholds=thresholds,
                                  warmup=1, iters=2, seed=0, matmul_n=128, switch_rounds=3,
-                                 lowering_rounds=3, bucketed=bucketed(), switch=switch())
+                                 lowering_rounds=3, bucketed=bucketed(), switch=switch(),
+                                 hlo_dir=str(out / 'hlo'), trace_dir=str(out / 'trace'))
 
 
 def test_bench_has_every_key_with_finite_values(bench):
   for key in ('hardware', 'device', 'protocol', 'batch_size', 'resolution', 'matmul_gflops_per_s',
-              'predictor', 'exits', 'exit_parts', 'backbone', 'routing', 'switch', 'vmap_switch',
-              'kernels', 'router_compiles'):
+              'predictor', 'exits', 'profile', 'exit_parts', 'backbone', 'routing', 'switch',
+              'vmap_switch', 'kernels', 'router_compiles'):
     assert key in bench, key
   for path, value in _finite_numbers(bench):
     assert math.isfinite(value), path
@@ -157,6 +161,36 @@ def test_kernel_ab_builds_a_second_model_on_other_kernels():
     benchmark.with_kernels(fast, {'conv': 'xla'})
 
 
+def test_bench_writes_hlo_memory_and_a_trace_per_exit(bench):
+  profile = bench['profile']
+  h, w = tiny_model().resolution
+  assert profile['top_ops_source'] == 'trace'
+  assert [x['exit'] for x in profile['exits']] == list(range(tiny_model().num_exits))
+  for x in profile['exits']:
+    k = x['exit']
+    for record, b in ((x['batch1'], 1), (x['batch'], BATCH)):
+      assert record['hlo_file'] == f'exit{k}_b{b}.hlo.txt'
+      with open(os.path.join(profile['hlo_dir'], record['hlo_file'])) as f:
+        text = f.read()
+      assert text.startswith('HloModule') and 'ENTRY' in text
+      with open(os.path.join(profile['hlo_dir'], record['memory_file'])) as f:
+        memory = json.load(f)
+      assert memory == record['memory']
+      assert memory['output_size_in_bytes'] == b * h * w * 3 * 4  # float32 images
+      assert memory['argument_size_in_bytes'] > 0
+    assert x['batch1']['trace'] is None  # only the benchmark batch is traced
+    assert profiling.trace_files(os.path.join(profile['trace_dir'], x['batch']['trace']))
+    ops = x['batch']['top_ops']
+    assert ops, 'the trace holds no op of this exit'
+    # Every traced op is an instruction of this exit's own HLO, longest first.
+    assert all(o['opcode'] != '?' and o['ms'] > 0 for o in ops)
+    assert [o['ms'] for o in ops] == sorted((o['ms'] for o in ops), reverse=True)
+    assert 0 < sum(o['share'] for o in ops) <= 1 + 1e-9
+  md = bench_markdown.render_markdown(bench)
+  assert '### Inside each exit' in md and 'Top ops by time' in md
+  assert ops[0]['op'] in md
+
+
 def test_write_bench(bench, tmp_path):
   out = os.path.join(tmp_path, 'bench')
   json_path, md_path = benchmark.write_bench(bench, out)
@@ -172,12 +206,25 @@ def test_write_bench(bench, tmp_path):
   # A bench.json written before interleaved timing, the parts and the kernels still
   # renders, and says so.
   old = copy.deepcopy(bench)
-  del old['protocol']['switch_rounds'], old['exit_parts'], old['kernels']
+  del old['protocol']['switch_rounds'], old['exit_parts'], old['kernels'], old['profile']
   for s in old['switch']['per_exit']:
     del s['overhead_ratio_ci95']
   md = bench_markdown.render_markdown(old)
   assert 'separate loops of 2 calls' in md and "Where each exit's time goes" not in md
-  assert '## Kernels' not in md
+  assert '## Kernels' not in md and 'Inside each exit' not in md
+
+
+def test_trace_dir_is_checked(tiny_config):
+  config_checks.check_benchmark(tiny_config)  # the default: 'trace'
+  for value, match in ((None, 'must be a directory name'), ('hlo', 'would mix traces'),
+                       ('./', 'would mix traces')):
+    with tiny_config.unlocked():
+      tiny_config.benchmark.trace_dir = value
+    with pytest.raises(config_checks.ConfigError, match=match):
+      config_checks.check_benchmark(tiny_config)
+  with tiny_config.unlocked():
+    tiny_config.benchmark.trace_dir = ''  # not traced
+  config_checks.check_benchmark(tiny_config)
 
 
 def test_run_benchmark_validates_before_compiling():
