@@ -43,14 +43,18 @@ def _json_floats(x: np.ndarray) -> list[float | None]:
   return [float(v) if np.isfinite(v) else None for v in np.asarray(x, np.float64).ravel()]
 
 
-def report_thresholds(t_star: float, distance: str, *, multiples=(), configured=()) -> np.ndarray:
+def report_thresholds(t_star: float, distance: str, *, multiples=(), configured=(),
+                      anchor_values=()) -> np.ndarray:
   """The routing table's thresholds, all fixed before any exit is trained.
 
-  `configured` (config.router.thresholds) if given, else t* x `multiples`; t* itself and,
-  for an LPIPS distance, the paper's 0.1 are always included. float64 [T], sorted, unique.
+  `configured` (config.router.thresholds) if given, else t* x `multiples`; t* itself, the
+  positive `anchor_values` (the backbone's own distance anchors: they depend on the backbone
+  alone) and, for an LPIPS distance, the paper's 0.1 are always included. float64 [T],
+  sorted, unique.
   """
   base = list(configured) if len(configured) else [t_star * m for m in multiples]
   base += [t_star] + ([LPIPS_REFERENCE] if distances.is_lpips(distance) else [])
+  base += [float(a) for a in anchor_values if a is not None and np.isfinite(a) and a > 0]
   return np.unique(np.asarray(base, np.float64))
 
 
@@ -250,15 +254,17 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
   if no_guide is not None:
     unguided_gflops = [c['gflops'] for c in costs.exit_stats(config, guided=False)[:-1]]
   ev = config.evaluate
+  anchor_values = known_anchors or measure_anchors(config, model, distance, inputs, outputs[-1],
+                                                   backbone)
   thresholds = report_thresholds(t_star['value'], distance.name,
                                  multiples=ev.t_star_multiples,
-                                 configured=tuple(config.router.thresholds))
+                                 configured=tuple(config.router.thresholds),
+                                 anchor_values=tuple(anchor_values.values()))
   body = build_report(
       distance=distance.name, pred=pred, true=true, true_unguided=no_guide, second=second,
       margins_at=model.margins_at, exit_costs=cstats, exit_gflops_unguided=unguided_gflops,
       predictor_gflops=model.predictor_gflops, t_star=t_star,
-      distance_anchors=known_anchors or measure_anchors(config, model, distance, inputs,
-                                                  outputs[-1], backbone),
+      distance_anchors=anchor_values,
       target_met=config.router.target_met, thresholds=thresholds,
       resamples=ev.bootstrap_resamples, bootstrap_seed=ev.bootstrap_seed,
       num_z_average=ev.z_average)

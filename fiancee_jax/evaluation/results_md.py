@@ -114,6 +114,22 @@ def render(workdir: str, backbone_bench: dict | None) -> str:
   return '\n'.join(lines)
 
 
+def threshold_label(r: dict, t: float) -> str:
+  """Where a routing threshold comes from: 't*', '0.5 t*', an anchor's name, 'LPIPS 0.1'."""
+  names = []
+  for k, v in (r.get('distance_anchors') or {}).items():
+    if v is not None and abs(v - t) <= 1e-9 * max(1.0, abs(t)):
+      names.append(_anchor_words(k))
+  t_star = r['t_star']['value']
+  if abs(t - t_star) <= 1e-9 * max(1.0, t_star):
+    names.insert(0, 't*')
+  elif not names and t_star > 0 and abs(round(t / t_star, 2) * t_star - t) <= 1e-9 * max(1.0, t):
+    names.append(f'{t / t_star:g} t*')
+  if r['distance'].startswith('lpips') and abs(t - 0.1) <= 1e-12:
+    names.append('LPIPS 0.1')
+  return ', '.join(names) or '-'
+
+
 def render_report(r: dict) -> list[str]:
   """Markdown lines of a report.json (one seed, or aggregated over seeds)."""
   lines = []
@@ -185,16 +201,17 @@ def render_report(r: dict) -> list[str]:
   else:
     margins = 'a margin per threshold'
   lines.append(f"Routing on the test split (calibration: {c['method']}, target share "
-               f"{c['target_met']}, {margins}); thresholds fixed before the run (multiples of "
-               't*, and 0.1 for LPIPS):')
+               f"{c['target_met']}, {margins}); thresholds fixed before any exit was trained "
+               "(multiples of t*, the backbone's own anchors, and 0.1 for LPIPS):")
   lines.append('')
-  lines.append('| threshold | margin | met | early-exit miss rate | p95 distance | saved | '
+  lines.append('| threshold | what | margin | met | early-exit miss rate | p95 distance | saved | '
                'oracle saved | best static saved | random mixture saved | exit histogram |')
-  lines.append('|---|---|---|---|---|---|---|---|---|---|')
+  lines.append('|---|---|---|---|---|---|---|---|---|---|---|')
   for i, row in enumerate(r['routing']):
     m = per_threshold[i] if per_threshold else c['margins']
     m = ', '.join('inf' if x is None else _fmt(x) for x in m)
-    lines.append(f"| {_fmt(row['threshold'])} | {m} | {_fmt(row['met_fraction'])} | "
+    lines.append(f"| {_fmt(row['threshold'])} | {threshold_label(r, row['threshold'])} | {m} | "
+                 f"{_fmt(row['met_fraction'])} | "
                  f"{_fmt(row.get('early_exit_miss_rate'))} | {_fmt(row.get('p95_distance'))} | "
                  f"{_fmt(row['saved_fraction'])} | {_fmt(row['oracle_saved_fraction'])} | "
                  f"{_fmt(row['best_static_saved_fraction'])} | "

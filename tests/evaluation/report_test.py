@@ -127,6 +127,19 @@ def test_configured_thresholds_keep_t_star_and_lpips():
   np.testing.assert_allclose(got, [0.05, 0.1, 0.2, 0.3])
 
 
+def test_anchor_thresholds_join_the_table_and_are_named():
+  from fiancee_jax.evaluation import results_md  # pylint: disable=g-import-not-at-top
+  got = report.report_thresholds(0.2, 'lpips-alex', multiples=(0.5,),
+                                 anchor_values=(0.2, 0.03, None, float('nan'), 0.0))
+  np.testing.assert_allclose(got, [0.03, 0.1, 0.2])
+  r = {'distance': 'lpips-alex', 't_star': {'value': 0.2},
+       'distance_anchors': {'blur_sigma1': 0.2, 'another_z': 0.03}}
+  assert results_md.threshold_label(r, 0.2) == 't*, blur sigma 1'
+  assert results_md.threshold_label(r, 0.03) == 'another z'
+  assert results_md.threshold_label(r, 0.1) == '0.5 t*, LPIPS 0.1'
+  assert results_md.threshold_label(r, 0.123) == '-'
+
+
 def test_results_markdown_and_plots_render_a_built_report(tmp_path):
   from fiancee_jax.evaluation import intervals  # pylint: disable=g-import-not-at-top
   from fiancee_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
