@@ -130,6 +130,45 @@ def threshold_label(r: dict, t: float) -> str:
   return ', '.join(names) or '-'
 
 
+def headline(r: dict) -> str:
+  """The README's compact table of a report: every exit's cost and distance, then routing at
+  each threshold that is not a multiple of t* (t*, the anchors, LPIPS 0.1)."""
+  b = r['backbone']
+  seeds = r.get('seeds') or []
+  lines = [f"{r['distance']} to the backbone's output, {r['num_eval']} test inputs at "
+           f"{r['resolution'][0]}x{r['resolution'][1]}, mean over {len(seeds)} seed(s) "
+           '(95 % interval across seeds; one seed: paired bootstrap).', '',
+           '| exit | GFLOPs (share) | distance | no guidance | minus previous exit |',
+           '|---|---|---|---|---|']
+  for k, e in enumerate(r['exits']):
+    diff = e.get('difference_to_previous')
+    mean = _figure(r, f'exits/{k}/mean_distance', e['mean_distance'],
+                   e.get('mean_distance_ci95'))
+    no_guide = _figure(r, f'exits/{k}/mean_distance_no_guidance',
+                       e.get('mean_distance_no_guidance'))
+    diff = (_figure(r, f'exits/{k}/difference_to_previous/mean', diff['mean'], diff['ci95'])
+            if diff else '-')
+    lines.append(f"| {k} | {_fmt(e['gflops'], 3)} ({e['gflops'] / b['gflops']:.0%}) | {mean} | "
+                 f'{no_guide} | {diff} |')
+  lines.append(f"| backbone | {_fmt(b['gflops'], 3)} (100%) | 0 | - | - |")
+  lines += ['', '| threshold | what | routed saved | met | early-exit miss rate | oracle saved | '
+            'best static saved | random mixture saved |', '|---|---|---|---|---|---|---|---|']
+  for i, row in enumerate(r['routing']):
+    what = threshold_label(r, row['threshold'])
+    if what == '-' or (what.endswith(' t*') and 'LPIPS' not in what):
+      continue
+    lines.append(
+        f"| {_fmt(row['threshold'])} | {what} | "
+        f"{_figure(r, f'routing/{i}/saved_fraction', row['saved_fraction'])} | "
+        f"{_fmt(row['met_fraction'])} | {_fmt(row.get('early_exit_miss_rate'))} | "
+        f"{_fmt(row['oracle_saved_fraction'])} | {_fmt(row['best_static_saved_fraction'])} | "
+        f"{_fmt(row.get('random_mix_saved_fraction'))} |")
+  lines += ['', f"Curve efficiency (random mixture 0, oracle 1): "
+            f"{_figure(r, 'curve_efficiency', r.get('curve_efficiency'))}. "
+            + anchors_line(r)]
+  return '\n'.join(lines)
+
+
 def render_report(r: dict) -> list[str]:
   """Markdown lines of a report.json (one seed, or aggregated over seeds)."""
   lines = []

@@ -82,3 +82,17 @@ def test_z_draws_repeat_the_maps_with_new_noise(tiny_config):
   np.testing.assert_allclose(z[:4], exit_distances.load_inputs(tiny_config, 'train', 4)[1])
   assert not np.allclose(z[:4], z[4:8])
 
+
+
+def test_evaluation_z_is_shared_by_seeds_training_z_is_not(tiny_config):
+  other = tiny_config.copy_and_resolve_references()
+  with other.unlocked():
+    other.seed = tiny_config.seed + 1
+  idx = np.arange(4)
+  for split in ('validation', 'test'):
+    np.testing.assert_array_equal(exit_distances.fixed_z(tiny_config, split, idx),
+                                  exit_distances.fixed_z(other, split, idx))
+  assert not np.allclose(exit_distances.fixed_z(tiny_config, 'train', idx),
+                         exit_distances.fixed_z(other, 'train', idx))
+  assert not np.allclose(exit_distances.fixed_z(tiny_config, 'validation', idx),
+                         exit_distances.fixed_z(tiny_config, 'test', idx))
