@@ -22,12 +22,16 @@ from fiancee_jax.training import artifact_io
 STAGE = 'database'
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:
+def build(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact | None:
   """Runs the database stage; returns the `database` artifact (built once per workdir).
 
   Call on every process (each computes the same database; every process takes part in the
-  artifact's save).
+  artifact's save). Returns None, building nothing, when the exits are not guided
+  (config.exits.guided False): nothing would read the database.
   """
+  if not config.exits.guided:
+    logging.info('database: the exits are not guided (config.exits.guided=False); no database')
+    return None
   backbone = artifact_io.load_backbone(config, workdir)
   if artifacts.exists(workdir, STAGE):
     logging.info('database: found %s', artifacts.path(workdir, STAGE))
