@@ -1,13 +1,14 @@
 """Publishes a finished run: docs/results/NAME/ and the README's results table for NAME.
 
-  python scripts/publish_results.py --workdir=runs/default --name=landscapes
+  python scripts/publish_results.py --workdir=runs/default --name=landscapes \
+      --config=configs/landscapes.py
 
 Copies WORKDIR's report files (report.json over seeds, every seed's report.json, bench.json,
 bench.md, the plots), config.json and timings.jsonl into docs/results/NAME/, writes
 docs/results/NAME/results.md (fiancee_jax.evaluation.results_md), regenerates the index
 docs/results/README.md from every folder there, and replaces the README's block between
-`<!-- results:NAME -->` and `<!-- /results:NAME -->` with results_md.headline. Nothing is
-typed by hand.
+`<!-- results:NAME -->` and `<!-- /results:NAME -->` (if it has one) with
+results_md.headline. Nothing is typed by hand.
 """
 import glob
 import json
@@ -25,8 +26,10 @@ REPORT_FILES = ('report.json', 'bench.json', 'bench.md', 'distance_vs_gflops.png
                 'exit_histogram.png', 'predicted_vs_true.png', 'samples.png')
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished workdir.', required=True)
-_NAME = flags.DEFINE_string('name', None, 'Folder name under docs/results (the config).',
-                            required=True)
+_NAME = flags.DEFINE_string('name', None, 'Folder name under docs/results.', required=True)
+_CONFIG = flags.DEFINE_string('config', None,
+                              "The run's --config (e.g. configs/landscapes.py:guided)",
+                              required=True)
 
 
 def copy_run(workdir: str, out: str) -> None:
@@ -57,7 +60,9 @@ def index() -> str:
       r = json.load(f)
     p = r.get('at_t_star') or {}
     seeds = len(r.get('seeds') or [])
-    rows.append(f"| [{name}]({name}/results.md) | {r['distance']} | {seeds} | "
+    with open(os.path.join(os.path.dirname(folder), 'command.txt')) as f:
+      config = f.read().split('--config=')[1].split()[0]
+    rows.append(f"| [{name}]({name}/results.md) | `{config}` | {r['distance']} | {seeds} | "
                 f"{results_md._fmt(r['t_star']['value'])} | "
                 f"{results_md._fmt(p.get('saved_fraction'))} | "
                 f"{results_md._fmt(p.get('oracle_saved_fraction'))} | "
@@ -68,11 +73,12 @@ def index() -> str:
       'main job and `results.md`, the tables generated from them. Regenerate a folder with:',
       '', '```',
       'python -m fiancee_jax.main --config=configs/landscapes.py --workdir=runs/landscapes',
-      'python scripts/publish_results.py --workdir=runs/landscapes --name=landscapes',
+      'python scripts/publish_results.py --workdir=runs/landscapes --name=landscapes '
+      '--config=configs/landscapes.py',
       '```', '',
-      '| run | distance | seeds | t* | routed saved at t* | oracle saved at t* | '
+      '| run | config | distance | seeds | t* | routed saved at t* | oracle saved at t* | '
       'curve efficiency |',
-      '|---|---|---|---|---|---|---|', *rows, ''])
+      '|---|---|---|---|---|---|---|---|', *rows, ''])
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -89,8 +95,11 @@ def main(argv):
   del argv
   out = os.path.join(RESULTS, _NAME.value)
   copy_run(_WORKDIR.value, out)
+  command = f'python -m fiancee_jax.main --config={_CONFIG.value} --workdir=runs/{_NAME.value}'
+  with open(os.path.join(out, 'command.txt'), 'w') as f:
+    f.write(command + '\n')
   with open(os.path.join(out, 'results.md'), 'w') as f:
-    f.write(results_md.render(_WORKDIR.value, None) + '\n')
+    f.write(f'# {_NAME.value}\n\n`{command}`\n\n' + results_md.render(_WORKDIR.value, None) + '\n')
   with open(os.path.join(RESULTS, 'README.md'), 'w') as f:
     f.write(index())
   with open(os.path.join(out, 'report.json')) as f:
@@ -98,6 +107,9 @@ def main(argv):
   readme = os.path.join(REPO, 'README.md')
   with open(readme) as f:
     text = f.read()
+  if f'<!-- results:{_NAME.value} -->' not in text:
+    print(f'README.md has no results block for {_NAME.value}; only docs/results was written')
+    return
   with open(readme, 'w') as f:
     f.write(replace_block(text, _NAME.value, table))
 
