@@ -35,6 +35,10 @@ def test_workdir_contract(workdir):
     assert os.path.isdir(os.path.join(wd, 'checkpoints', stage)), stage
   for kind in artifacts.KINDS:
     assert artifacts.exists(wd, kind), kind
+  # t* is fixed after the backbone stage, before any exit is trained.
+  fixed = os.path.getmtime(os.path.join(wd, 't_star.json'))
+  assert artifacts.read_manifest(wd, 'backbone') and fixed < os.path.getmtime(
+      artifacts.path(wd, 'exits')) and fixed < os.path.getmtime(artifacts.path(wd, 'database'))
   samples = os.listdir(os.path.join(wd, 'samples'))
   assert any(s.startswith('backbone_') for s in samples)
   assert any(s.startswith('exits_') for s in samples)
