@@ -130,6 +130,11 @@ def threshold_label(r: dict, t: float) -> str:
   return ', '.join(names) or '-'
 
 
+# Routing rows the README's table leaves to results.md: unnamed thresholds, and anchors far
+# below any exit's reach at these scales.
+HEADLINE_SKIPS = ('-', _anchor_words('noise_sigma0.03'), _anchor_words('z_average_8'))
+
+
 def headline(r: dict) -> str:
   """The README's compact table of a report: every exit's cost and distance, then routing at
   each threshold that is not a multiple of t* (t*, the anchors, LPIPS 0.1)."""
@@ -155,7 +160,7 @@ def headline(r: dict) -> str:
             'best static saved | random mixture saved |', '|---|---|---|---|---|---|---|---|']
   for i, row in enumerate(r['routing']):
     what = threshold_label(r, row['threshold'])
-    if what == '-' or (what.endswith(' t*') and 'LPIPS' not in what):
+    if what in HEADLINE_SKIPS or (what.endswith(' t*') and 'LPIPS' not in what):
       continue
     lines.append(
         f"| {_fmt(row['threshold'])} | {what} | "
