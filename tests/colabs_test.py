@@ -26,10 +26,9 @@ COLABS = os.path.join(REPO, 'colabs')
 NOTEBOOKS = ('fiancee_demo.ipynb', 'compiled_exit_latency.ipynb')
 
 # What each notebook must have shown: (text found in some output, minimum number of PNG figures).
+# The demo runs on the reenactment job and the latency notebook on the landscapes job: every
+# notebook runs in CI once, on the job whose xdist worker has room for it.
 EXPECTED = {
-    ('fiancee_demo.ipynb', 'landscapes'): (('loading the finished job', 'compute saved',
-                                            'routed images/s', 'samples per exit',
-                                            'no ground truth'), 3),
     ('fiancee_demo.ipynb', 'avatars'): (('reenactment: 3 exits', 'compute saved',
                                          'routed images/s', 'samples per exit',
                                          'closer to the truth than copying the source'), 3),

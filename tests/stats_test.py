@@ -22,7 +22,8 @@ def test_prints_the_costs_as_json(monkeypatch, capsys):
     stats.main(['stats'])
   config = landscapes.get_config('tiny')
   with config.unlocked():
-    config.exits.attach_after = (2,)  # one branch: fewer paths to compile
+    # One branch: fewer paths to compile.
+    config.exits.update(attach_after=(2,), branch_width_mults=(), branch_hidden_mults=())
   monkeypatch.setattr(stats, '_CONFIG', types.SimpleNamespace(value=config))
   stats.main(['stats'])
   printed = json.loads(capsys.readouterr().out)
