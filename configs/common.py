@@ -61,7 +61,8 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
       # where each goes); '' = data_dir/downloads/manual. Read once, when first prepared.
       manual_dir='',
       flip=False,  # random horizontal flips of training batches
-      prefetch=2,  # batches prepared ahead on a host thread
+      prefetch=2,  # batches prepared ahead (per worker when workers > 0)
+      workers=0,  # worker processes that load training batches (0: a host thread)
   )
   config.data.update(data)
   config.backbone = backbone

@@ -157,6 +157,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   for key in ('num_train', 'num_validation', 'num_test'):
     _int(d, s, key, 1)
   _int(d, s, 'prefetch', 0)
+  _int(d, s, 'workers', 0)
   if not isinstance(d.get('data_dir', ''), str):
     raise ConfigError(f"config.data.data_dir must be a path (str; '' = TFDS's default), got "
                       f'{d.data_dir!r}')

@@ -93,6 +93,7 @@ def _subprocess_env():
     ('benchmark__batch_size', 64, r'batch_size=64 exceeds the 32 test inputs'),
     ('seed', True, r'config.seed must be an integer \(e.g. 0'),
     ('data__seed', None, r'config.data.seed must be an integer \(e.g. 0'),
+    ('data__workers', -1, r'config.data.workers must be an integer >= 0, got -1'),
     ('data__name', 'landscape', r"config.data.name='landscape' is not a known dataset; use one "
                                 r"of 'ade20k', 'avatars', 'cityscapes', 'landscapes'"),
     ('checkpoint__allow_restart', None, r'config.checkpoint.allow_restart must be True or False'),

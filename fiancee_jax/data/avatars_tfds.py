@@ -79,21 +79,28 @@ def get_avatars_source(*, split: str, resolution: tuple[int, int] | int, seed: i
 # Batches (the input_pipeline contract, with reenactment keys).
 
 
-def load(source: Any, indices: np.ndarray) -> Batch:
-  """Reads `source[i]` for each index and converts to model inputs.
-
-  Returns:
-    {'source', 'driver', 'target', 'swap': float32 [B, H, W, 3] in [-1, 1], 'cross': bool
-     [B], 'index': int32 [B]}.
-  """
+def read(source: Any, indices: np.ndarray) -> Batch:
+  """Reads `source[i]` for each index, as stored: {'source', 'driver', 'target', 'swap':
+  uint8 [B, H, W, 3], 'cross': bool [B], 'index': int32 [B]}."""
   indices = [int(i) for i in indices]
   getitems = getattr(source, '__getitems__', None)
   examples = getitems(indices) if getitems else [source[i] for i in indices]
-  batch = {k: np.stack([np.asarray(ex[k]) for ex in examples]).astype(np.float32)
-           * np.float32(1 / 127.5) - 1.0 for k in IMAGE_KEYS}
+  batch = {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in IMAGE_KEYS}
   batch['cross'] = np.asarray([bool(ex['cross']) for ex in examples], np.bool_)
   batch['index'] = np.asarray(indices, np.int32)
   return batch
+
+
+def to_inputs(batch: Batch) -> Batch:
+  """`read`'s batch -> model inputs: every image float32 in [-1, 1]."""
+  return {**batch, **{k: batch[k].astype(np.float32) * np.float32(1 / 127.5) - 1.0
+                      for k in IMAGE_KEYS}}
+
+
+def load(source: Any, indices: np.ndarray) -> Batch:
+  """`to_inputs(read(source, indices))`: {'source', 'driver', 'target', 'swap': float32
+  [B, H, W, 3] in [-1, 1], 'cross': bool [B], 'index': int32 [B]}."""
+  return to_inputs(read(source, indices))
 
 
 def batches(source: Any, **kwargs: Any) -> Iterator[Batch]:

@@ -16,8 +16,12 @@ decided by `flip_mask(step, ...)`: a pure function of `(seed, step)` over the gl
 so resuming, and any number of processes, flip exactly the examples one uninterrupted
 process flips.
 
-Loading runs `prefetch` batches ahead on one background thread; the thread stops
-when the iterator is exhausted, closed (`it.close()`), or garbage collected.
+Loading runs `prefetch` batches ahead on one background thread (`workers=0`), or in
+`workers` worker processes (worker w loads steps start + w, start + w + workers, ...;
+batches come back in step order, pickled through pipes). Either
+way the batch of a step is the same, so the number of workers never changes what trains.
+The thread or the workers stop when the iterator is exhausted, closed (`it.close()`), or
+garbage collected.
 
 Batches are dicts of NumPy arrays:
   labels: int32 [B, H, W] class ids.
@@ -25,8 +29,11 @@ Batches are dicts of NumPy arrays:
   index: int32 [B] indices into the source.
   mask: bool [B] (eval_batches only) False on padding.
 """
+import dataclasses
 import itertools
+import multiprocessing
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Iterable, Iterator
@@ -91,8 +98,8 @@ def batch_indices(step: int, *, num_examples: int, batch_size: int, seed: int,
   return np.array_split(batch, process_count)[process_index]
 
 
-def load(source: Any, indices: np.ndarray) -> Batch:
-  """Reads `source[i]` for each index and converts to model inputs.
+def read(source: Any, indices: np.ndarray) -> Batch:
+  """Reads `source[i]` for each index, as stored.
 
   Args:
     source: random access, `source[i] -> {'labels': uint8 [H, W], 'image':
@@ -100,19 +107,26 @@ def load(source: Any, indices: np.ndarray) -> Batch:
     indices: int [B].
 
   Returns:
-    {'labels': int32 [B, H, W], 'image': float32 [B, H, W, 3] in [-1, 1],
-     'index': int32 [B]}.
+    {'labels': uint8 [B, H, W], 'image': uint8 [B, H, W, 3], 'index': int32 [B]}.
   """
   indices = [int(i) for i in indices]
   getitems = getattr(source, '__getitems__', None)
   examples = getitems(indices) if getitems else [source[i] for i in indices]
-  labels = np.stack([np.asarray(ex['labels']) for ex in examples])
-  image = np.stack([np.asarray(ex['image']) for ex in examples])
-  return {
-      'labels': labels.astype(np.int32),
-      'image': image.astype(np.float32) * np.float32(1 / 127.5) - 1.0,
-      'index': np.asarray(indices, np.int32),
-  }
+  return {'labels': np.stack([np.asarray(ex['labels']) for ex in examples]),
+          'image': np.stack([np.asarray(ex['image']) for ex in examples]),
+          'index': np.asarray(indices, np.int32)}
+
+
+def to_inputs(batch: Batch) -> Batch:
+  """`read`'s batch -> model inputs: labels int32, image float32 in [-1, 1]."""
+  return {**batch, 'labels': batch['labels'].astype(np.int32),
+          'image': batch['image'].astype(np.float32) * np.float32(1 / 127.5) - 1.0}
+
+
+def load(source: Any, indices: np.ndarray) -> Batch:
+  """`to_inputs(read(source, indices))`: {'labels': int32 [B, H, W], 'image': float32
+  [B, H, W, 3] in [-1, 1], 'index': int32 [B]}."""
+  return to_inputs(read(source, indices))
 
 
 def flip_mask(step: int, *, batch_size: int, seed: int, process_index: int = 0,
@@ -198,7 +212,8 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
             process_index: int = 0, process_count: int = 1, prefetch: int = 2,
             num_epochs: int | None = None,
             load_fn: Callable[[Any, np.ndarray], Batch] | None = None,
-            flip: bool = False) -> Iterator[Batch]:
+            flip: bool = False, workers: int = 0,
+            convert_fn: Callable[[Batch], Batch] | None = None) -> Iterator[Batch]:
   """Yields training batches from global step `start_step` on.
 
   Args:
@@ -214,6 +229,11 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
     num_epochs: stop after this many epochs; None: endless.
     load_fn: (source, indices) -> batch; default `load` (label maps and images).
     flip: mirror each example left-right with probability 1/2 (`flip_mask`).
+    workers: worker processes that load batches (0: load on a thread of this process).
+      `source` and `load_fn` are pickled to them.
+    convert_fn: applied to each loaded (and flipped) batch in this process, after the
+      workers: with `load_fn=read, convert_fn=to_inputs` the workers send uint8, a quarter
+      of the bytes of float32. Default: none.
 
   Yields:
     load_fn's batches, by default {'labels': int32 [B, H, W], 'image': float32
@@ -234,26 +254,118 @@ def batches(source: Any, *, batch_size: int, seed: int, start_step: int = 0,
         f'of {batch_size}: lower config.train.batch_size or add examples')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
+  if workers < 0:
+    raise ValueError(f'workers must be >= 0, got {workers}')
   if num_epochs is None:
     step_range = itertools.count(start_step)
   else:
     step_range = range(start_step, num_epochs * steps)
 
-  load_fn = load_fn or load
+  make = _StepBatch(source=source, load_fn=load_fn or load, num_examples=num_examples,
+                    batch_size=batch_size, seed=seed, shuffle=shuffle,
+                    drop_remainder=drop_remainder, process_index=process_index,
+                    process_count=process_count, flip=flip)
+  if workers:
+    stop = sys.maxsize if num_epochs is None else num_epochs * steps
+    loaded = _in_workers(make, start_step, stop, workers=workers, prefetch=prefetch)
+  else:
+    loaded = _prefetched(map(make, step_range), prefetch)
+  return loaded if convert_fn is None else _converted(loaded, convert_fn)
 
-  def make(step):
+
+def _converted(items: Iterator[Batch], convert_fn: Callable[[Batch], Batch]
+               ) -> Iterator[Batch]:
+  try:
+    for item in items:
+      yield convert_fn(item)
+  finally:
+    items.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepBatch:
+  """step -> this process's part of global batch `step` (picklable: it runs in workers)."""
+  source: Any
+  load_fn: Callable[[Any, np.ndarray], Batch]
+  num_examples: int
+  batch_size: int
+  seed: int
+  shuffle: bool
+  drop_remainder: bool
+  process_index: int
+  process_count: int
+  flip: bool
+
+  def __call__(self, step: int) -> Batch:
     indices = batch_indices(
-        step, num_examples=num_examples, batch_size=batch_size, seed=seed,
-        shuffle=shuffle, drop_remainder=drop_remainder,
-        process_index=process_index, process_count=process_count)
-    batch = load_fn(source, indices)
-    if flip:
-      mask = flip_mask(step, batch_size=batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count)
+        int(step), num_examples=self.num_examples, batch_size=self.batch_size, seed=self.seed,
+        shuffle=self.shuffle, drop_remainder=self.drop_remainder,
+        process_index=self.process_index, process_count=self.process_count)
+    batch = self.load_fn(self.source, indices)
+    if self.flip:
+      mask = flip_mask(int(step), batch_size=self.batch_size, seed=self.seed,
+                       process_index=self.process_index, process_count=self.process_count)
       batch = flip_batch(batch, mask[:len(indices)])
     return batch
 
-  return _prefetched(map(make, step_range), prefetch)
+
+def _in_workers(make: _StepBatch, start: int, stop: int, *, workers: int,
+                prefetch: int) -> Iterator[Batch]:
+  """make(step) for step in [start, stop), computed by `workers` processes, in step order.
+
+  Worker w computes steps start + w, start + w + workers, ... into its own bounded queue;
+  the consumer takes from the queues in turn, so the order is the steps' order whatever
+  the workers' speeds. Workers are spawned (not forked: the parent runs JAX's threads).
+  """
+  ctx = multiprocessing.get_context('spawn')
+  queues = [ctx.Queue(max(prefetch, 1)) for _ in range(workers)]
+  stop_event = ctx.Event()
+  procs = [ctx.Process(target=_worker, args=(make, start + w, stop, workers, q, stop_event),
+                       name=f'input_pipeline_worker_{w}', daemon=True)
+           for w, q in enumerate(queues)]
+  for p in procs:
+    p.start()
+  try:
+    for i, _ in enumerate(range(start, stop)):
+      q, p = queues[i % workers], procs[i % workers]
+      while True:
+        try:
+          item = q.get(timeout=1.0)
+          break
+        except queue.Empty:
+          if not p.is_alive():
+            raise RuntimeError(f'input pipeline worker {i % workers} died (exit code '
+                               f'{p.exitcode}); see its output above') from None
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop_event.set()
+    for p in procs:
+      p.join(timeout=5)
+      if p.is_alive():
+        p.terminate()
+    for q in queues:
+      q.cancel_join_thread()
+      q.close()
+
+
+def _worker(make: _StepBatch, first: int, stop: int, stride: int, out: Any,
+            stop_event: Any) -> None:
+  """A worker process: make(step) for step in range(first, stop, stride), into `out`."""
+  try:
+    for step in range(first, stop, stride):
+      item = make(step)
+      while not stop_event.is_set():
+        try:
+          out.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if stop_event.is_set():
+        return
+  except BaseException as e:  # Handed to the consumer, raised there.
+    out.put(e)
 
 
 def eval_batches(source: Any, *, batch_size: int, drop_remainder: bool = False,

@@ -46,7 +46,9 @@ class Dataset:
   Attributes:
     data_keys: the batch keys that form the data tuple a backbone consumes.
     open: (config.data, split) -> random-access source (`len`, `source[i] -> dict`).
-    load: (source, indices int [B]) -> batch.
+    load: (source, indices int [B]) -> batch; `convert(read(source, indices))`.
+    read: (source, indices) -> the batch as stored (uint8 images), what loader workers send.
+    convert: `read`'s batch -> model inputs.
     check: (config.data, batch) -> None; raises ValueError naming the problem.
     reference: batch -> what the split has beyond the data: the real image of a label map
       ('image'), or the ground truth of a cross pair ('target').
@@ -54,6 +56,8 @@ class Dataset:
   data_keys: tuple[str, ...]
   open: Callable[[ml_collections.ConfigDict, str], Any]
   load: Callable[[Any, np.ndarray], Batch]
+  read: Callable[[Any, np.ndarray], Batch]
+  convert: Callable[[Batch], Batch]
   check: Callable[[ml_collections.ConfigDict, Batch], None]
   reference: Callable[[Batch], Batch]
 
@@ -97,9 +101,11 @@ def _pair_reference(batch: Batch) -> Batch:
   return {'target': batch['target']} if len(batch['cross']) and batch['cross'].all() else {}
 
 
-_LABEL_MAPS = dict(data_keys=('labels',), load=input_pipeline.load, check=_check_label_maps,
+_LABEL_MAPS = dict(data_keys=('labels',), load=input_pipeline.load, read=input_pipeline.read,
+                   convert=input_pipeline.to_inputs, check=_check_label_maps,
                    reference=lambda batch: {'image': batch['image']})
-_PAIRS = dict(data_keys=('source', 'driver'), load=avatars_tfds.load, check=_check_pairs,
+_PAIRS = dict(data_keys=('source', 'driver'), load=avatars_tfds.load, read=avatars_tfds.read,
+              convert=avatars_tfds.to_inputs, check=_check_pairs,
               reference=_pair_reference)
 
 DATASETS: dict[str, Dataset] = {
@@ -151,13 +157,15 @@ def train_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size:
   """Deterministic training batches (step s of `seed` is always the same) of this process.
 
   `input_pipeline.batches` with the dataset's batch keys, mirrored at random when
-  config.data.flip; `prefetch` defaults to config.data.prefetch.
+  config.data.flip; `prefetch` defaults to config.data.prefetch; loaded in
+  config.data.workers worker processes (0: a thread).
   """
   return input_pipeline.batches(
       source, batch_size=batch_size, seed=seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=config.data.prefetch if prefetch is None else prefetch,
-      load_fn=dataset(config).load, flip=config.data.flip)
+      load_fn=dataset(config).read, convert_fn=dataset(config).convert,
+      flip=config.data.flip, workers=config.data.get('workers', 0))
 
 
 def eval_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size: int,

@@ -1,4 +1,5 @@
 """Tests of the TF-free input pipeline."""
+import multiprocessing
 import threading
 
 import numpy as np
@@ -115,6 +116,7 @@ def test_finite_epochs_and_drop_remainder():
     (dict(batch_size=32), 'fewer than one global batch'),
     (dict(batch_size=4, process_index=2, process_count=2), 'process_index'),
     (dict(batch_size=4, start_step=-1), 'start_step'),
+    (dict(batch_size=4, workers=-1), 'workers'),
     (dict(batch_size=4, process_count=2, drop_remainder=False),
      'unequal batches'),
 ])
@@ -139,6 +141,44 @@ def test_close_stops_the_prefetch_thread():
   assert len(alive()) == before + 1
   it.close()
   assert len(alive()) == before
+
+
+def _worker_processes():
+  return [p for p in multiprocessing.active_children()
+          if p.name.startswith('input_pipeline_worker_')]
+
+
+def test_worker_processes_give_the_batches_of_the_thread():
+  # Resumed at step 3 of a 2-process job, flipped, in uint8 through the workers and
+  # converted here: the same arrays as one thread's float32 batches.
+  source = FakeSource(30)
+  kwargs = dict(batch_size=8, seed=7, start_step=3, flip=True, process_index=1,
+                process_count=2)
+  thread = _take(input_pipeline.batches(source, **kwargs), 7)
+  it = input_pipeline.batches(source, workers=2, load_fn=input_pipeline.read,
+                              convert_fn=input_pipeline.to_inputs, **kwargs)
+  workers = [next(it) for _ in range(7)]
+  assert len(_worker_processes()) == 2
+  it.close()
+  assert _worker_processes() == []
+  for a, b in zip(thread, workers, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert a[key].dtype == b[key].dtype
+      np.testing.assert_array_equal(a[key], b[key])
+  # A finite pass ends with the workers.
+  assert len(list(input_pipeline.batches(source, batch_size=8, seed=0, num_epochs=2,
+                                         workers=2))) == 2 * (30 // 8)
+
+
+def test_a_worker_read_error_reaches_the_consumer():
+  it = input_pipeline.batches(FakeSource(16, fail_at=13), batch_size=4, seed=0,
+                              shuffle=False, workers=2)
+  assert [next(it)['index'][0] for _ in range(3)] == [0, 4, 8]
+  with pytest.raises(IOError, match='cannot read example 13'):
+    next(it)
+  it.close()
+  assert _worker_processes() == []
 
 
 def test_eval_batches_pad_the_last_batch_with_a_mask():

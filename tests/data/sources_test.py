@@ -71,6 +71,25 @@ def test_train_batches_resume_and_check(data_dir):
     sources.check_batch(pairs, resumed)
 
 
+@pytest.mark.parametrize('module', [landscapes, avatars])
+def test_config_workers_load_the_same_batches(module, data_dir):
+  # config.data.workers: the TFDS source is pickled to a worker process, which sends the
+  # stored uint8 arrays; the batches equal the thread's.
+  config = _config(module, data_dir, flip=True)
+  source = sources.data_source(config, 'train')
+  thread = sources.train_batches(config, source, batch_size=4, seed=1, start_step=5)
+  expected = [next(thread) for _ in range(2)]
+  thread.close()
+  config.data.workers = 1
+  worker = sources.train_batches(config, source, batch_size=4, seed=1, start_step=5)
+  got = [next(worker) for _ in range(2)]
+  worker.close()
+  for a, b in zip(expected, got):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_eval_batches_pad_the_last_batch(data_dir):
   config = _config(avatars, data_dir)
   batches = list(sources.eval_batches(config, sources.data_source(config, 'test'),

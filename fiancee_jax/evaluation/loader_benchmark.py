@@ -1,0 +1,122 @@
+"""Input pipeline throughput: training examples/s with a thread and with worker processes.
+
+  python -m fiancee_jax.evaluation.loader_benchmark --config=configs/oasis_ade20k.py \
+      --out=DIR [--workers=0,1,2] [--batches=20]
+
+Times `sources.train_batches` of the config's dataset (its `train` split, prepared first if
+missing) at config.train.batch_size, for each number of worker processes in `--workers`
+(`config.data.workers`; 0 loads on one host thread). Each setting is timed in the same
+process, one after the other, after its warm-up batches (worker start-up excluded):
+examples/s = batch size x timed batches / seconds. Writes DIR/loader.json and DIR/loader.md.
+
+Nothing else runs while it measures: the numbers are what the loader alone delivers on the
+machine's cores. The batches are what training consumes (decoded, converted to float32,
+flipped when config.data.flip), so a run's loader keeps up when these examples/s exceed its
+training examples/s.
+"""
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fiancee_jax.data import sources
+from fiancee_jax.metrics import latency
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+_OUT = flags.DEFINE_string('out', None, 'Directory for loader.json and loader.md.')
+_WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker counts to time.')
+_BATCHES = flags.DEFINE_integer('batches', 20, 'Timed batches per setting.')
+
+
+def time_loader(config: ml_collections.ConfigDict, *, workers: int, batches: int,
+                seed: int = 0) -> dict[str, Any]:
+  """Times `batches` training batches of config's train split with `workers` workers.
+
+  Returns {'workers', 'batch_size', 'batches', 'seconds', 'examples_per_s',
+  'first_batch_s'} (seconds: wall time of the timed batches, which follow 1 + 2 x workers
+  untimed ones: every worker has started and delivered before the clock starts).
+  """
+  if batches < 1:
+    raise ValueError(f'batches must be >= 1, got {batches}')
+  if workers < 0:
+    raise ValueError(f'workers must be >= 0, got {workers}')
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.workers = workers
+  batch_size = config.train.batch_size
+  source = sources.data_source(config, 'train')
+  start = time.perf_counter()
+  it = sources.train_batches(config, source, batch_size=batch_size, seed=seed)
+  try:
+    next(it)
+    first = time.perf_counter() - start
+    for _ in range(2 * workers):  # until every worker has delivered (and is warm)
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - start
+  finally:
+    it.close()
+  return {'workers': workers, 'batch_size': batch_size, 'batches': batches,
+          'seconds': seconds, 'examples_per_s': batch_size * batches / seconds,
+          'first_batch_s': first}
+
+
+def run(config: ml_collections.ConfigDict, out: str, workers: Sequence[int],
+        batches: int) -> dict[str, Any]:
+  """Times every worker count; writes out/loader.json and out/loader.md; returns the json."""
+  rows = [time_loader(config, workers=w, batches=batches) for w in workers]
+  by_workers = {r['workers']: r['examples_per_s'] for r in rows}
+  speedups = {f'{w}_vs_1': by_workers[w] / by_workers[1] for w in by_workers
+              if w > 1 and 1 in by_workers}
+  info = latency.device_info()
+  result = {
+      'dataset': config.data.name,
+      'resolution': list(config.data.resolution),
+      'flip': bool(config.data.flip),
+      'hardware': latency.hardware_string(info),
+      'cpu_count_usable': info['cpu_count_usable'],
+      'rows': rows,
+      'speedup': speedups,
+  }
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'loader.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out, 'loader.md'), 'w') as f:
+    f.write(render_markdown(result))
+  return result
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+  """loader.json as a table."""
+  h, w = result['resolution']
+  lines = [f"Training batches of `{result['dataset']}` at {h}x{w} "
+           f"(flip: {result['flip']}), {result['hardware']}.", '',
+           '| workers | batch | examples/s | first batch (s) |', '|---|---|---|---|']
+  for r in result['rows']:
+    name = 'thread' if r['workers'] == 0 else str(r['workers'])
+    lines.append(f"| {name} | {r['batch_size']} | {r['examples_per_s']:.1f} | "
+                 f"{r['first_batch_s']:.2f} |")
+  for key, value in result['speedup'].items():
+    lines.append(f'\n{key.replace("_vs_", " workers vs ")}: {value:.2f}x')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _OUT.value is None:
+    raise app.UsageError('--config and --out are required')
+  workers = [int(w) for w in _WORKERS.value]
+  result = run(_CONFIG.value, _OUT.value, workers, _BATCHES.value)
+  print(render_markdown(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
