@@ -198,7 +198,9 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
                           exit_parts=True, lowering_rounds=20, trace_dir='trace')
   # A damaged checkpoint (truncated, overwritten, no file list) stops its stage with a message
   # naming the step; True falls back past damaged steps instead (to scratch if none is left).
-  config.checkpoint = dict(allow_restart=False)
+  # async_save: checkpoints are written in the background while training goes on (each is
+  # final, file list included, before the next one starts and when the stage ends).
+  config.checkpoint = dict(allow_restart=False, async_save=False)
   return config
 
 

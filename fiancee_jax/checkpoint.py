@@ -10,12 +10,16 @@ Two entry points:
 
 Guarantees, and how they are kept:
 
-- Atomic, synchronous saves. A step is written by orbax into a staging directory
+- Atomic saves, synchronous by default. A step is written by orbax into a staging directory
   (`STEP.staging-*`), its file list `_FILES.json` (size and CRC-32 of every file) is added,
   and only then is it renamed to `STEP`; old steps are renamed away before they are deleted.
   So a step directory always has its file list, and a SIGKILL at any moment leaves only
   complete steps plus staging leftovers, which step listings ignore and the next
-  `Checkpointer` removes.
+  `Checkpointer` removes. With `async_save=True` (`config.checkpoint.async_save`) `save()`
+  returns once the state is copied off the devices; orbax writes the staging directory in the
+  background while training goes on, and the step is finalised (file list, rename, old steps
+  deleted) at the next `save()`, `wait()` or `close()`: until then it is a staging leftover,
+  so the guarantees above hold unchanged.
 - Damage is never resumed from silently. A step is intact when its `_FILES.json` exists and
   every listed file exists with its size and checksum (checked by `restore()`, which reads
   them). A step without `_FILES.json` is damaged. `restore()` refuses a damaged newest step
@@ -316,13 +320,15 @@ class Checkpointer:
         state, measurements = train_step(state, batch)
         ckpt.save(step + 1, state, metadata={'data_position': ...})
 
-  Saves are synchronous: once `save()` returns, the step is finalised on disk, file list
-  included. A damaged newest step stops `restore()` with a CheckpointError that says how to
+  Saves are synchronous unless `async_save`: once `save()` returns, the step is finalised on
+  disk, file list included. With `async_save`, the step is finalised by the next `save()`,
+  `wait()` or `close()` (leaving the `with` block closes). A damaged newest step stops
+  `restore()` with a CheckpointError that says how to
   go on, unless the Checkpointer was opened with `allow_restart=True`.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 100,
-               allow_restart: bool = False):
+               allow_restart: bool = False, async_save: bool = False):
     """Opens (and creates) a checkpoint directory; removes leftovers of interrupted saves.
 
     Args:
@@ -333,6 +339,8 @@ class Checkpointer:
       allow_restart: fall back past damaged steps (with a warning naming each) instead of
         refusing them; with no intact step, `latest_step()` is None (train from scratch).
         `config.checkpoint.allow_restart` in the pipeline.
+      async_save: write steps in the background (see the module docstring);
+        `config.checkpoint.async_save` in the pipeline.
     """
     if max_to_keep < 1:
       raise ValueError(f'max_to_keep={max_to_keep}; keep at least 1 checkpoint')
@@ -344,6 +352,8 @@ class Checkpointer:
     self._max_to_keep = max_to_keep
     self._save_every = save_every
     self._allow_restart = bool(allow_restart)
+    self._async = ocp.AsyncCheckpointer(_composite_handler()) if async_save else None
+    self._pending: tuple[int, epath.Path] | None = None  # (step, staging) being written
     self._verified: set[int] = set()  # steps whose checksums this object has verified
     self.restored_step: int | None = None
     """Step that the last `restore()` actually read (differs from the newest after a fallback)."""
@@ -391,6 +401,7 @@ class Checkpointer:
     it is damaged). With allow_restart, damaged steps are skipped with a warning (every file
     is read to verify its checksum), and None means that no step is intact.
     """
+    self.wait()
     steps = self.all_steps()
     if not steps:
       return None
@@ -420,7 +431,9 @@ class Checkpointer:
   ) -> bool:
     """Saves `state` (and JSON `metadata`) as `step` if `should_save(step)` or `force`.
 
-    Call on every process. Blocks until the step is finalised on disk, with its file list.
+    Call on every process. Blocks until the step is finalised on disk, with its file list;
+    with `async_save`, until the state is copied off the devices (a previous background
+    save is finalised first).
 
     If `step` already exists and is intact, nothing is written (a resumed run reaching a step it
     already saved). If it exists but is damaged (a run that fell back past it with
@@ -437,7 +450,7 @@ class Checkpointer:
     """
     if not force and not self.should_save(step):
       return False
-    final = self._step_dir(step)
+    self.wait()  # one write at a time: the previous step is final before this one starts
     if step in self.all_steps():
       if self._is_intact(step, checksums=True):
         logging.info('Checkpoint %s already exists; not saving it again.', self._where(step))
@@ -446,8 +459,19 @@ class Checkpointer:
     args = _save_args(state, metadata)
     token = uuid.uuid4().hex[:8] if jax.process_count() == 1 else 'multihost'
     staging = self._directory / f'{step}.{_STAGING}-{token}'
+    if self._async is not None:
+      self._async.save(staging, args=args, force=True)  # returns once copied off the devices
+      self._pending = (step, staging)
+      logging.info('Writing checkpoint %s in the background.', self._where(step))
+      return True
     with _composite_checkpointer() as checkpointer:
       checkpointer.save(staging, args=args, force=True)
+    self._finalise(step, staging)
+    return True
+
+  def _finalise(self, step: int, staging: epath.Path) -> None:
+    """Adds the file list to a written staging directory and renames it to its step."""
+    final = self._step_dir(step)
     if jax.process_index() == 0:
       _write_manifest(staging)
       if final.exists():
@@ -458,7 +482,6 @@ class Checkpointer:
         _remove(self._step_dir(old))
     _sync(f'fiancee_checkpoint_saved_{step}')
     logging.info('Saved checkpoint %s.', self._where(step))
-    return True
 
   def _restore_step(self, step: int, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
     where = self._where(step)
@@ -527,6 +550,7 @@ class Checkpointer:
         the way on); with allow_restart, no step is intact; or the checkpoint's structure or
         shapes differ from `target`.
     """
+    self.wait()
     steps = self.all_steps()
     if step is not None and step not in steps:
       raise CheckpointError(
@@ -559,10 +583,20 @@ class Checkpointer:
         'starts from scratch when latest_step() is None. Problems: ' + ' | '.join(failures))
 
   def wait(self) -> None:
-    """Nothing to wait for: saves and deletions are synchronous."""
+    """Blocks until a background save is written and finalised (no-op when synchronous)."""
+    if self._pending is None:
+      return
+    step, staging = self._pending
+    self._pending = None
+    self._async.wait_until_finished()
+    self._finalise(step, staging)
 
   def close(self) -> None:
-    """Nothing to release (kept so that `with Checkpointer(...)` reads naturally)."""
+    """Finalises a background save and stops the background writer."""
+    self.wait()
+    if self._async is not None:
+      self._async.close()
+      self._async = None
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -589,8 +623,12 @@ def _remove(path: epath.Path) -> None:
 # One-off pytrees.
 
 
+def _composite_handler() -> ocp.CompositeCheckpointHandler:
+  return ocp.CompositeCheckpointHandler(handler_registry=_handler_registry())
+
+
 def _composite_checkpointer() -> ocp.Checkpointer:
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_handler_registry()))
+  return ocp.Checkpointer(_composite_handler())
 
 
 def save_pytree(path: str, tree: PyTree, metadata: Mapping[str, Any] | None = None) -> None:

@@ -359,6 +359,7 @@ def check_checkpoint(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('config.checkpoint is missing; add config.checkpoint = '
                       'dict(allow_restart=False) (see configs/landscapes.py)')
   _bool(config.checkpoint, 'checkpoint', 'allow_restart')
+  _bool(config.checkpoint, 'checkpoint', 'async_save')
 
 
 def _block_hw(config: ml_collections.ConfigDict, g: Any, i: int) -> tuple[int, int]:

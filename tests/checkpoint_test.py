@@ -98,6 +98,28 @@ def test_roundtrip_flax_optax_int_and_prng_key(tmp_path):
   _assert_same(restored, state)
 
 
+def test_async_saves_finalise_one_at_a_time(tmp_path):
+  state = _state()
+  with checkpoint.Checkpointer(str(tmp_path / 'ck'), save_every=10, async_save=True) as ckpt:
+    assert ckpt.save(10, state, metadata={'data_position': 10})
+    # Written in the background: no step directory until it is finalised, only staging.
+    assert ckpt.all_steps() == []
+    assert any('staging' in name for name in os.listdir(tmp_path / 'ck'))
+    assert ckpt.save(20, _state(seed=3), metadata={'data_position': 20})
+    assert ckpt.all_steps() == [10]  # the next save finalised the previous one first
+    assert ckpt.latest_step() == 20  # which waits for the write in flight
+    assert ckpt.all_steps() == [10, 20]
+    assert ckpt.save(30, state)
+  # Leaving the block finalised step 30, file list included.
+  assert sorted(os.listdir(tmp_path / 'ck')) == ['10', '20', '30']
+  for step in (10, 20, 30):
+    assert os.path.exists(tmp_path / 'ck' / str(step) / checkpoint._MANIFEST)
+  with checkpoint.Checkpointer(str(tmp_path / 'ck')) as ckpt:
+    restored, meta = ckpt.restore(_state(seed=5), step=10)
+  _assert_same(restored, state)
+  assert meta == {'data_position': 10}
+
+
 def test_restore_onto_abstract_target_and_casts_dtype(tmp_path):
   state = {'w': jnp.arange(6.0).reshape(2, 3), 'rng': jax.random.key(3)}
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:

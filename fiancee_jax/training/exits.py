@@ -168,6 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   result = loop.train(
       stage=STAGE, workdir=workdir, mesh=mesh, allow_restart=config.checkpoint.allow_restart,
+      async_save=config.checkpoint.async_save,
       schedule=loop.Schedule.of(e),
       init=lambda: init_state(config, key, bb, db),
       make_step=lambda: make_train_step(config, bb, dvars, db),

@@ -184,7 +184,8 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
           batches: Callable[[int], Iterator[Batch]],
           check_batch: Callable[[Batch], None] | None = None,
           write_samples: SampleFn | None = None,
-          finish: FinishFn | None = None, allow_restart: bool = False) -> Result:
+          finish: FinishFn | None = None, allow_restart: bool = False,
+          async_save: bool = False) -> Result:
   """Runs (or resumes, or reads back) one stage's training.
 
   Args:
@@ -206,6 +207,8 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
       (e.g. recomputing EMA statistics); the metadata is stored with it.
     allow_restart: fall back past damaged checkpoints (to scratch if none is intact) with a
       warning naming each, instead of refusing them (config.checkpoint.allow_restart).
+    async_save: write checkpoints in the background while training goes on
+      (config.checkpoint.async_save; checkpoint.Checkpointer).
 
   Returns:
     Result(state, metadata of the finished checkpoint).
@@ -223,7 +226,7 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
   ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir, stage),
                                  max_to_keep=schedule.keep_checkpoints,
                                  save_every=schedule.checkpoint_every,
-                                 allow_restart=allow_restart)
+                                 allow_restart=allow_restart, async_save=async_save)
   with ckpt, _PreemptionNotice() as preemption:
     # Resume order: (1) this stage's latest valid checkpoint in the workdir; (2) scratch.
     if ckpt.latest_step() is not None:

@@ -178,6 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   key = jax.random.fold_in(jax.random.key(config.seed), 5)
   result = loop.train(
       stage=STAGE, workdir=workdir, mesh=mesh, allow_restart=config.checkpoint.allow_restart,
+      async_save=config.checkpoint.async_save,
       schedule=loop.Schedule.of(p),
       init=lambda: init_state(config, key), make_step=make_step, batches=batches,
       finish=finish)

@@ -251,6 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
 
   result = loop.train(
       stage=STAGE, workdir=workdir, mesh=mesh, allow_restart=config.checkpoint.allow_restart,
+      async_save=config.checkpoint.async_save,
       schedule=loop.Schedule.of(tc),
       init=lambda: init_state(config, key),
       make_step=lambda: make_train_step(config),

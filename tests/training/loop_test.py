@@ -49,14 +49,15 @@ def _batches(start, *, fail_at=None, on_step=None):
 
 
 def _run(workdir, *, num_steps=10, log_every=2, checkpoint_every=4, sample_every=0,
-         nan_at=None, batches=_batches, make_step=None, write_samples=None, finish=None):
+         nan_at=None, batches=_batches, make_step=None, write_samples=None, finish=None,
+         async_save=False):
   return loop.train(
       stage='toy', workdir=str(workdir), mesh=parallel.make_mesh(1),
       schedule=loop.Schedule(num_steps=num_steps, log_every=log_every,
                              checkpoint_every=checkpoint_every, keep_checkpoints=5,
                              sample_every=sample_every),
       init=_init, make_step=make_step or (lambda: _make_step(nan_at)), batches=batches,
-      write_samples=write_samples, finish=finish)
+      write_samples=write_samples, finish=finish, async_save=async_save)
 
 
 def _ckpt_steps(workdir):
@@ -86,6 +87,16 @@ def test_resume_after_an_interruption_is_bit_exact(uninterrupted, tmp_path):
   resumed = jax.device_get(_run(tmp_path).state)
   np.testing.assert_array_equal(resumed['w'], full['w'])
   assert int(resumed['count']) == 10
+
+
+def test_async_checkpoints_resume_bit_exact(uninterrupted, tmp_path):
+  _, full = uninterrupted
+  with pytest.raises(_Interrupted):
+    _run(tmp_path, batches=lambda start: _batches(start, fail_at=9), async_save=True)
+  assert _ckpt_steps(tmp_path) == [4, 8]  # the write in flight was finalised on the way out
+  resumed = jax.device_get(_run(tmp_path, async_save=True).state)
+  np.testing.assert_array_equal(resumed['w'], full['w'])
+  assert _ckpt_steps(tmp_path) == [4, 8, 10]
 
 
 def test_finished_stage_is_read_back_without_compiling_a_step(uninterrupted):
