@@ -39,7 +39,7 @@
 # %% tags=["parameters"]
 # @title Parameters
 # REPO_URL: the git URL of fiancee-jax, cloned when the notebook runs outside a checkout (on
-# Colab). Inside a checkout the notebook uses that checkout and installs nothing.
+# Colab). Inside a checkout the notebook uses that checkout.
 # BACKBONE: 'landscapes' (OASIS, label map -> image) or 'avatars' (MegaPortraits-style face
 # reenactment: source face + driver face -> the source with the driver's motion).
 # QUICK: the `tiny` config trains every stage in a few minutes on a CPU runtime; QUICK = False
@@ -47,12 +47,18 @@
 REPO_URL = ''  # @param {type:"string"}
 BACKBONE = 'landscapes'  # @param ["landscapes", "avatars"]
 QUICK = True  # @param {type:"boolean"}
+# WORKDIR: where the job is trained, or loaded from once finished ('' = runs/colab_BACKBONE_tiny
+# or _default in the checkout: both notebooks use it, so the second loads the first's job).
+# DATA_DIR: the TFDS data_dir the embedded datasets are generated into ('' = TFDS's default).
+WORKDIR = ''  # @param {type:"string"}
+DATA_DIR = ''  # @param {type:"string"}
 
 # %%
 # Setup. Inside a fiancee-jax checkout (the notebook opened from it, or run with the current
-# directory in it) the notebook uses that checkout as it is. On Colab it clones REPO_URL and
-# installs the package with its `colab` extra only: the runtime's own jax and jaxlib stay when
-# they satisfy the package's ranges (pyproject.toml).
+# directory in it) the notebook uses that checkout; on Colab it clones REPO_URL. When the
+# package is not installed in the kernel, it installs it from the checkout with its `colab`
+# extra only: the runtime's own jax and jaxlib stay when they satisfy the package's ranges
+# (pyproject.toml).
 import os
 import subprocess
 import sys
@@ -89,7 +95,7 @@ if ROOT is None and IN_COLAB:
 elif ROOT is None:
   raise RuntimeError('open this notebook from a fiancee-jax checkout installed with '
                      '`pip install -r requirements.txt -e .`, or on Colab')
-if IN_COLAB and installed_version('fiancee-jax') is None:
+if installed_version('fiancee-jax') is None:
   # Packages already imported by the runtime keep their old version until a restart.
   loaded = {name: installed_version(name) for name in ('jax', 'jaxlib', 'numpy', 'ipywidgets')
             if name in sys.modules}
@@ -97,14 +103,12 @@ if IN_COLAB and installed_version('fiancee-jax') is None:
                  check=True)
   changed = [name for name, version in loaded.items() if installed_version(name) != version]
   if changed:
-    print(f'pip replaced {changed}, already imported: restart the session (Runtime > Restart '
-          'session), then run all cells again')
+    print(f'pip replaced {changed}, already imported: restart the kernel (on Colab: Runtime > '
+          'Restart session), then run all cells again')
 os.chdir(ROOT)
 sys.path.insert(0, ROOT)  # configs/ is read from the checkout, not installed
 
 # %%
-# FIANCEE_WORKDIR names a finished job to load instead of training (CI sets it, with
-# FIANCEE_CONFIG and FIANCEE_DATA_DIR, the TFDS data_dir that job used).
 import json
 import time
 
@@ -120,14 +124,11 @@ from configs import landscapes
 from fiancee_jax import pipeline
 from fiancee_jax.data import sources
 
-BACKBONE = os.environ.get('FIANCEE_CONFIG', BACKBONE)
 config = {'landscapes': landscapes, 'avatars': avatars}[BACKBONE].get_config(
     'tiny' if QUICK else None)
-if os.environ.get('FIANCEE_DATA_DIR'):
-  with config.unlocked():
-    config.data.data_dir = os.environ['FIANCEE_DATA_DIR']
-WORKDIR = os.environ.get('FIANCEE_WORKDIR') or os.path.abspath(
-    f"runs/colab_{BACKBONE}_{'tiny' if QUICK else 'default'}")
+if DATA_DIR:
+  config.data.data_dir = DATA_DIR
+WORKDIR = os.path.abspath(WORKDIR or f"runs/colab_{BACKBONE}_{'tiny' if QUICK else 'default'}")
 print('jax', jax.__version__, jax.devices())
 print('workdir', WORKDIR)
 
