@@ -508,6 +508,37 @@ class LPIPS(nn.Module):
     return total
 
 
+class Features(nn.Module):
+  """LPIPS's trunk features, channel-normalised as LPIPS compares them, spatially averaged.
+
+  The feature space of a Frechet distance on LPIPS features (`make_feature_fn`): images
+  float [B, H, W, 3] in [-1, 1] -> float32 [B, sum of tap_channels(net)] (1152 for 'alex').
+  """
+  net: str = 'alex'
+  min_side: int = MIN_SIDE
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_net(self.net)
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f'LPIPS features need images [B, H, W, 3]; got {x.shape}.')
+    x = upsample_to_min_side(x.astype(jnp.float32), self.min_side)
+    x = (x - jnp.array(_SHIFT)) / jnp.array(_SCALE)
+    taps = Trunk(self.net, name='trunk')(x)
+    return jnp.concatenate([jnp.mean(_unit_normalise(f), axis=(1, 2)) for f in taps], axis=-1)
+
+
+def make_feature_fn(weights_path: str | os.PathLike | None = None, net: str | None = None, *,
+                    min_side: int = MIN_SIDE
+                    ) -> tuple[str, Callable[[jax.Array], jax.Array]]:
+  """(net, fn): fn(images float [B, H, W, 3] in [-1, 1]) -> float32 [B, D] (`Features`),
+  with the trunk weights of `load_params(weights_path, net)`; jitted."""
+  net, params = load_params(weights_path, net)
+  apply = jax.jit(Features(net=net, min_side=min_side).apply)
+  trunk = {'params': {'trunk': params['trunk']}}
+  return net, lambda images: apply(trunk, images)
+
+
 def make_lpips_fn(weights_path: str | os.PathLike | None = None, net: str | None = None, *,
                   min_side: int = MIN_SIDE
                   ) -> tuple[str, Callable[[jax.Array, jax.Array], jax.Array]]:

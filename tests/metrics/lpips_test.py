@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import distances
+from fiancee_jax.metrics import fid
 from fiancee_jax.metrics import lpips
 
 # torchvision features, index for index: ('conv', in, out, kernel, stride, padding),
@@ -327,3 +329,25 @@ def test_lpips_jit_and_grad(lpips_distances):
 def test_npz_file_is_used_when_given(net, weights):
   assert distances.get_distance(f'lpips-{net}', lpips_weights=weights[net]).name == f'lpips-{net}'
   assert lpips.load_params(weights[net])[0] == net
+
+
+def test_frechet_distance_on_lpips_features_orders_image_sets():
+  net, feature_fn = lpips.make_feature_fn()
+  assert net == 'alex'
+  rng = np.random.default_rng(0)
+  # Smooth random images (upsampled noise), two independent draws, and the first draw blurred.
+  base = rng.uniform(-1, 1, (48, 8, 8, 3)).astype(np.float32)
+  a = np.asarray(jax.image.resize(base, (48, 32, 32, 3), 'bilinear'))
+  b = np.asarray(jax.image.resize(rng.uniform(-1, 1, (48, 8, 8, 3)).astype(np.float32),
+                                  (48, 32, 32, 3), 'bilinear'))
+  blurred = np.asarray(anchors.gaussian_blur(a, 2.0))
+  features = fid.compute_features(feature_fn, a, batch=16)
+  assert features.shape == (48, sum(lpips.tap_channels('alex'))) == (48, 1152)
+  # The first tap's 64 channels keep the matrix square roots cheap.
+  stats = {name: fid.statistics(fid.compute_features(feature_fn, x, batch=16)[:, :64])
+           for name, x in (('a', a), ('b', b), ('blurred', blurred))}
+  same = fid.frechet_distance(*stats['a'], *stats['a'])
+  other_draw = fid.frechet_distance(*stats['a'], *stats['b'])
+  blur = fid.frechet_distance(*stats['a'], *stats['blurred'])
+  assert abs(same) < 1e-6
+  assert 0 < other_draw < blur  # a new draw of the same kind is closer than a blurred copy
