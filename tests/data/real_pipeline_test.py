@@ -1,6 +1,5 @@
-"""End to end on the real-data path: every stage up to evaluate of the OASIS ADE20K config
-(tiny widths) on a fake directory in the official layout. The Cityscapes builder shares this
-path after its reader, which tests/data/real_datasets_test.py checks on its own fake layout."""
+"""End to end on the real-data path: every stage up to evaluate of the OASIS ADE20K and
+Cityscapes configs (tiny widths) on fake directories in the official layouts."""
 import json
 import os
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import oasis_ade20k
+from configs import oasis_cityscapes
 from fiancee_jax import pipeline
 from tests.data import fake_datasets
 
@@ -21,7 +21,8 @@ def _fake(name, root):
       root, cities={'train': {'aachen': 18, 'bochum': 18}, 'val': {'lindau': 8}})
 
 
-@pytest.mark.parametrize('module,name', [(oasis_ade20k, 'ade20k')])
+@pytest.mark.parametrize('module,name', [(oasis_ade20k, 'ade20k'),
+                                         (oasis_cityscapes, 'cityscapes')])
 def test_every_stage_runs_on_the_official_layout(tmp_path, module, name):
   config = module.get_config('tiny')
   with config.unlocked():
