@@ -55,14 +55,14 @@ def main(argv: Sequence[str]) -> None:
   net, feature_fn = lpips.make_feature_fn()
   real_test = sources.load_split(first, 'test', n)['image']
   test_stats = fid.statistics(fid.compute_features(feature_fn, real_test, batch=_BATCH))
-  rows = [{'name': 'real validation (floor)', 'workdir': None,
+  rows = [{'name': 'real validation (floor)',
            'fd': _fd(feature_fn, sources.load_split(first, 'validation', n)['image'],
                      test_stats)}]
   for name, workdir, config in runs:
     backbone = artifact_io.load_backbone(config, workdir)
     inputs = exit_distances.load_inputs(config, 'validation', n)
     images = t_star.backbone_outputs(config, backbone.tree, inputs, _BATCH)
-    rows.append({'name': name, 'workdir': workdir, 'fingerprint': backbone.fingerprint,
+    rows.append({'name': name, 'backbone_fingerprint': backbone.fingerprint,
                  'fd': _fd(feature_fn, images, test_stats)})
   result = {'metric': f'Frechet distance on LPIPS-{net} trunk features (1152-d)',
             'num_images': int(n), 'reference': f'first {n} real test images', 'rows': rows}
