@@ -23,6 +23,7 @@ import ml_collections
 from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import config_checks
+from fiancee_jax import parallel
 from fiancee_jax.evaluation import intervals
 from fiancee_jax.metrics import anchors
 
@@ -72,6 +73,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
         _mirror_backbone(workdir, sub)
         _mirror_t_star(workdir, sub)
     out.append((seed, cfg, sub))
+  parallel.barrier('fiancee_replicates')  # every process reads the copies next
   return out
 
 
