@@ -47,7 +47,8 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # Multi-host: call jax.distributed.initialize() (arguments from the environment).
+  # Multi-host where JAX detects the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes); else
+  # the --coordinator_address, --num_processes and --process_id flags (fiancee_jax/parallel.py).
   config.distributed = False
 
   config.data = dict(

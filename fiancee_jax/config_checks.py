@@ -30,7 +30,12 @@ from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
+from fiancee_jax.ops import kernels as kernels_lib
 from fiancee_jax.routing import calibration
+
+# The models built here are only inspected (blocks, widths, constructor checks), so they are
+# built on the plain XLA kernels, which need no backend to be named ('auto' does).
+_XLA = kernels_lib.XLA
 
 KNOWN_STAGES = ('backbone', 'database', 'exits', 'predictor', 'evaluate', 'benchmark')
 
@@ -186,7 +191,7 @@ def check_backbone(config: ml_collections.ConfigDict) -> None:
     for key in ('source_skip', 'head_norm'):
       if key in b:
         _bool(b, s, key)
-    factory.make_generator(config).latent_size(res)  # raises if G2D cannot decode to res
+    factory.make_generator(config, kernels=_XLA).latent_size(res)  # G2D decodes to res?
   else:
     _int(config.data, 'data', 'num_classes', 2)
     for key in ('ch', 'spade_hidden', 'z_dim', 'd_ch'):
@@ -202,7 +207,7 @@ def check_backbone(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           f'resolution {res} cannot be halved {levels} times by the discriminator '
           f'(len(config.backbone.d_width_ratios)={levels}); use fewer levels')
-  num_blocks = factory.make_generator(config).num_blocks
+  num_blocks = factory.make_generator(config, kernels=_XLA).num_blocks
   if num_blocks < 2:
     raise ConfigError(f'the backbone has {num_blocks} block(s); exits attach after a block '
                       'before the last, so it needs at least 2')
@@ -376,7 +381,7 @@ def _block_hw(config: ml_collections.ConfigDict, g: Any, i: int) -> tuple[int, i
 
 def check_cross_sections(config: ml_collections.ConfigDict) -> None:
   """Rules between sections: exits vs backbone, database vs exits, backbone and data."""
-  g = factory.make_generator(config)
+  g = factory.make_generator(config, kernels=_XLA)
   k = g.num_blocks
   pts = tuple(config.exits.attach_after)
   if pts[0] < 0 or pts[-1] > k - 2:
@@ -413,13 +418,20 @@ def check_cross_sections(config: ml_collections.ConfigDict) -> None:
                       'backbone: the adversarial exit loss uses the OASIS discriminator, '
                       'which needs label maps')
   # The models' own constructors: whatever they refuse is refused here, before compute.
-  factory.make_exit_model(config, guided=bool(config.exits.guided))
+  factory.make_exit_model(config, guided=bool(config.exits.guided), kernels=_XLA)
   factory.make_predictor(config)
+
+
+def check_kernels(config: ml_collections.ConfigDict) -> None:
+  """config.kernels names known implementations. Which one 'auto' stands for depends on the
+  backend, which is not started yet (parallel.initialize comes after these checks): only the
+  names are checked here, resolved as for the CPU."""
+  kernels_lib.resolve(config.get('kernels'), 'cpu')
 
 
 SECTION_CHECKS = (check_top_level, check_data, check_backbone, check_train, check_distance,
                   check_database, check_exits, check_predictor, check_router, check_benchmark,
-                  check_evaluate, check_checkpoint)
+                  check_evaluate, check_checkpoint, check_kernels)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -1,5 +1,8 @@
 """Entry point: python -m fiancee_jax.main --config=configs/landscapes.py --workdir=DIR.
 
+Multi-process runs add --coordinator_address=HOST:PORT --num_processes=N --process_id=I to
+the same command on every process (parallel.py).
+
 A training stage stopped by a preemption notice (SIGTERM) saves its state and the process
 exits with status 143 (128 + SIGTERM, as if the signal had ended it): the job is not done,
 and the same command resumes it.
@@ -12,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from fiancee_jax import config_checks
+from fiancee_jax import parallel
 from fiancee_jax import pipeline
 from fiancee_jax.training import loop
 
@@ -26,6 +30,16 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and 
 _STAGES = flags.DEFINE_string(
     'stages', ','.join(config_checks.KNOWN_STAGES),
     'Comma-separated stages to run (in pipeline order).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'Multi-process runs: HOST:PORT of process 0, which serves the coordinator there.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Multi-process runs: number of processes (the same for all).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'Multi-process runs: this process, 0 .. num_processes - 1.')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout', parallel.DEFAULT_INITIALIZATION_TIMEOUT,
+    'Multi-process runs: seconds to wait for every process to join before failing.')
 
 
 def _run(argv: list[str]) -> None:
@@ -33,8 +47,11 @@ def _run(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
-  except config_checks.ConfigError as e:
+    launch = parallel.launch(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             auto=bool(_CONFIG.value.get('distributed', False)),
+                             timeout=_INIT_TIMEOUT.value)
+    pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value, launch=launch)
+  except (config_checks.ConfigError, parallel.LaunchError) as e:
     # Raised before any compute: the message is the whole story, a traceback adds nothing.
     raise SystemExit(f'FATAL: {e}') from None
   except loop.Preempted as e:

@@ -75,25 +75,30 @@ def stage_table(config: ml_collections.ConfigDict) -> dict[str, Stage]:
           'benchmark': run_benchmark}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, stages: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, stages: str,
+        launch: parallel.Launch | None = None) -> dict[str, Any]:
   """Runs `stages` (comma-separated) on `workdir`; returns {stage: result}.
 
   Training stages return their artifact (artifacts.Artifact), evaluate and benchmark their
-  report dicts.
+  report dicts. `launch` (parallel.launch) joins a multi-process run after the checks and
+  before any compute; None joins one only with config.distributed (cluster auto-detection).
 
   Raises:
     config_checks.ConfigError: a bad config, stage list or workdir, before any compute and
       before config.json is written.
+    parallel.LaunchError: the multi-process run cannot be joined (parallel.initialize).
     training.loop.Preempted: a training stage was preempted (its state is saved).
   """
   # Everything is checked before the first stage: no stage fails on a setting of a later one.
   names = config_checks.parse_stages(stages)
   config_checks.check_config(config)
   table = stage_table(config)
-  parallel.maybe_initialize_distributed(config.distributed)
-  config_checks.check_devices(config, jax.device_count())
   workdir = config_checks.check_workdir(workdir)
+  # The backend starts here, after every check that needs no device: nothing above touches it.
+  parallel.initialize(launch or parallel.launch(auto=config.distributed))
+  config_checks.check_devices(config, jax.device_count())
   config_checks.write_config(config, workdir, process_index=jax.process_index())
+  parallel.barrier('fiancee_config')
   results = {}
   for name in names:
     logging.info('stage %s', name)

@@ -23,6 +23,7 @@ import ml_collections
 from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax import config_checks
+from fiancee_jax import parallel
 from fiancee_jax.evaluation import intervals
 from fiancee_jax.metrics import anchors
 
@@ -68,22 +69,30 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
     if sub != workdir:
       os.makedirs(sub, exist_ok=True)
       config_checks.write_config(cfg, sub, process_index=process_index)
-      if process_index == 0:
-        _mirror_backbone(workdir, sub)
-        _mirror_t_star(workdir, sub)
+      # Every process reads the manifests (artifact reads are collective) and takes part in
+      # the t* write (anchors.write_t_star); process 0 copies.
+      if not _backbone_copy_is_current(workdir, sub) and process_index == 0:
+        _copy_backbone(workdir, sub)
+      _mirror_t_star(workdir, sub)
     out.append((seed, cfg, sub))
+  parallel.barrier('fiancee_replicates')  # every process reads the copies next
   return out
 
 
-def _mirror_backbone(workdir: str, sub: str) -> None:
-  src, dst = artifacts.path(workdir, 'backbone'), artifacts.path(sub, 'backbone')
+def _backbone_copy_is_current(workdir: str, sub: str) -> bool:
+  """Whether `sub` holds a copy of WORKDIR's backbone artifact (same fingerprint)."""
   want = artifacts.read_manifest(workdir, 'backbone')['fingerprint']
+  if not os.path.isdir(artifacts.path(sub, 'backbone')):
+    return False
+  try:
+    return artifacts.read_manifest(sub, 'backbone')['fingerprint'] == want
+  except (ValueError, OSError, checkpoint.CheckpointError):  # a damaged copy: replaced
+    return False
+
+
+def _copy_backbone(workdir: str, sub: str) -> None:
+  src, dst = artifacts.path(workdir, 'backbone'), artifacts.path(sub, 'backbone')
   if os.path.isdir(dst):
-    try:
-      if artifacts.read_manifest(sub, 'backbone')['fingerprint'] == want:
-        return
-    except (ValueError, OSError, checkpoint.CheckpointError):  # a damaged copy: replaced below
-      pass
     shutil.rmtree(dst)
   tmp = dst + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from fiancee_jax import model as model_lib
+from fiancee_jax import parallel
 from fiancee_jax.evaluation import bench_markdown
 from fiancee_jax.evaluation import profiling
 from fiancee_jax.evaluation import report
@@ -53,6 +54,8 @@ from fiancee_jax.ops import kernels as kernels_lib
 from fiancee_jax.routing import router as router_lib
 
 _TIMING_KEYS = ('median_ms', 'p90_ms', 'mean_ms', 'min_ms', 'iters')
+# Seconds the other processes of a multi-process run wait for process 0's benchmark.
+BENCHMARK_WAIT = 6 * 3600
 
 
 def _timing(stats: dict[str, float]) -> dict[str, float]:
@@ -509,28 +512,35 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   """Stage `benchmark`: report/bench.json and report/bench.md of the workdir's artifacts,
   timed on the test split's first min(router.num_eval, data.num_test) examples; every exit's
   HLO and memory analysis in report/hlo/, its profiler trace under config.benchmark.trace_dir
-  (relative to report/; '' = not traced)."""
+  (relative to report/; '' = not traced).
+
+  Latency is a per-host measurement: in a multi-process run, process 0 times on its own
+  devices and writes the files, while the others (after loading the model with it: artifact
+  reads are collective) wait for it, up to BENCHMARK_WAIT seconds, and return what it wrote.
+  """
   model = loading.load_model(workdir, config)
   report_dir = os.path.join(workdir, 'report')
-  trace_dir = config.benchmark.get('trace_dir', '')
-  first = jax.process_index() == 0  # one process writes files, as it writes the report
-  n = min(config.router.num_eval, config.data.num_test)
-  inputs = exit_distances.load_inputs(config, 'test', n)
   # t* and fixed thresholds only: a threshold picked from the evaluate stage's results would
   # always favour 'everyone to the earliest exit'.
   thresholds = report.benchmark_thresholds(config, workdir, model)
+  if jax.process_index() != 0:
+    parallel.barrier('fiancee_benchmark', timeout=BENCHMARK_WAIT)
+    with open(os.path.join(report_dir, 'bench.json')) as f:
+      return json.load(f)
+  trace_dir = config.benchmark.get('trace_dir', '')
+  n = min(config.router.num_eval, config.data.num_test)
+  inputs = exit_distances.load_inputs(config, 'test', n)
   b = config.benchmark
   bench = run_benchmark(model, inputs[:len(model.task.data_keys)], batch_size=b.batch_size,
                         thresholds=thresholds, warmup=b.warmup, iters=b.iters,
                         switch_rounds=b.switch_rounds, parts=b.exit_parts,
                         lowering_rounds=b.lowering_rounds, seed=config.seed,
-                        hlo_dir=os.path.join(report_dir, 'hlo') if first else None,
-                        trace_dir=(os.path.join(report_dir, trace_dir)
-                                   if first and trace_dir else None))
-  if first:
-    # Paths relative to report/, so that bench.json does not depend on where the workdir is.
-    for key in ('hlo_dir', 'trace_dir'):
-      if bench['profile'][key]:
-        bench['profile'][key] = os.path.relpath(bench['profile'][key], report_dir)
-    write_bench(bench, report_dir)
+                        hlo_dir=os.path.join(report_dir, 'hlo'),
+                        trace_dir=os.path.join(report_dir, trace_dir) if trace_dir else None)
+  # Paths relative to report/, so that bench.json does not depend on where the workdir is.
+  for key in ('hlo_dir', 'trace_dir'):
+    if bench['profile'][key]:
+      bench['profile'][key] = os.path.relpath(bench['profile'][key], report_dir)
+  write_bench(bench, report_dir)
+  parallel.barrier('fiancee_benchmark', timeout=BENCHMARK_WAIT)
   return bench

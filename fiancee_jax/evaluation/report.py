@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from scipy import stats as scipy_stats
 
+from fiancee_jax import parallel
 from fiancee_jax import tasks
 from fiancee_jax.data import sources
 from fiancee_jax.evaluation import intervals
@@ -161,22 +162,11 @@ def build_report(*, distance: str, pred: np.ndarray, true: np.ndarray,
 
 
 def backbone_fn(model, batch: int):
-  """inputs -> the backbone's outputs float32 [N, H, W, 3], in chunks of `batch` through one
-  compiled path (so t*, the anchors' z draws and every call share one executable)."""
-  path = jax.jit(model.paths()[-1])
-
-  def run(inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    n = len(inputs[0])
-    out = []
-    for s in range(0, n, batch):
-      x = tuple(np.asarray(v[s:s + batch]) for v in inputs)
-      pad = batch - len(x[0])
-      if pad:  # one compiled shape
-        x = tuple(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for v in x)
-      out.append(np.asarray(path(model.params, *x))[:batch - pad])
-    return np.concatenate(out)
-
-  return run
+  """inputs -> the backbone's outputs float32 [N, H, W, 3], in chunks of `batch` split over
+  every device (parallel.map_rows; call on every process) through one compiled path (so t*,
+  the anchors' z draws and every call share one executable)."""
+  path = model.paths()[-1]
+  return lambda inputs: parallel.map_rows(path, tuple(inputs), batch, consts=model.params)
 
 
 def measure_anchors(config: ml_collections.ConfigDict, model, distance: distances.Distance,
@@ -217,7 +207,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, out: str | None = 
   if model.exit_model.guided and config.exits.train_unguided:
     unguided = loading.load_model(workdir, config, variant='unguided')
     no_guide = exit_distances.of_model(config, workdir, unguided, 'test', n)[1]
-  pred = np.asarray(jax.jit(model.predict_fn())(model.predictor_params, *inputs))
+  pred = parallel.map_rows(model.predict_fn(), inputs, config.predictor.measure_batch,
+                          consts=model.predictor_params)
   # t* was fixed after the backbone stage; if not, it is measured now, identically (it
   # depends on the backbone and the validation inputs only).
   validation = exit_distances.load_inputs(config, 'validation', config.data.num_validation)
@@ -356,22 +347,14 @@ def _fid_feature_fn(config: ml_collections.ConfigDict):
 
 
 def exit_outputs(model, inputs: tuple[np.ndarray, ...], batch: int) -> list[np.ndarray]:
-  """Every exit's images on N inputs, the backbone last: E arrays float32 [N, H, W, 3]."""
+  """Every exit's images on N inputs, the backbone last: E arrays float32 [N, H, W, 3]
+  (split over every device: call on every process)."""
 
-  @jax.jit
-  def f(*x):
-    images, teacher = model.exit_model.all_exits(model.params, *x)
+  def f(params, *x):
+    images, teacher = model.exit_model.all_exits(params, *x)
     return images + [teacher]
 
-  n = len(inputs[0])
-  outs = []
-  for s in range(0, n, batch):
-    x = tuple(v[s:s + batch] for v in inputs)
-    pad = batch - len(x[0])
-    if pad:  # one compiled shape
-      x = tuple(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for v in x)
-    outs.append([np.asarray(o)[:batch - pad] for o in f(*x)])
-  return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+  return parallel.map_rows(f, tuple(inputs), batch, consts=model.params)
 
 
 def truth_table(config: ml_collections.ConfigDict, model, inputs: tuple[np.ndarray, ...],
@@ -387,12 +370,11 @@ def truth_table(config: ml_collections.ConfigDict, model, inputs: tuple[np.ndarr
     target: float32 [N, H, W, 3] ground truth (identity of the source, motion of the driver).
     pred: [N, E - 1] predicted distances (routing at each threshold of `routing`).
   """
-  dist = jax.jit(distances.from_config(config).fn)
+  dist = distances.from_config(config).fn
   b = config.predictor.measure_batch
 
   def score(images):  # per-sample distance and L1 to the truth, [N] each
-    d = np.concatenate([np.asarray(dist(images[s:s + b], target[s:s + b]))
-                        for s in range(0, len(target), b)])
+    d = distances.batched(dist, images, target, b)
     return d, np.abs(images - target).mean(axis=(1, 2, 3))
 
   scored = [score(o) for o in outputs]

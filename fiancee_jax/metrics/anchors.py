@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fiancee_jax import parallel
 from fiancee_jax.metrics import distances
 
 DistanceFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, y) [B, H, W, 3] -> f32 [B]
@@ -220,7 +221,8 @@ def t_star_path(workdir: str) -> str:
 
 
 def write_t_star(workdir: str, record: dict) -> None:
-  """Writes the record to WORKDIR/t_star.json (atomically; process 0 only)."""
+  """Writes the record to WORKDIR/t_star.json (atomically; process 0 writes, and every
+  process waits for it, so that all read the same record next)."""
   missing = [k for k in T_STAR_KEYS if k not in record]
   if missing:
     raise ValueError(f't* record lacks {missing}; it needs {list(T_STAR_KEYS)}.')
@@ -231,6 +233,7 @@ def write_t_star(workdir: str, record: dict) -> None:
     with open(tmp, 'w') as f:
       json.dump({k: record[k] for k in T_STAR_KEYS}, f, indent=2)
     os.replace(tmp, t_star_path(workdir))
+  parallel.barrier('fiancee_t_star')
 
 
 def read_t_star(workdir: str) -> dict | None:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiancee_jax import parallel
 from fiancee_jax.metrics.lpips import make_lpips_fn  # re-exported: the LPIPS factory
 
 __all__ = ['DEFAULT', 'DISTANCE_NAMES', 'Distance', 'MSSSIM_WEIGHTS', 'batched', 'check_name',
@@ -276,22 +277,15 @@ def from_config(config: Any) -> Distance:
 
 def batched(fn: Callable[[jax.Array, jax.Array], jax.Array], x: np.ndarray, y: np.ndarray,
             batch: int) -> np.ndarray:
-  """fn over [N, H, W, C] pairs in chunks of `batch` (the last padded: one compiled shape).
+  """fn over [N, H, W, C] pairs in chunks of `batch`, each chunk split over every device of
+  every process (parallel.map_rows: call on every process; one compiled shape).
 
   Returns:
     float32 [N] on the host.
   """
   if len(x) != len(y):
     raise ValueError(f'batched distance needs as many x as y; got {len(x)} and {len(y)}.')
-  out = []
-  for s in range(0, len(x), batch):
-    a, b = np.asarray(x[s:s + batch]), np.asarray(y[s:s + batch])
-    pad = batch - len(a)
-    if pad:
-      a = np.concatenate([a, np.repeat(a[-1:], pad, 0)])
-      b = np.concatenate([b, np.repeat(b[-1:], pad, 0)])
-    out.append(np.asarray(fn(a, b))[:batch - pad])
-  return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+  return np.asarray(parallel.map_rows(fn, (np.asarray(x), np.asarray(y)), batch), np.float32)
 
 
 def perceptual_loss(distance: Distance, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fiancee_jax import parallel
 from fiancee_jax import tasks
 from fiancee_jax.data import sources
 from fiancee_jax.metrics import distances
@@ -66,28 +67,20 @@ def measure_distances(config: ml_collections.ConfigDict, model: exits_lib.ExitMo
   """Distance of every exit's output to the backbone's: float32 [N, E - 1].
 
   With `reference` (float32 [N, H, W, 3], e.g. the ground truth), the distance of every exit
-  and of the backbone to it instead: float32 [N, E].
+  and of the backbone to it instead: float32 [N, E]. The rows are split over every device of
+  every process (parallel.map_rows): call on every process.
   """
   dist = distances.from_config(config)
+  num = len(inputs)
 
-  @jax.jit
-  def f(params, ref, *inputs):  # params an argument: closed over, XLA would fold them in
-    images, teacher = model.all_exits(params, *inputs)
-    if ref is None:
+  def f(params, *rows):  # the exit paths' inputs, then the reference if any
+    images, teacher = model.all_exits(params, *rows[:num])
+    if reference is None:
       return jnp.stack([dist.fn(img, teacher) for img in images], axis=-1)
-    return jnp.stack([dist.fn(img, ref) for img in images + [teacher]], axis=-1)
+    return jnp.stack([dist.fn(img, rows[num]) for img in images + [teacher]], axis=-1)
 
-  def chunk(x, s):
-    x = np.asarray(x[s:s + batch])
-    pad = batch - len(x)
-    return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x  # one compiled shape
-
-  n = len(inputs[0])
-  out = []
-  for s in range(0, n, batch):
-    ref = None if reference is None else chunk(reference, s)
-    out.append(np.asarray(f(params, ref, *(chunk(x, s) for x in inputs)))[:min(batch, n - s)])
-  return np.concatenate(out).astype(np.float32)
+  rows = tuple(inputs) + (() if reference is None else (reference,))
+  return parallel.map_rows(f, rows, batch, consts=params).astype(np.float32)
 
 
 def cache_path(workdir: str, split: str, variant: str) -> str:
@@ -161,6 +154,8 @@ def split_distances(config: ml_collections.ConfigDict, workdir: str, split: str,
     tmp = path + '.tmp.npz'
     np.savez(tmp, distances=d, key=np.array(key))
     os.replace(tmp, path)
+  # Every process decides from this file next time whether to measure (a collective step).
+  parallel.barrier('fiancee_distance_cache')
   return inputs, d
 
 

@@ -235,11 +235,12 @@ def _sample_writer(config: ml_collections.ConfigDict, workdir: str,
   generate = jax.jit(factory.make_generator(config).apply)
 
   def write(state: BackboneState, step: int, writer) -> None:
-    if jax.process_index() != 0:
-      return
+    # Every process computes (the state spans all of them), process 0 draws.
     stats = state.ema_stats if step == config.train.num_steps else state.g_stats
     fake = generate({'params': state.ema_params, 'batch_stats': stats}, samples['labels'],
                     samples['z'])
+    if jax.process_index() != 0:
+      return
     cols = [visualize.label_map_to_rgb(samples['labels']),
             visualize.images_to_uint8(np.asarray(fake)), samples['image']]
     visualize.save_grid(cols, workdir_lib.sample_path(workdir, STAGE, step))

@@ -7,12 +7,12 @@ whose parent is the backbone artifact it was built from. A damaged database arti
 rebuilt, with a warning naming the damage.
 """
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from fiancee_jax import artifacts
+from fiancee_jax import parallel
 from fiancee_jax import tasks
 from fiancee_jax.data import sources
 from fiancee_jax.guidance import database
@@ -25,8 +25,9 @@ STAGE = 'database'
 def build(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact | None:
   """Runs the database stage; returns the `database` artifact (built once per workdir).
 
-  Call on every process (each computes the same database; every process takes part in the
-  artifact's save). Returns None, building nothing, when the exits are not guided
+  Call on every process: the backbone's features are computed over every device of every
+  process, each process fits the same database from them, and every process takes part in
+  the artifact's save. Returns None, building nothing, when the exits are not guided
   (config.exits.guided False): nothing would read the database.
   """
   if not config.exits.guided:
@@ -50,20 +51,23 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   bs = config.exits.batch_size
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
-  @jax.jit
-  def features(bb, *inputs):  # bb an argument: closed over, XLA would fold it in
+  def features(bb, *inputs):  # per image: pooled keys [gh, gw, C], values [gh * gw, V]
     h, _, outs = model.prefix(bb, inputs, model.backbone.num_blocks - 1)
     teacher = model.backbone.apply(bb, h, method='head')
-    pooled = database.pool(outs[spec.key_block], spec.grid)
-    return pooled.reshape(-1, pooled.shape[-1]), database.patches_of(spec, teacher)
+    values = database.patches_of(spec, teacher)
+    return (database.pool(outs[spec.key_block], spec.grid),
+            values.reshape(teacher.shape[0], -1, values.shape[-1]))
 
-  feats, values = [], []
-  for start in range(0, n, bs):
-    chunk = tuple(jnp.asarray(x[start:start + bs]) for x in data)
-    f, v = features(bb, *tasks.make_inputs(task, chunk, jax.random.fold_in(key, start)))
-    feats.append(np.asarray(f))
-    values.append(np.asarray(v))
-  db = database.fit(spec, np.concatenate(feats), np.concatenate(values),
+  # One z draw per chunk of bs images, keyed by the chunk's first index.
+  chunks = [tasks.make_inputs(task, tuple(x[s:s + bs] for x in data),
+                              jax.random.fold_in(key, s)) for s in range(0, n, bs)]
+  inputs = tuple(np.concatenate([np.asarray(c[i]) for c in chunks])
+                 for i in range(len(chunks[0])))
+  # The backbone's share of the work is split over every device of every process; the fit
+  # (an SVD and a few k-means steps over all patches) runs whole on each process.
+  feats, values = parallel.map_rows(features, inputs, bs, consts=bb)
+  db = database.fit(spec, feats.reshape(-1, feats.shape[-1]),
+                    values.reshape(-1, values.shape[-1]),
                     jax.random.fold_in(key, 10**6), config.database.kmeans_iters)
   db = jax.device_get(db)
   metadata = {'spec': artifact_io.database_spec_json(spec), 'num_images': n}

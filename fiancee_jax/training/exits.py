@@ -217,11 +217,12 @@ def _sample_writer(config: ml_collections.ConfigDict, workdir: str, bb: Any, db:
 
   def write(state: ExitsState, step: int, writer) -> None:
     del writer  # the grids go to samples/ only
-    if jax.process_index() != 0:
-      return
+    # Every process computes (the state spans all of them), process 0 draws.
     ev = [{'params': p, 'batch_stats': s} for p, s in zip(state.params[v], state.stats[v])]
     images, teacher = all_exits({'backbone': bb, 'exits': ev, 'database': db},
                                 *samples['inputs'])
+    if jax.process_index() != 0:
+      return
     to_u8 = visualize.images_to_uint8
     cols = task.columns(samples['data']) + [to_u8(np.asarray(teacher))]
     cols += [to_u8(np.asarray(img)) for img in images]

@@ -211,7 +211,8 @@ def calibrate(config, workdir, params) -> tuple[np.ndarray, calibration.RiskCont
   if method == 'none':
     return np.zeros(num_branches, np.float32), None
   inputs, true = split_distances(config, workdir, 'validation', config.data.num_validation)
-  pred = np.asarray(jax.jit(factory.make_predictor(config).apply)(params, *inputs))
+  pred = parallel.map_rows(factory.make_predictor(config).apply, inputs,
+                          config.predictor.measure_batch, consts=params)
   if method == 'risk_control':
     rc = calibration.fit_risk_control(pred, true, target=config.router.target_met)
     logging.info('predictor: risk-control calibration on %d samples', len(pred))

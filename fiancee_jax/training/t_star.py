@@ -5,10 +5,10 @@ the backbone's outputs on the first config.data.num_validation validation inputs
 its fixed z) and their sigma-1 Gaussian blur. It is written to WORKDIR/t_star.json, which
 every later stage reads back unchanged, so no threshold is chosen after the exits are seen.
 """
-import jax
 import ml_collections
 import numpy as np
 
+from fiancee_jax import parallel
 from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import exit_distances
 from fiancee_jax.models import factory
@@ -17,18 +17,10 @@ from fiancee_jax.training import artifact_io
 
 def backbone_outputs(config: ml_collections.ConfigDict, variables, inputs: tuple[np.ndarray, ...],
                      batch: int) -> np.ndarray:
-  """The backbone's outputs float32 [N, H, W, 3] on `inputs`, in chunks of `batch` through one
-  compiled shape (the last chunk padded)."""
+  """The backbone's outputs float32 [N, H, W, 3] on `inputs`, in chunks of `batch` split over
+  every device (parallel.map_rows; call on every process)."""
   generator = factory.make_generator(config)
-  apply = jax.jit(lambda v, *x: generator.apply(v, *x))
-  n, out = len(inputs[0]), []
-  for s in range(0, n, batch):
-    x = tuple(np.asarray(v[s:s + batch]) for v in inputs)
-    pad = batch - len(x[0])
-    if pad:
-      x = tuple(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for v in x)
-    out.append(np.asarray(apply(variables, *x))[:batch - pad])
-  return np.concatenate(out)
+  return parallel.map_rows(generator.apply, inputs, batch, consts=variables)
 
 
 def fix(config: ml_collections.ConfigDict, workdir: str) -> dict:
