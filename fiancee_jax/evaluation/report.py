@@ -241,6 +241,9 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, model,
   outputs = exit_outputs(model, inputs, batch)
   second = (true if distance.name == SECOND_DISTANCE else second_distances(outputs, batch))
   cstats = costs.exit_stats(config)
+  # The costs just compiled, given to the model so that it does not compile them again.
+  model = model.replace(exit_gflops=[c['gflops'] for c in cstats],
+                        predictor_gflops=costs.predictor_stats(config)['gflops'])
   unguided_gflops = None
   if no_guide is not None:
     unguided_gflops = [c['gflops'] for c in costs.exit_stats(config, guided=False)[:-1]]
