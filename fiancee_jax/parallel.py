@@ -260,10 +260,11 @@ def barrier(name: str, timeout: int | None = None) -> None:
   collective step (a save, a sharded computation) and the run would stop on it.
 
   Args:
-    name: the same on every process (checked: different names raise).
-    timeout: None: a collective over every device (for processes that arrive together);
-      else seconds to wait in the coordinator, for processes waiting while one works alone
-      (e.g. process 0's benchmark). Either fails rather than hangs if a process died.
+    name: the same on every process.
+    timeout: None: a collective over every device, for processes that arrive together (a
+      process that reached a barrier of another name raises there); else seconds to wait
+      in the coordinator, for processes waiting while one works alone (process 0's
+      benchmark). Either fails rather than hangs if a process died.
   """
   if jax.process_count() == 1:
     return
