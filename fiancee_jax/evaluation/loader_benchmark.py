@@ -10,11 +10,16 @@ process, one after the other, after its warm-up batches (worker start-up exclude
 examples/s = batch size x timed batches / seconds. Writes DIR/loader.json and DIR/loader.md.
 
 Nothing else runs while it measures: the numbers are what the loader alone delivers on the
-machine's cores. The batches are what training consumes (decoded, converted to float32,
+machine's cores. Beside them, the same run measures the machine's own ceiling
+(`cpu_scaling`): how much more a fixed pure-Python loop gets done in 2 processes at once than
+in 1. Workers cannot speed the loader up by more than that: read "2 workers vs 1" against it.
+
+The batches are what training consumes (decoded, converted to float32,
 flipped when config.data.flip), so a run's loader keeps up when these examples/s exceed its
 training examples/s.
 """
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -68,6 +73,30 @@ def time_loader(config: ml_collections.ConfigDict, *, workers: int, batches: int
           'first_batch_s': first}
 
 
+def _spin(n: int) -> None:
+  total = 0
+  for i in range(n):
+    total += i
+
+
+def cpu_scaling(processes: int = 2, loop: int = 20_000_000) -> float:
+  """Throughput of `processes` spawned processes running a fixed loop at once, relative to
+  one: processes x (time of one alone) / (time of all together). 2.0 = two independent cores."""
+  ctx = multiprocessing.get_context('spawn')
+
+  def timed(n: int) -> float:
+    procs = [ctx.Process(target=_spin, args=(loop,)) for _ in range(n)]
+    start = time.perf_counter()
+    for p in procs:
+      p.start()
+    for p in procs:
+      p.join()
+    return time.perf_counter() - start
+
+  timed(1)  # warm the spawn path
+  return processes * timed(1) / timed(processes)
+
+
 def run(config: ml_collections.ConfigDict, out: str, workers: Sequence[int],
         batches: int) -> dict[str, Any]:
   """Times every worker count; writes out/loader.json and out/loader.md; returns the json."""
@@ -82,6 +111,7 @@ def run(config: ml_collections.ConfigDict, out: str, workers: Sequence[int],
       'flip': bool(config.data.flip),
       'hardware': latency.hardware_string(info),
       'cpu_count_usable': info['cpu_count_usable'],
+      'cpu_scaling': {'processes': 2, 'vs_1': cpu_scaling(2)},
       'rows': rows,
       'speedup': speedups,
   }
@@ -105,6 +135,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                  f"{r['first_batch_s']:.2f} |")
   for key, value in result['speedup'].items():
     lines.append(f'\n{key.replace("_vs_", " workers vs ")}: {value:.2f}x')
+  lines.append(f"\nThe machine's ceiling: 2 processes of a pure-Python loop get "
+               f"{result['cpu_scaling']['vs_1']:.2f}x the work of 1 done.")
   return '\n'.join(lines) + '\n'
 
 
