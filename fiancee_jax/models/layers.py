@@ -1,4 +1,6 @@
 """Small layers shared by the generators and discriminators: spectral-norm conv, resizing."""
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -13,7 +15,8 @@ class SNConv(nn.Module):
   [kh * kw * in, out]). Training runs one power-iteration step and stores `u` and
   `sigma` in the `batch_stats` collection (PyTorch `spectral_norm` keeps them as
   buffers, so they are not parameters); inference divides by the stored `sigma`.
-  `conv_impl` names the conv implementation (ops/conv.py).
+  `conv_impl` names the conv implementation (ops/conv.py). The conv computes in `dtype`;
+  the kernel, `u` and `sigma` stay float32 (the power iteration runs in float32).
   """
   features: int
   kernel_size: int = 3
@@ -21,10 +24,11 @@ class SNConv(nn.Module):
   spectral_norm: bool = True
   eps: float = 1e-12
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """x: float32 [B, H, W, Cin] -> [B, H, W, features]."""
+    """x: float [B, H, W, Cin] -> [B, H, W, features] in `dtype`."""
     k = self.kernel_size
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), jnp.float32)
@@ -48,9 +52,9 @@ class SNConv(nn.Module):
       else:
         sigma = sigma_var.value
       kernel = kernel / sigma
-    y = conv.conv2d_same(x, kernel, self.conv_impl)
+    y = conv.conv2d_same(x.astype(self.dtype), kernel, self.conv_impl)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
 
 
