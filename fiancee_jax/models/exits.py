@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fiancee_jax.models import layers
+
 Params = Any
 # lookup(database, key_features [B, h, w, C], out_hw) -> guide [B, H, W, G]
 LookupFn = Callable[[Any, jax.Array, tuple[int, int]], jax.Array]
@@ -61,7 +63,7 @@ class ExitBranch(nn.Module):
     """h: [B, h, w, C_i]; cond: [B, H, W, S]; guide: [B, H, W, G] or None -> [B, H, W, 3]."""
     width = self.factory.block_width(self.attach_after, self.width_mult)
     dtype = self.factory.dtype
-    x = nn.Conv(width, (1, 1), dtype=dtype, name='proj')(h)
+    x = layers.Conv(width, (1, 1), dtype=dtype, name='proj')(h)
     cond = cond.astype(dtype)
     latent = self.factory.latent(cond) if self.z_aware else None
     block_kw = dict(train=train, momentum=momentum)

@@ -267,4 +267,4 @@ class OasisDiscriminator(nn.Module):
       x = DiscriminatorBlock(out, 1, name=f'up_{i}', **sn)(
           jnp.concatenate([skips[-i - 1], x], axis=-1), train=train)
     return precision.to_output(
-        nn.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype, name='out')(x))
+        layers.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype, name='out')(x))

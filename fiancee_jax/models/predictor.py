@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fiancee_jax.models import layers
 from fiancee_jax.models import precision
 
 
@@ -73,7 +74,7 @@ class _Member(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, z: jax.Array | None) -> jax.Array:
-    film = None if z is None else nn.Dense(self.width, dtype=self.dtype, name='z_film')(z)
+    film = None if z is None else layers.Dense(self.width, dtype=self.dtype, name='z_film')(z)
     return _trunk(x, self.width, self.num_outputs, film, self.dtype)
 
 
@@ -107,11 +108,11 @@ def _trunk(x: jax.Array, width: int, num_outputs: int,
   dtype: the compute dtype.
   """
   for i, mult in enumerate((1, 2, 4)):
-    x = nn.Conv(width * mult, (3, 3), strides=(2, 2) if i else (1, 1), dtype=dtype,
-                name=f'conv_{i}')(x)
+    x = layers.Conv(width * mult, (3, 3), strides=(2, 2) if i else (1, 1), dtype=dtype,
+                    name=f'conv_{i}')(x)
     if i == 0 and film is not None:
-      x = x + film[:, None, None, :]
+      x = precision.broadcast_add(x, film[:, None, None, :])
     x = nn.leaky_relu(x, 0.2)
   x = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
-  x = nn.leaky_relu(nn.Dense(width * 4, dtype=dtype, name='fc')(x), 0.2)
-  return precision.to_output(nn.Dense(num_outputs, dtype=dtype, name='out')(x))
+  x = nn.leaky_relu(layers.Dense(width * 4, dtype=dtype, name='fc')(x), 0.2)
+  return precision.to_output(layers.Dense(num_outputs, dtype=dtype, name='out')(x))

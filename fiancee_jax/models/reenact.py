@@ -130,11 +130,11 @@ class DownBlock2D(nn.Module):
     """x: [B, H, W, Cin] -> [B, H / 2, W / 2, features]."""
     dt = self.dtype
     x = layers.avgpool2x(x.astype(dt))
-    dx = nn.Conv(self.features, (3, 3), dtype=dt, name='conv_0')(
+    dx = layers.Conv(self.features, (3, 3), dtype=dt, name='conv_0')(
         nn.leaky_relu(_gn(x, 'norm_0', dt), 0.2))
-    dx = nn.Conv(self.features, (3, 3), dtype=dt, name='conv_1')(
+    dx = layers.Conv(self.features, (3, 3), dtype=dt, name='conv_1')(
         nn.leaky_relu(_gn(dx, 'norm_1', dt), 0.2))
-    return nn.Conv(self.features, (1, 1), use_bias=False, dtype=dt, name='conv_s')(x) + dx
+    return layers.Conv(self.features, (1, 1), use_bias=False, dtype=dt, name='conv_s')(x) + dx
 
 
 class ResBlock3D(nn.Module):
@@ -168,7 +168,7 @@ class ImageHead(nn.Module):
     if self.norm:
       h = _gn(h, 'norm', self.dtype)
     return precision.to_output(jnp.tanh(
-        nn.Conv(3, (3, 3), dtype=self.dtype, name='conv_img')(nn.leaky_relu(h, 0.2))))
+        layers.Conv(3, (3, 3), dtype=self.dtype, name='conv_img')(nn.leaky_relu(h, 0.2))))
 
 
 class AppearanceEncoder(nn.Module):
@@ -184,13 +184,13 @@ class AppearanceEncoder(nn.Module):
   def __call__(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
     """image [B, H, W, 3] -> (volume [B, D, h, w, C], identity [B, id_dim]), in `dtype`."""
     dt = self.dtype
-    x = nn.Conv(self.widths[0], (3, 3), dtype=dt, name='conv_in')(image)
+    x = layers.Conv(self.widths[0], (3, 3), dtype=dt, name='conv_in')(image)
     for i, w in enumerate(self.widths[1:]):
       x = DownBlock2D(w, dt, name=f'down_{i}')(x)
     x = nn.leaky_relu(_gn(x, 'norm_out', dt), 0.2)
-    identity = nn.Dense(self.id_dim, dtype=dt, name='identity')(x.mean(axis=(1, 2)))
+    identity = layers.Dense(self.id_dim, dtype=dt, name='identity')(x.mean(axis=(1, 2)))
     b, h, w, _ = x.shape
-    vol = nn.Conv(self.depth * self.channels, (1, 1), dtype=dt, name='to_volume')(x)
+    vol = layers.Conv(self.depth * self.channels, (1, 1), dtype=dt, name='to_volume')(x)
     vol = vol.reshape(b, h, w, self.depth, self.channels).transpose(0, 3, 1, 2, 4)
     for i in range(self.blocks_3d):
       vol = ResBlock3D(dt, name=f'res3d_{i}')(vol)
@@ -221,13 +221,13 @@ class MotionEncoder(nn.Module):
       f -= 1
     x = image.reshape(b, h // f, f, w // f, f, 3).mean(axis=(2, 4))
     for i, width in enumerate(self.widths):
-      x = nn.leaky_relu(nn.Conv(width, (3, 3), strides=(2, 2), dtype=dt,
-                                name=f'conv_{i}')(x), 0.2)
+      x = nn.leaky_relu(layers.Conv(width, (3, 3), strides=(2, 2), dtype=dt,
+                                    name=f'conv_{i}')(x), 0.2)
     # Flattened, not pooled: a shallow net's pooled features keep colours, not positions.
-    x = nn.leaky_relu(nn.Dense(4 * self.widths[-1], dtype=dt, name='fc')(x.reshape(b, -1)),
+    x = nn.leaky_relu(layers.Dense(4 * self.widths[-1], dtype=dt, name='fc')(x.reshape(b, -1)),
                       0.2)
-    raw = precision.to_output(nn.Dense(6 + self.expr_dim, dtype=dt, name='out',
-                                       kernel_init=nn.initializers.normal(1e-2))(x))
+    raw = precision.to_output(layers.Dense(6 + self.expr_dim, dtype=dt, name='out',
+                                           kernel_init=nn.initializers.normal(1e-2))(x))
     rotation = (jnp.pi / 2) * jnp.tanh(raw[:, :3])
     translation = 0.5 * jnp.tanh(raw[:, 3:6])
     expression = jnp.tanh(raw[:, 6:])
@@ -421,7 +421,7 @@ class ReenactGenerator(nn.Module):
     self.warp_to_canonical = warp.WarpGenerator(self.warp_width, self.flow_scale, dt)
     self.warp_to_driver = warp.WarpGenerator(self.warp_width, self.flow_scale, dt)
     self.g3d = [ResBlock3D(dt) for _ in range(self.g3d_blocks)]
-    self.g2d_in = nn.Conv(self.g2d_width, (1, 1), dtype=dt)
+    self.g2d_in = layers.Conv(self.g2d_width, (1, 1), dtype=dt)
     self.g2d_blocks = [ResBlock2D(self.widths[i + 1], self.block_factors[i],
                                   self.spectral_norm, self.conv_impl, dt)
                        for i in range(self.num_blocks)]

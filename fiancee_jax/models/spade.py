@@ -19,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from fiancee_jax.models import layers
+from fiancee_jax.models import precision
 from fiancee_jax.ops import conv
 
 
@@ -79,7 +80,7 @@ def fused_conv(x: jax.Array, convs: Sequence[tuple[jax.Array, jax.Array]],
   """
   kernel = jnp.concatenate([k for k, _ in convs], axis=-1)
   bias = jnp.concatenate([b for _, b in convs])
-  y = conv.conv2d_same(x, kernel, conv_impl) + bias.astype(x.dtype)
+  y = precision.broadcast_add(conv.conv2d_same(x, kernel, conv_impl), bias)
   return jnp.split(y, np.cumsum([b.shape[0] for _, b in convs])[:-1].tolist(), axis=-1)
 
 
@@ -153,9 +154,11 @@ class SpadeResBlock(nn.Module):
     actv = fused_conv(seg, [n.hidden_params(seg.shape[-1]) for n in norms.values()],
                       self.conv_impl)
     if z is not None:
-      offsets = nn.Dense(len(norms) * self.spade_hidden, kernel_init=nn.initializers.zeros,
-                         dtype=self.dtype, name='z_hidden')(z)
-      actv = [a + o[:, None, None, :] for a, o in zip(actv, jnp.split(offsets, len(norms), -1))]
+      offsets = layers.Dense(len(norms) * self.spade_hidden,
+                             kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                             name='z_hidden')(z)
+      actv = [precision.broadcast_add(a, o[:, None, None, :])
+              for a, o in zip(actv, jnp.split(offsets, len(norms), -1))]
     actv = dict(zip(norms, (nn.relu(a) for a in actv)))
     if fin != fout:
       xs = norms['s'](x, actv['s'], **kw)

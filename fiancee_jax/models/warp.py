@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fiancee_jax.models import layers
+from fiancee_jax.models import precision
+
 PADDINGS = ('border', 'zeros')
 
 
@@ -148,13 +151,13 @@ class Conv3x3x3(nn.Module):
     b, d, h, w, c = x.shape
     kernel = self.param('kernel', self.kernel_init, (3, 3, 3, c, self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    kernel, bias, x = kernel.astype(self.dtype), bias.astype(self.dtype), x.astype(self.dtype)
+    kernel, x = kernel.astype(self.dtype), x.astype(self.dtype)
     padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     stacked = jnp.concatenate([padded[:, k:k + d] for k in range(3)], axis=-1)
     kernel_2d = kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * c, self.features)
     y = jax.lax.conv_general_dilated(stacked.reshape(b * d, h, w, 3 * c), kernel_2d, (1, 1),
                                      'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y.reshape(b, d, h, w, self.features) + bias
+    return precision.broadcast_add(y.reshape(b, d, h, w, self.features), bias)
 
 
 class WarpGenerator(nn.Module):
@@ -176,7 +179,7 @@ class WarpGenerator(nn.Module):
     coarse = (max(d // 4, 1), max(h // 4, 1), max(w // 4, 1))
     b = identity.shape[0]
     dt = self.dtype
-    x = nn.Dense(math.prod(coarse) * self.width, dtype=dt, name='fc')(
+    x = layers.Dense(math.prod(coarse) * self.width, dtype=dt, name='fc')(
         jnp.concatenate([identity.astype(dt), expression.astype(dt)], axis=-1))
     x = nn.leaky_relu(x.reshape(b, *coarse, self.width), 0.2)
     x = nn.leaky_relu(Conv3x3x3(self.width, dtype=dt, name='conv')(x), 0.2)

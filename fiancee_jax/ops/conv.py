@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from fiancee_jax.models import precision
+
 # Implementations of conv2d_same; the first three are per-call forms, the last picks by shape.
 CONV_IMPLS = ('xla', 'toeplitz', 'even', 'toeplitz_even')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
@@ -119,5 +121,5 @@ class Conv(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    x = x.astype(self.dtype)
-    return conv2d_same(x, kernel, self.conv_impl) + bias.astype(self.dtype)
+    return precision.broadcast_add(conv2d_same(x.astype(self.dtype), kernel, self.conv_impl),
+                                   bias)
