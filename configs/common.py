@@ -77,6 +77,12 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
       # Name of a shipped backbone (fiancee_jax/assets/backbones/NAME) that the backbone stage
       # installs instead of training; '' trains it (training/pretrained.py).
       pretrained='',
+      # Compute dtype of every training step: backbone (and discriminator), exits, predictor.
+      # 'bfloat16' computes in bfloat16 with float32 parameters, optimizer state, normalisation
+      # statistics and losses (models/precision.py); what a GPU or TPU runs fastest. Every
+      # later stage (database, targets, evaluate) computes in float32, as do the published
+      # numbers.
+      dtype='float32',
   )
   config.train.update(train)
 

@@ -30,6 +30,7 @@ from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
+from fiancee_jax.models import precision
 from fiancee_jax.routing import calibration
 
 KNOWN_STAGES = ('backbone', 'database', 'exits', 'predictor', 'evaluate', 'benchmark')
@@ -109,6 +110,14 @@ def _choice(section, name: str, key: str, options: tuple[str, ...]) -> str:
   v = _get(section, name, key)
   if v not in options:
     raise ConfigError(f'config.{name}.{key}={v!r}: use one of {", ".join(map(repr, options))}')
+  return v
+
+
+def _dtype(v: Any, where: str) -> str:
+  if v not in precision.DTYPES:
+    raise ConfigError(f'{where}={v!r} is not a compute dtype; use one of '
+                      f'{", ".join(map(repr, precision.DTYPES))} (float32 parameters either '
+                      'way; models/precision.py)')
   return v
 
 
@@ -225,6 +234,8 @@ def check_train(config: ml_collections.ConfigDict) -> None:
       _real(t, s, key, 0)
   if 'identity_temperature' in t:
     _real(t, s, 'identity_temperature', 0, lo_open=True)
+  if 'dtype' in t:  # configs written before the key existed train in float32
+    _dtype(t.dtype, 'config.train.dtype')
 
 
 def check_distance(config: ml_collections.ConfigDict) -> None:
