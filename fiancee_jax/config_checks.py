@@ -338,6 +338,19 @@ def check_benchmark(config: ml_collections.ConfigDict) -> None:
   if trace_dir and os.path.normpath(trace_dir) in ('.', 'hlo'):
     raise ConfigError(f'config.benchmark.trace_dir={trace_dir!r} would mix traces into '
                       "WORKDIR/report or report/hlo; name a subdirectory such as 'trace'")
+  # The precision grid (evaluation/precision_grid.py).
+  dtypes = _get(b, s, 'dtypes')
+  if not isinstance(dtypes, (tuple, list)) or not dtypes or len(set(dtypes)) < len(dtypes):
+    raise ConfigError(f'config.benchmark.dtypes must be a tuple of distinct compute dtypes '
+                      f"such as ('float32', 'bfloat16'), got {dtypes!r}")
+  for d in dtypes:
+    _dtype(d, 'config.benchmark.dtypes entry')
+  sizes = _ints(b, s, 'batch_sizes', 1, nonempty=False)
+  if list(sizes) != sorted(set(sizes)):
+    raise ConfigError(f'config.benchmark.batch_sizes={sizes} must be increasing batch sizes, '
+                      'e.g. (1, 8, 64, 256), or () for no precision grid')
+  _int(b, s, 'grid_iters', 1)
+  _int(b, s, 'grid_warmup', 0)
   n = min(config.router.num_eval, config.data.num_test)
   if b.batch_size > n:
     raise ConfigError(f'config.benchmark.batch_size={b.batch_size} exceeds the {n} test inputs '
