@@ -22,6 +22,10 @@ from fiancee_jax import model as model_lib
 from fiancee_jax.metrics import latency
 from fiancee_jax.models import precision
 
+# Errors that skip a cell of the precision grid instead of failing the benchmark: XLA's
+# compile or run-time failures (out of memory is RESOURCE_EXHAUSTED) and host memory.
+GRID_ERRORS = (jax.errors.JaxRuntimeError, MemoryError)
+
 
 def with_dtype(model: model_lib.FianceeModel, dtype: str) -> model_lib.FianceeModel:
   """The same model (same float32 parameters) computing in `dtype` ('float32' | 'bfloat16').
@@ -40,11 +44,6 @@ def model_dtype(model: model_lib.FianceeModel) -> str:
   return precision.name_of(getattr(model.exit_model.backbone, 'dtype', 'float32'))
 
 
-# Errors that skip a cell of the precision grid instead of failing the benchmark: XLA's
-# compile or run-time failures (out of memory is RESOURCE_EXHAUSTED) and host memory.
-GRID_ERRORS = (jax.errors.JaxRuntimeError, MemoryError)
-
-
 def _cyclic(x: Any, n: int) -> np.ndarray:
   """The first n rows of x, repeated cyclically when it has fewer."""
   x = np.asarray(x)
@@ -58,7 +57,7 @@ def _reason(e: BaseException) -> str:
 
 
 def check_grid(dtypes: Sequence[str], batch_sizes: Sequence[int], warmup: int,
-                iters: int) -> tuple[list[str], list[int]]:
+               iters: int) -> tuple[list[str], list[int]]:
   """(dtype names, batch sizes) of a precision grid; ValueError names a bad argument."""
   dtypes = [precision.name_of(precision.compute_dtype(d)) for d in dtypes]
   batch_sizes = [int(b) for b in batch_sizes]
