@@ -79,6 +79,12 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
       # Name of a shipped backbone (fiancee_jax/assets/backbones/NAME) that the backbone stage
       # installs instead of training; '' trains it (training/pretrained.py).
       pretrained='',
+      # Compute dtype of every training step: backbone (and discriminator), exits, predictor.
+      # 'bfloat16' computes in bfloat16 with float32 parameters, optimizer state, normalisation
+      # statistics and losses (models/precision.py); what a GPU or TPU runs fastest. Every
+      # later stage (database, targets, evaluate) computes in float32, as do the published
+      # numbers.
+      dtype='float32',
   )
   config.train.update(train)
 
@@ -194,9 +200,13 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
   # trace_dir: a jax.profiler trace of every exit path at batch_size goes to
   # trace_dir/exit{k}_b{batch} (TensorBoard / Perfetto), relative to WORKDIR/report unless
   # absolute; '' = not traced. Every exit's optimised HLO and memory analysis always go to
-  # WORKDIR/report/hlo/.
+  # WORKDIR/report/hlo/. The precision grid (evaluation/precision_grid.py): every exit in
+  # each of `dtypes` at each of `batch_sizes` (() = not measured), grid_warmup + grid_iters
+  # calls per cell; a cell that runs out of memory is skipped with its reason.
   config.benchmark = dict(batch_size=64, warmup=3, iters=10, switch_rounds=200,
-                          exit_parts=True, lowering_rounds=20, trace_dir='trace')
+                          exit_parts=True, lowering_rounds=20, trace_dir='trace',
+                          dtypes=('float32', 'bfloat16'), batch_sizes=(1, 8, 64, 256),
+                          grid_warmup=1, grid_iters=3)
   # A damaged checkpoint (truncated, overwritten, no file list) stops its stage with a message
   # naming the step; True falls back past damaged steps instead (to scratch if none is left).
   # async_save: checkpoints are written in the background while training goes on (each is
@@ -216,7 +226,8 @@ def shrink_for_tests(config: ml_collections.ConfigDict) -> None:
                       sample_every=2, checkpoint_every=2)
   config.predictor.update(width=4, num_steps=4, log_every=2, checkpoint_every=2)
   config.evaluate.update(seeds=1, bootstrap_resamples=200)
-  config.benchmark.update(warmup=1, iters=2, switch_rounds=4, exit_parts=False)
+  config.benchmark.update(warmup=1, iters=2, switch_rounds=4, exit_parts=False,
+                          batch_sizes=(1, 8), grid_iters=2)
 
 
 def unknown_variant(path: str, arg: str, known: tuple[str, ...] = ('tiny',)) -> ValueError:

@@ -30,6 +30,7 @@ from fiancee_jax.metrics import anchors
 from fiancee_jax.metrics import distances
 from fiancee_jax.models import factory
 from fiancee_jax.models import oasis
+from fiancee_jax.models import precision
 from fiancee_jax.ops import kernels as kernels_lib
 from fiancee_jax.routing import calibration
 
@@ -114,6 +115,14 @@ def _choice(section, name: str, key: str, options: tuple[str, ...]) -> str:
   v = _get(section, name, key)
   if v not in options:
     raise ConfigError(f'config.{name}.{key}={v!r}: use one of {", ".join(map(repr, options))}')
+  return v
+
+
+def _dtype(v: Any, where: str) -> str:
+  if v not in precision.DTYPES:
+    raise ConfigError(f'{where}={v!r} is not a compute dtype; use one of '
+                      f'{", ".join(map(repr, precision.DTYPES))} (float32 parameters either '
+                      'way; models/precision.py)')
   return v
 
 
@@ -231,6 +240,8 @@ def check_train(config: ml_collections.ConfigDict) -> None:
       _real(t, s, key, 0)
   if 'identity_temperature' in t:
     _real(t, s, 'identity_temperature', 0, lo_open=True)
+  if 'dtype' in t:  # configs written before the key existed train in float32
+    _dtype(t.dtype, 'config.train.dtype')
 
 
 def check_distance(config: ml_collections.ConfigDict) -> None:
@@ -333,6 +344,19 @@ def check_benchmark(config: ml_collections.ConfigDict) -> None:
   if trace_dir and os.path.normpath(trace_dir) in ('.', 'hlo'):
     raise ConfigError(f'config.benchmark.trace_dir={trace_dir!r} would mix traces into '
                       "WORKDIR/report or report/hlo; name a subdirectory such as 'trace'")
+  # The precision grid (evaluation/precision_grid.py).
+  dtypes = _get(b, s, 'dtypes')
+  if not isinstance(dtypes, (tuple, list)) or not dtypes or len(set(dtypes)) < len(dtypes):
+    raise ConfigError(f'config.benchmark.dtypes must be a tuple of distinct compute dtypes '
+                      f"such as ('float32', 'bfloat16'), got {dtypes!r}")
+  for d in dtypes:
+    _dtype(d, 'config.benchmark.dtypes entry')
+  sizes = _ints(b, s, 'batch_sizes', 1, nonempty=False)
+  if list(sizes) != sorted(set(sizes)):
+    raise ConfigError(f'config.benchmark.batch_sizes={sizes} must be increasing batch sizes, '
+                      'e.g. (1, 8, 64, 256), or () for no precision grid')
+  _int(b, s, 'grid_iters', 1)
+  _int(b, s, 'grid_warmup', 0)
   n = min(config.router.num_eval, config.data.num_test)
   if b.batch_size > n:
     raise ConfigError(f'config.benchmark.batch_size={b.batch_size} exceeds the {n} test inputs '

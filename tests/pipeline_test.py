@@ -12,6 +12,7 @@ from fiancee_jax import config_checks
 from fiancee_jax import metric_logging
 from fiancee_jax import pipeline
 from fiancee_jax.data import sources
+from fiancee_jax.models import factory
 from fiancee_jax.training import artifact_io
 from tests.evaluation import report_test
 
@@ -94,7 +95,7 @@ def test_report_schema(workdir):
 
 
 def test_bench_schema(workdir):
-  wd, _ = workdir
+  wd, config = workdir
   with open(os.path.join(wd, 'report', 'bench.json')) as f:
     b = json.load(f)
   text = json.dumps(b)
@@ -104,6 +105,20 @@ def test_bench_schema(workdir):
     t_star = json.load(f)['value']
   # The benchmark routes at t* and the paper's LPIPS 0.1, nothing picked from the results.
   assert sorted(r['threshold'] for r in b['routing']) == pytest.approx(sorted([t_star, 0.1]))
+  # Device, kernels as configured and resolved, and the precision grid as configured.
+  dev = jax.devices()[0]
+  assert (b['device']['device_kind'], b['device']['platform']) == (dev.device_kind, dev.platform)
+  assert b['kernels']['config'] == dict(config.kernels)
+  assert b['kernels']['platform'] == jax.default_backend()
+  assert b['kernels']['model']['conv'] == factory.kernels(config)['conv']
+  grid = b['precision']
+  assert grid['dtypes'] == list(config.benchmark.dtypes) == ['float32', 'bfloat16']
+  assert grid['batch_sizes'] == list(config.benchmark.batch_sizes) and not grid['skipped']
+  assert sorted((r['dtype'], r['batch'], r['exit']) for r in grid['rows']) == sorted(
+      (d, n, k) for d in grid['dtypes'] for n in grid['batch_sizes']
+      for k in range(b['num_exits']))
+  with open(os.path.join(wd, 'report', 'bench.md')) as f:
+    assert '## Precision: every exit in float32, bfloat16' in f.read()
 
 
 def test_artifacts_name_the_artifacts_they_were_built_from(workdir):

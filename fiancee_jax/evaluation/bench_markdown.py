@@ -19,6 +19,13 @@ def _interval(ci: Sequence[float] | None) -> str:
   return '-' if ci is None else f'{ci[0]:.3f} - {ci[1]:.3f}'
 
 
+def _matmul(bench: dict[str, Any]) -> str:
+  """'X GFLOP/s float32, Y GFLOP/s bfloat16' (float32 alone in an older bench.json)."""
+  by_dtype = bench.get('matmul_gflops_per_s_by_dtype') or {
+      'float32': bench['matmul_gflops_per_s']}
+  return ', '.join(f'{_fmt(v)} GFLOP/s {d}' for d, v in by_dtype.items())
+
+
 def _switch_protocol(bench: dict[str, Any]) -> str:
   rounds = bench['protocol'].get('switch_rounds')
   if rounds is None:  # bench.json from before interleaved timing
@@ -88,6 +95,10 @@ def _kernels_markdown(bench: dict[str, Any]) -> list[str]:
   used = ', '.join(f'{op} {impl}' for op, impl in kernels['model'].items() if impl)
   out = ["## Kernels (ops/kernels.py)", '',
          f'Every figure above ran on: {used or "-"}.', '']
+  if kernels.get('config') is not None:
+    asked = ', '.join(f'{op} {impl}' for op, impl in kernels['config'].items()) or 'all auto'
+    out += [f"config.kernels: {asked}; 'auto' resolved for the {kernels['platform']} "
+            'backend.', '']
   rows = kernels['ab']
   if not rows:  # the model runs the reference kernels, or the A/B was not measured
     return out
@@ -105,6 +116,49 @@ def _kernels_markdown(bench: dict[str, Any]) -> list[str]:
       'to it).', '']
 
 
+def _precision_markdown(bench: dict[str, Any]) -> list[str]:
+  grid = bench.get('precision')
+  if not grid:  # not measured, or written before the grid existed
+    return []
+  dtypes = grid['dtypes']
+  cells = {(r['batch'], r['exit'], r['dtype']): r for r in grid['rows']}
+  flops = {r['exit']: r['flops_speedup'] for r in grid['rows']}
+  ratio = [d for d in dtypes if d != 'float32'] if 'float32' in dtypes else []
+  header = ['batch', 'exit', *(f'{d} ms' for d in dtypes),
+            *(f'{d} vs backbone' for d in dtypes), 'FLOPs-predicted vs backbone',
+            *(f'{d} / float32' for d in ratio)]
+  rows = []
+  for b in grid['batch_sizes']:
+    for k in range(bench['num_exits']):
+      row = [cells.get((b, k, d)) for d in dtypes]
+      if not any(row):
+        continue
+      name = 'backbone' if k == bench['num_exits'] - 1 else k
+      rows.append([b, name,
+                   *(f"{_fmt(r['median_ms'])} ({_fmt(r['p90_ms'])})" if r else 'skipped'
+                     for r in row),
+                   *(_fmt(r['measured_speedup']) if r and r['measured_speedup'] else '-'
+                     for r in row),
+                   _fmt(flops[k]),
+                   *(_fmt(cells[(b, k, d)]['speedup_vs_float32'])
+                     if (b, k, d) in cells and cells[(b, k, d)]['speedup_vs_float32'] else '-'
+                     for d in ratio)])
+  out = [f"## Precision: every exit in {', '.join(dtypes)}", '',
+         _table(header, rows), '',
+         f"Each cell its own executable on the same float32 parameters, timed alone "
+         f"({grid['iters']} calls after {grid['warmup']} warm-up); median (p90) ms. "
+         "vs backbone: the backbone's time over the exit's, in the same dtype at the same "
+         'batch, to set against the FLOPs-predicted speedup; '
+         + (f'{ratio[0]} / float32: the float32 time over the {ratio[0]} one.' if ratio
+            else ''), '']
+  if grid['skipped']:
+    out += ['Skipped (did not compile or run):', '']
+    out += [f"- {c['dtype']}, batch {c['batch']}, exit {c['exit']}: {c['reason']}"
+            for c in grid['skipped']]
+    out.append('')
+  return out
+
+
 def render_markdown(bench: dict[str, Any]) -> str:
   """bench.json as markdown tables."""
   b = bench['batch_size']
@@ -113,10 +167,11 @@ def render_markdown(bench: dict[str, Any]) -> str:
       '',
       f"Hardware: {bench['hardware']}; jax {bench['device']['jax']}, jaxlib "
       f"{bench['device']['jaxlib']}, flax {bench['device']['flax']}. Matmul "
-      f"({bench['matmul_n']}^2, float32): {_fmt(bench['matmul_gflops_per_s'])} GFLOP/s. "
+      f"({bench['matmul_n']}^2): {_matmul(bench)}. "
       f"Resolution {bench['resolution'][0]}x{bench['resolution'][1]}; "
       f"{bench['protocol']['iters']} timed calls after {bench['protocol']['warmup']} warm-up "
-      'calls; median (p90) in ms.',
+      f"calls; median (p90) in ms; computed in {bench.get('dtype', 'float32')} (the "
+      'precision grid aside).',
       '',
       '## Exits',
       '',
@@ -172,5 +227,6 @@ def render_markdown(bench: dict[str, Any]) -> str:
       'every exit runs for every sample.',
       '',
       *_kernels_markdown(bench),
+      *_precision_markdown(bench),
   ]
   return '\n'.join(parts)

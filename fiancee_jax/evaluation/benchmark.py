@@ -25,6 +25,10 @@ Measured (`run_benchmark` calls one function per item):
   `batch_size` built a second time on the plain XLA kernels and timed interleaved against the
   model's own (`kernel_ab`): what the kernel choice buys, and how close each exit then runs
   to the backbone's GFLOP/s;
+- every exit path in every compute dtype (float32, bfloat16) at every batch size of
+  `config.benchmark.batch_sizes`: its latency, its measured speedup over the backbone next to
+  the FLOPs-predicted one, and bfloat16's speedup over float32 (precision_grid.py; a cell
+  that does not compile or run, e.g. out of memory, is skipped with the error as its reason);
 - inside every exit (`profiling.exit_profiles`): its optimised HLO and memory analysis at
   batch 1 and `batch_size` written to files, a profiler trace of it at `batch_size` (run after
   its timed loop, so no timing includes the profiler), and its top ops by time from that
@@ -45,6 +49,7 @@ import numpy as np
 from fiancee_jax import model as model_lib
 from fiancee_jax import parallel
 from fiancee_jax.evaluation import bench_markdown
+from fiancee_jax.evaluation import precision_grid
 from fiancee_jax.evaluation import profiling
 from fiancee_jax.evaluation import report
 from fiancee_jax.inference import loading
@@ -383,10 +388,13 @@ def kernel_ab(model: model_lib.FianceeModel, inputs: Sequence[Any], *, warmup: i
 
 
 def _header(model: model_lib.FianceeModel, *, batch_size: int, warmup: int, iters: int,
-            seed: int, switch_rounds: int, lowering_rounds: int, matmul_n: int
-            ) -> dict[str, Any]:
-  """Hardware, protocol and sizes, and the matmul GFLOP/s measured now."""
+            seed: int, switch_rounds: int, lowering_rounds: int, matmul_n: int,
+            dtypes: Sequence[str]) -> dict[str, Any]:
+  """Hardware, protocol and sizes, and the matmul GFLOP/s measured now (in every dtype)."""
   info = latency.device_info()
+  matmul = {d: latency.matmul_gflops(matmul_n, iters=max(iters // 2, 1), warmup=min(warmup, 2),
+                                     dtype=d)
+            for d in dict.fromkeys(('float32', *dtypes))}
   return {
       'hardware': latency.hardware_string(info),
       'device': info,
@@ -400,8 +408,8 @@ def _header(model: model_lib.FianceeModel, *, batch_size: int, warmup: int, iter
       'num_exits': int(model.num_exits),
       'distance': model.distance,
       'matmul_n': int(matmul_n),
-      'matmul_gflops_per_s': latency.matmul_gflops(matmul_n, iters=max(iters // 2, 1),
-                                                   warmup=min(warmup, 2)),
+      'matmul_gflops_per_s': matmul['float32'],
+      'matmul_gflops_per_s_by_dtype': matmul,
   }
 
 
@@ -411,7 +419,10 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
                   parts: bool = True, lowering_rounds: int = 20,
                   bucketed: router_lib.BucketedRouter | None = None,
                   switch: router_lib.SwitchRouter | None = None,
-                  hlo_dir: str | None = None, trace_dir: str | None = None) -> dict[str, Any]:
+                  hlo_dir: str | None = None, trace_dir: str | None = None,
+                  dtypes: Sequence[str] = ('float32', 'bfloat16'),
+                  batch_sizes: Sequence[int] = (), grid_warmup: int = 1,
+                  grid_iters: int = 3) -> dict[str, Any]:
   """Measures exits, routing and dispatch overheads; returns the bench.json content.
 
   Args:
@@ -435,24 +446,31 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
       .memory.json, at batch 1 and batch_size); None: not written.
     trace_dir: where a profiler trace of every exit at batch_size goes (trace_dir/exit{k}_b{b},
       `iters` calls each); None: not traced.
+    dtypes: compute dtypes of the precision grid (and of the matmul GFLOP/s).
+    batch_sizes: batch sizes of the precision grid (`precision_grid`); () = not measured.
+    grid_warmup, grid_iters: untimed and timed calls per cell of the grid.
 
   Returns:
     A JSON-serialisable dict (bench_markdown.render_markdown renders it). Keys: 'hardware',
     'device', 'protocol', 'batch_size', 'resolution', 'num_exits', 'distance', 'matmul_n',
-    'matmul_gflops_per_s', 'exits', 'profile', 'exit_parts', 'backbone', 'predictor',
-    'routing', 'switch', 'vmap_switch', 'kernels', 'router_compiles'.
+    'matmul_gflops_per_s', 'matmul_gflops_per_s_by_dtype', 'dtype' (the compute dtype of
+    every figure outside the grid), 'exits', 'profile', 'exit_parts', 'backbone',
+    'predictor', 'routing', 'switch', 'vmap_switch', 'kernels', 'precision' (None when
+    batch_sizes is empty), 'router_compiles'.
 
   Raises:
     ValueError: bad data, thresholds or sizes (before anything is compiled).
   """
   data, thresholds = _check_arguments(model, data, thresholds, batch_size, warmup, iters,
                                       switch_rounds, lowering_rounds, bucketed, switch)
+  dtypes = precision_grid.check_grid(dtypes, batch_sizes or [1], grid_warmup, grid_iters)[0]
   timing = dict(warmup=warmup, iters=iters)
   batch = tuple(np.asarray(x) for x in model.make_inputs(
       tuple(x[:batch_size] for x in data), jax.random.key(seed)))
   one = tuple(x[:1] for x in batch)
   out = _header(model, batch_size=batch_size, seed=seed, switch_rounds=switch_rounds,
-                lowering_rounds=lowering_rounds, matmul_n=matmul_n, **timing)
+                lowering_rounds=lowering_rounds, matmul_n=matmul_n, dtypes=dtypes, **timing)
+  out['dtype'] = precision_grid.model_dtype(model)
 
   # One bucket set serves both the router and the per-exit batch latencies.
   bucketed = bucketed or router_lib.BucketedRouter(model, router_lib.default_buckets(batch_size))
@@ -485,6 +503,17 @@ def run_benchmark(model: model_lib.FianceeModel, data: Any, *, batch_size: int =
   out['kernels'] = kernel_ab(
       model, batch_d, warmup=warmup, rounds=lowering_rounds,
       compiled=[bucketed.compiled_exit(k, batch_size) for k in range(model.num_exits)])
+  out['precision'] = None
+  if batch_sizes:
+    # The routers' executables are the model's own dtype at the bucket sizes: not compiled
+    # a second time.
+    def routers_exe(d, k, b):
+      return (bucketed.compiled_exit(k, b)
+              if d == out['dtype'] and b in bucketed.bucket_sizes else None)
+
+    out['precision'] = precision_grid.precision_grid(
+        model, data, dtypes=dtypes, batch_sizes=batch_sizes, warmup=grid_warmup,
+        iters=grid_iters, seed=seed, compiled=routers_exe)
 
   recompiles = bucketed.num_compiles + switch.num_compiles - compiles_after_warmup
   if recompiles:
@@ -536,7 +565,12 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                         switch_rounds=b.switch_rounds, parts=b.exit_parts,
                         lowering_rounds=b.lowering_rounds, seed=config.seed,
                         hlo_dir=os.path.join(report_dir, 'hlo'),
-                        trace_dir=os.path.join(report_dir, trace_dir) if trace_dir else None)
+                        trace_dir=os.path.join(report_dir, trace_dir) if trace_dir else None,
+                        dtypes=tuple(b.dtypes), batch_sizes=tuple(b.batch_sizes),
+                        grid_warmup=b.grid_warmup, grid_iters=b.grid_iters)
+  # What config.kernels asked for, and the backend 'auto' was resolved on (ops/kernels.py).
+  bench['kernels'].update(config=dict(config.get('kernels') or {}),
+                          platform=jax.default_backend())
   # Paths relative to report/, so that bench.json does not depend on where the workdir is.
   for key in ('hlo_dir', 'trace_dir'):
     if bench['profile'][key]:

@@ -261,8 +261,9 @@ def time_paired(fn_a: Callable[..., Any], args_a: tuple, fn_b: Callable[..., Any
           'ratio_of_medians': sa['median_ms'] / sb['median_ms'], 'rounds': int(rounds)}
 
 
-def matmul_gflops(n: int = 2048, iters: int = 10, warmup: int = 2) -> float:
-  """Measured float32 matmul throughput of the default device, in GFLOP/s.
+def matmul_gflops(n: int = 2048, iters: int = 10, warmup: int = 2,
+                  dtype: str = 'float32') -> float:
+  """Measured matmul throughput of the default device in `dtype`, in GFLOP/s.
 
   Times an AOT-compiled `jnp.dot` of two [n, n] matrices (2 n^3 FLOPs per call) and divides by
   the median time, so that latencies from the same run can be read against the machine's peak.
@@ -270,8 +271,8 @@ def matmul_gflops(n: int = 2048, iters: int = 10, warmup: int = 2) -> float:
   if n < 1:
     raise ValueError(f'matmul size n must be >= 1, got {n}')
   key_a, key_b = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(key_a, (n, n), jnp.float32)
-  b = jax.random.normal(key_b, (n, n), jnp.float32)
+  a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
   compiled = compile_aot(jnp.dot, a, b)
   stats = time_compiled(compiled, a, b, warmup=warmup, iters=iters)
   return 2.0 * n ** 3 / (stats['median_ms'] * 1e-3) / 1e9

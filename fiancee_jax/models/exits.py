@@ -3,8 +3,10 @@
 A staged backbone (a linen module) provides `conditioning(*inputs)`, `stem(cond)`,
 `block(i, h, cond, train=...)`, `head(h)`, `num_blocks` and a `light_factory` with
 `block_width(j, mult)`, `block(j, mult, name, hidden_mult=None)`, `head(name)`,
-`condition(cond)` (the spatial part of the conditioning light blocks see) and
-`latent(cond)` (the per-image latent [B, Z] z-aware light blocks take as `z=`, or None).
+`condition(cond)` (the spatial part of the conditioning light blocks see),
+`latent(cond)` (the per-image latent [B, Z] z-aware light blocks take as `z=`, or None) and
+`dtype` (the compute dtype of the light blocks and heads, models/precision.py: a branch
+computes in it, and its image is float32).
 An exit attached after block i is a 1x1 projection of the block-i features (concatenated
 with the guiding map, if guided) followed by light versions of blocks i+1..K-1 and its
 own image head. The guiding map is also appended to the conditioning the light blocks
@@ -27,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from fiancee_jax.models import layers
 
 Params = Any
 # lookup(database, key_features [B, h, w, C], out_hw) -> guide [B, H, W, G]
@@ -58,7 +62,9 @@ class ExitBranch(nn.Module):
                train: bool = False, momentum: float = 0.9) -> jax.Array:
     """h: [B, h, w, C_i]; cond: [B, H, W, S]; guide: [B, H, W, G] or None -> [B, H, W, 3]."""
     width = self.factory.block_width(self.attach_after, self.width_mult)
-    x = nn.Conv(width, (1, 1), name='proj')(h)
+    dtype = self.factory.dtype
+    x = layers.Conv(width, (1, 1), dtype=dtype, name='proj')(h)
+    cond = cond.astype(dtype)
     latent = self.factory.latent(cond) if self.z_aware else None
     block_kw = dict(train=train, momentum=momentum)
     if latent is not None:
@@ -67,6 +73,7 @@ class ExitBranch(nn.Module):
     if self.guided:
       if guide is None:
         raise ValueError(f'exit after block {self.attach_after} is guided but got no guide')
+      guide = guide.astype(dtype)  # the lookup computes in float32
       x = jnp.concatenate([x, area_resize(guide, x.shape[1:3])], axis=-1)
       cond = jnp.concatenate([cond, area_resize(guide, cond.shape[1:3])], axis=-1)
     for j in range(self.attach_after + 1, self.factory.num_blocks):

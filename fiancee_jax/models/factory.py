@@ -2,7 +2,10 @@
 
 Models run the kernel implementations `kernels(config)` names (config.kernels with 'auto'
 resolved for the default backend, ops/kernels.py); pass `kernels=` to build the same model
-on others (metrics/costs.py counts FLOPs on ops.kernels.XLA). Parameters never depend on it.
+on others (metrics/costs.py counts FLOPs on ops.kernels.XLA). Models compute in float32
+unless `dtype=` names another compute dtype (models/precision.py): the trainers pass
+`train_dtype(config)`, the benchmark each of config.benchmark.dtypes; inference and every
+measurement run float32. Parameters never depend on either.
 """
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +19,7 @@ from fiancee_jax import tasks
 from fiancee_jax.guidance import database
 from fiancee_jax.models import exits
 from fiancee_jax.models import oasis
+from fiancee_jax.models import precision
 from fiancee_jax.models import predictor
 from fiancee_jax.models import reenact
 from fiancee_jax.ops import kernels as kernels_lib
@@ -45,31 +49,45 @@ def _kernels(config, given: Mapping[str, str] | None) -> dict[str, str]:
   return kernels(config) if given is None else kernels_lib.check_concrete(given)
 
 
+def train_dtype(config: ml_collections.ConfigDict) -> str:
+  """The compute dtype of every training step, config.train.dtype ('float32' when a config
+  written before the key existed has none); ValueError for an unknown name."""
+  name = config.train.get('dtype', 'float32')
+  precision.compute_dtype(name)
+  return name
+
+
 def make_generator(config: ml_collections.ConfigDict, *,
-                   kernels: Mapping[str, str] | None = None) -> nn.Module:
-  """The staged backbone: OasisGenerator ('oasis') or ReenactGenerator ('reenact')."""
+                   kernels: Mapping[str, str] | None = None,
+                   dtype: str = 'float32') -> nn.Module:
+  """The staged backbone: OasisGenerator ('oasis') or ReenactGenerator ('reenact'),
+  computing in `dtype` ('float32' or 'bfloat16'; parameters are float32 either way)."""
   b = config.backbone
   get_task(config)  # names the known backbones if b.name is unknown
   conv_impl = _kernels(config, kernels)['conv']
+  dt = precision.compute_dtype(dtype)
   if b.name == 'reenact':
-    return reenact.make_generator(config, conv_impl)
+    return reenact.make_generator(config, conv_impl, dt)
   return oasis.OasisGenerator(
       num_classes=config.data.num_classes, ch=b.ch, width_ratios=tuple(b.width_ratios),
       spade_hidden=b.spade_hidden, z_dim=b.z_dim, spectral_norm=b.spectral_norm,
-      conv_impl=conv_impl)
+      conv_impl=conv_impl, dtype=dt)
 
 
 def make_discriminator(config: ml_collections.ConfigDict, *,
-                       kernels: Mapping[str, str] | None = None) -> nn.Module:
-  """OASIS's U-Net discriminator, or the reenactment backbone's patch discriminator."""
+                       kernels: Mapping[str, str] | None = None,
+                       dtype: str = 'float32') -> nn.Module:
+  """OASIS's U-Net discriminator, or the reenactment backbone's patch discriminator,
+  computing in `dtype`."""
   b = config.backbone
   conv_impl = _kernels(config, kernels)['conv']
+  dt = precision.compute_dtype(dtype)
   if b.name == 'reenact':
-    return reenact.make_discriminator(config, conv_impl)
+    return reenact.make_discriminator(config, conv_impl, dt)
   return oasis.OasisDiscriminator(
       num_classes=config.data.num_classes,
       widths=tuple(b.d_ch * r for r in b.d_width_ratios), out_width=b.d_ch,
-      spectral_norm=b.spectral_norm, conv_impl=conv_impl)
+      spectral_norm=b.spectral_norm, conv_impl=conv_impl, dtype=dt)
 
 
 def database_spec(config: ml_collections.ConfigDict):
@@ -88,14 +106,17 @@ def database_spec(config: ml_collections.ConfigDict):
 
 
 def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool,
-                    kernels: Mapping[str, str] | None = None) -> exits.ExitModel:
-  """Backbone + exits as configured; `guided` selects the database-fed variant."""
+                    kernels: Mapping[str, str] | None = None,
+                    dtype: str = 'float32') -> exits.ExitModel:
+  """Backbone + exits as configured; `guided` selects the database-fed variant. Backbone
+  and branches compute in `dtype`; the database lookup in float32."""
   k = _kernels(config, kernels)
   lookup = database.make_lookup(database_spec(config), k['top_k']) if guided else None
   e = config.exits
   hidden = e.get('spade_hidden_mult', None)
   return exits.ExitModel(
-      backbone=make_generator(config, kernels=k), attach_after=tuple(e.attach_after),
+      backbone=make_generator(config, kernels=k, dtype=dtype),
+      attach_after=tuple(e.attach_after),
       width_mult=_branch_mults(e, 'width_mult', e.width_mult), guided=guided,
       key_block=config.database.key_block, lookup=lookup,
       hidden_mult=_branch_mults(e, 'hidden_mult', hidden),
@@ -115,14 +136,16 @@ def _branch_mults(e: ml_collections.ConfigDict, what: str,
   return per_branch
 
 
-def make_predictor(config: ml_collections.ConfigDict) -> nn.Module:
-  """Predictor of the distances of the config's branch exits; apply(params, *inputs)."""
+def make_predictor(config: ml_collections.ConfigDict, *, dtype: str = 'float32') -> nn.Module:
+  """Predictor of the distances of the config's branch exits; apply(params, *inputs);
+  computes in `dtype`, predicts float32."""
   p, n = config.predictor, len(config.exits.attach_after)
+  dt = precision.compute_dtype(dtype)
   if get_task(config).name == 'reenactment':
-    return predictor.PairPredictor(num_outputs=n, width=p.width, pool=p.pool)
+    return predictor.PairPredictor(num_outputs=n, width=p.width, pool=p.pool, dtype=dt)
   return predictor.Predictor(num_classes=config.data.num_classes, num_outputs=n,
                              width=p.width, pool=p.pool, use_z=p.get('use_z', False),
-                             members=p.get('members', 1))
+                             members=p.get('members', 1), dtype=dt)
 
 
 def exit_variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:

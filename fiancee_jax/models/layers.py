@@ -1,8 +1,13 @@
-"""Small layers shared by the generators and discriminators: spectral-norm conv, resizing."""
+"""Small layers shared by the models: spectral-norm conv, nn.Conv / nn.Dense in a compute dtype,
+resizing."""
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fiancee_jax.models import precision
 from fiancee_jax.ops import conv
 
 
@@ -13,7 +18,8 @@ class SNConv(nn.Module):
   [kh * kw * in, out]). Training runs one power-iteration step and stores `u` and
   `sigma` in the `batch_stats` collection (PyTorch `spectral_norm` keeps them as
   buffers, so they are not parameters); inference divides by the stored `sigma`.
-  `conv_impl` names the conv implementation (ops/conv.py).
+  `conv_impl` names the conv implementation (ops/conv.py). The conv computes in `dtype`;
+  the kernel, `u` and `sigma` stay float32 (the power iteration runs in float32).
   """
   features: int
   kernel_size: int = 3
@@ -21,10 +27,11 @@ class SNConv(nn.Module):
   spectral_norm: bool = True
   eps: float = 1e-12
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """x: float32 [B, H, W, Cin] -> [B, H, W, features]."""
+    """x: float [B, H, W, Cin] -> [B, H, W, features] in `dtype`."""
     k = self.kernel_size
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), jnp.float32)
@@ -48,10 +55,50 @@ class SNConv(nn.Module):
       else:
         sigma = sigma_var.value
       kernel = kernel / sigma
-    y = conv.conv2d_same(x, kernel, self.conv_impl)
+    y = conv.conv2d_same(x.astype(self.dtype), kernel, self.conv_impl)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+      y = precision.broadcast_add(y, self.param('bias', nn.initializers.zeros, (self.features,)))
     return y
+
+
+class Conv(nn.Module):
+  """nn.Conv with 'SAME' padding (same parameter names, shapes and initialisers) computing in
+  `dtype`: x [B, H, W, C] -> [B, H / s, W / s, features]; the bias added by
+  `precision.broadcast_add` (its gradient summed in float32)."""
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+      y = precision.broadcast_add(y, bias)
+    return y
+
+
+class Dense(nn.Module):
+  """nn.Dense (same parameter names, shapes and initialisers) computing in `dtype`:
+  x [..., C] -> [..., features]; the bias added by `precision.broadcast_add`."""
+  features: int
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return precision.broadcast_add(y, bias)
 
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -4,10 +4,13 @@ The generator exposes `conditioning`, `stem`, `block(i)` and `head` so that the 
 any exit is a composition of pure functions (`Module.apply(..., method=...)`).
 Block i maps widths[i] -> widths[i + 1] and is followed by x2 nearest upsampling except
 for the last block; the stem works at resolution / 2**(K - 1). Every module takes the conv
-implementation (ops/conv.py) as its `conv_impl` field; it changes no parameter.
+implementation (ops/conv.py) as its `conv_impl` field and the compute dtype as its `dtype`
+field (models/precision.py); neither changes a parameter. Images and logits leave the
+modules in float32 whatever the compute dtype.
 """
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import chex
 import jax
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fiancee_jax.models import layers
+from fiancee_jax.models import precision
 from fiancee_jax.models import spade
 from fiancee_jax.ops import conv
 
@@ -43,25 +47,28 @@ class LightSpadeBlock(nn.Module):
   upsample: bool
   spectral_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, seg: jax.Array, *, z: jax.Array | None = None,
                train: bool = False, momentum: float = 0.9) -> jax.Array:
     """h: [B, h, w, C]; seg: [B, H, W, S]; z: [B, Z] or None (z-blind) -> [B, h', w', features]."""
     h = spade.SpadeResBlock(self.features, self.spade_hidden, self.spectral_norm,
-                            conv_impl=self.conv_impl, name='res')(
+                            conv_impl=self.conv_impl, dtype=self.dtype, name='res')(
                                 h, seg, z=z, train=train, momentum=momentum)
     return layers.upsample2x(h) if self.upsample else h
 
 
 class ImageHead(nn.Module):
-  """LeakyReLU(0.2) -> 3x3 conv to RGB -> tanh."""
+  """LeakyReLU(0.2) -> 3x3 conv to RGB -> tanh: [B, H, W, C] -> float32 [B, H, W, 3]."""
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    return jnp.tanh(conv.Conv(3, conv_impl=self.conv_impl, name='conv_img')(
-        nn.leaky_relu(h, 0.2)))
+    return precision.to_output(jnp.tanh(conv.Conv(
+        3, conv_impl=self.conv_impl, dtype=self.dtype, name='conv_img')(
+            nn.leaky_relu(h.astype(self.dtype), 0.2))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +79,7 @@ class OasisLightFactory:
   spectral_norm: bool = True
   num_classes: int | None = None  # when set, light blocks see only the label channels
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32  # the light blocks' and heads' compute dtype
 
   @property
   def num_blocks(self) -> int:
@@ -108,14 +116,18 @@ class OasisLightFactory:
         self.block_width(j, width_mult),
         self.hidden_width(width_mult if hidden_mult is None else hidden_mult),
         upsample=j < self.num_blocks - 1, spectral_norm=self.spectral_norm,
-        conv_impl=self.conv_impl, name=name)
+        conv_impl=self.conv_impl, dtype=self.dtype, name=name)
 
   def head(self, name: str) -> nn.Module:
-    return ImageHead(self.conv_impl, name=name)
+    return ImageHead(self.conv_impl, self.dtype, name=name)
 
 
 class OasisGenerator(nn.Module):
-  """Label map (+ one z per image) -> image in [-1, 1]."""
+  """Label map (+ one z per image) -> image in [-1, 1].
+
+  Computes in `dtype` from the conditioning on (its light factory's blocks too); the image
+  is float32.
+  """
   num_classes: int
   ch: int
   width_ratios: tuple[int, ...]
@@ -123,6 +135,7 @@ class OasisGenerator(nn.Module):
   z_dim: int
   spectral_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @property
   def num_blocks(self) -> int:
@@ -135,24 +148,25 @@ class OasisGenerator(nn.Module):
   @property
   def light_factory(self) -> OasisLightFactory:
     return OasisLightFactory(self.widths, self.spade_hidden, self.spectral_norm,
-                             self.num_classes, self.conv_impl)
+                             self.num_classes, self.conv_impl, self.dtype)
 
   def setup(self):
     widths = self.widths
-    self.fc = conv.Conv(widths[0], conv_impl=self.conv_impl)
+    self.fc = conv.Conv(widths[0], conv_impl=self.conv_impl, dtype=self.dtype)
     self.blocks = [
         spade.SpadeResBlock(widths[i + 1], self.spade_hidden, self.spectral_norm,
-                            conv_impl=self.conv_impl)
+                            conv_impl=self.conv_impl, dtype=self.dtype)
         for i in range(self.num_blocks)
     ]
-    self.conv_img = conv.Conv(3, conv_impl=self.conv_impl)
+    self.conv_img = conv.Conv(3, conv_impl=self.conv_impl, dtype=self.dtype)
 
   def conditioning(self, labels: jax.Array, z: jax.Array) -> jax.Array:
-    """labels: int32 [B, H, W], z: float32 [B, z_dim] -> float32 [B, H, W, C + z_dim]."""
+    """labels: int32 [B, H, W], z: float32 [B, z_dim] -> [B, H, W, C + z_dim] in `dtype`."""
     chex.assert_rank(labels, 3)
     chex.assert_shape(z, (labels.shape[0], self.z_dim))
-    onehot = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
-    zmap = jnp.broadcast_to(z[:, None, None, :], labels.shape + (self.z_dim,))
+    onehot = jax.nn.one_hot(labels, self.num_classes, dtype=self.dtype)
+    zmap = jnp.broadcast_to(z[:, None, None, :].astype(self.dtype),
+                            labels.shape + (self.z_dim,))
     return jnp.concatenate([onehot, zmap], axis=-1)
 
   def stem(self, seg: jax.Array) -> jax.Array:
@@ -171,7 +185,7 @@ class OasisGenerator(nn.Module):
 
   def head(self, h: jax.Array) -> jax.Array:
     """[B, H, W, widths[-1]] -> image float32 [B, H, W, 3] in [-1, 1]."""
-    return jnp.tanh(self.conv_img(nn.leaky_relu(h, 0.2)))
+    return precision.to_output(jnp.tanh(self.conv_img(nn.leaky_relu(h, 0.2))))
 
   def __call__(self, labels: jax.Array, z: jax.Array, *, train: bool = False,
                momentum: float = 0.9) -> jax.Array:
@@ -190,11 +204,13 @@ class DiscriminatorBlock(nn.Module):
   first: bool = False
   spectral_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     fin, fout = x.shape[-1], self.features
-    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
+    x = x.astype(self.dtype)
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl, dtype=self.dtype)
     # Shortcut.
     xs = x
     if self.first:
@@ -223,19 +239,23 @@ class DiscriminatorBlock(nn.Module):
 
 
 class OasisDiscriminator(nn.Module):
-  """U-Net discriminator with C + 1 per-pixel logits (index 0 = 'fake', 1 + c = class c)."""
+  """U-Net discriminator with C + 1 per-pixel logits (index 0 = 'fake', 1 + c = class c).
+
+  Computes in `dtype`; the logits are float32.
+  """
   num_classes: int
   widths: tuple[int, ...]  # encoder widths, e.g. 2 * ch * (1, 1, 2, 2, 4, 4)
   out_width: int  # width of the last decoder block (ch in OASIS)
   spectral_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, image: jax.Array, *, train: bool = False) -> jax.Array:
-    """image: float32 [B, H, W, 3] -> logits [B, H, W, num_classes + 1]."""
+    """image: float32 [B, H, W, 3] -> logits float32 [B, H, W, num_classes + 1]."""
     chex.assert_rank(image, 4)
     n = len(self.widths)
-    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl, dtype=self.dtype)
     x, skips = image, []
     for i, w in enumerate(self.widths):
       x = DiscriminatorBlock(w, -1, first=(i == 0), name=f'down_{i}', **sn)(x, train=train)
@@ -246,4 +266,5 @@ class OasisDiscriminator(nn.Module):
       out = self.widths[-2 - i] if i < n - 1 else self.out_width
       x = DiscriminatorBlock(out, 1, name=f'up_{i}', **sn)(
           jnp.concatenate([skips[-i - 1], x], axis=-1), train=train)
-    return nn.Conv(self.num_classes + 1, (1, 1), name='out')(x)
+    return precision.to_output(
+        layers.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype, name='out')(x))

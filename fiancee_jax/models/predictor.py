@@ -8,11 +8,19 @@ max pooling and two dense layers; `members` such trunks are averaged.
 
 `PairPredictor` (reenactment): the source and driver images average-pooled by `pool`, and
 their difference, through the same trunk.
+
+Both compute in their `dtype` (models/precision.py; parameters stay float32) and return
+float32 predictions.
 """
+from typing import Any
+
 import chex
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from fiancee_jax.models import layers
+from fiancee_jax.models import precision
 
 
 def boundary_map(labels: jax.Array) -> jax.Array:
@@ -36,6 +44,7 @@ class Predictor(nn.Module):
   pool: int = 4
   use_z: bool = False
   members: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, labels: jax.Array, z: jax.Array | None = None, *,
@@ -50,8 +59,10 @@ class Predictor(nn.Module):
       chex.assert_rank(z, 2)
     x = jnp.concatenate([jax.nn.one_hot(labels, self.num_classes), boundary_map(labels)], -1)
     x = x.reshape(b, h // self.pool, self.pool, w // self.pool, self.pool, -1).mean((2, 4))
+    x = x.astype(self.dtype)  # class fractions pooled in float32
     outs = jnp.stack([
-        _Member(self.width, self.num_outputs, name=f'member_{i}')(x, z if self.use_z else None)
+        _Member(self.width, self.num_outputs, self.dtype, name=f'member_{i}')(
+            x, z if self.use_z else None)
         for i in range(self.members)])
     return outs if per_member else outs.mean(0)
 
@@ -59,11 +70,12 @@ class Predictor(nn.Module):
 class _Member(nn.Module):
   width: int
   num_outputs: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, z: jax.Array | None) -> jax.Array:
-    film = None if z is None else nn.Dense(self.width, name='z_film')(z)
-    return _trunk(x, self.width, self.num_outputs, film)
+    film = None if z is None else layers.Dense(self.width, dtype=self.dtype, name='z_film')(z)
+    return _trunk(x, self.width, self.num_outputs, film, self.dtype)
 
 
 class PairPredictor(nn.Module):
@@ -71,6 +83,7 @@ class PairPredictor(nn.Module):
   num_outputs: int
   width: int = 16
   pool: int = 4
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, source: jax.Array, driver: jax.Array, *,
@@ -82,23 +95,24 @@ class PairPredictor(nn.Module):
       raise ValueError(f'config.predictor.pool={self.pool} must divide the resolution {h}x{w}')
     x = jnp.concatenate([source, driver, driver - source], -1)
     x = x.reshape(b, h // self.pool, self.pool, w // self.pool, self.pool, -1).mean((2, 4))
-    out = _trunk(x, self.width, self.num_outputs)
+    out = _trunk(x, self.width, self.num_outputs, dtype=self.dtype)
     return out[None] if per_member else out
 
 
 def _trunk(x: jax.Array, width: int, num_outputs: int,
-           film: jax.Array | None = None) -> jax.Array:
-  """Pooled features [B, h, w, F] -> predictions [B, num_outputs] (in compact).
+           film: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
+  """Pooled features [B, h, w, F] -> predictions float32 [B, num_outputs] (in compact).
 
   film: optional [B, width] added to the first conv's output. The output is linear: the
   trainer standardises the targets and folds their mean and scale into the last layer.
+  dtype: the compute dtype.
   """
   for i, mult in enumerate((1, 2, 4)):
-    x = nn.Conv(width * mult, (3, 3), strides=(2, 2) if i else (1, 1),
-                name=f'conv_{i}')(x)
+    x = layers.Conv(width * mult, (3, 3), strides=(2, 2) if i else (1, 1), dtype=dtype,
+                    name=f'conv_{i}')(x)
     if i == 0 and film is not None:
-      x = x + film[:, None, None, :]
+      x = precision.broadcast_add(x, film[:, None, None, :])
     x = nn.leaky_relu(x, 0.2)
   x = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
-  x = nn.leaky_relu(nn.Dense(width * 4, name='fc')(x), 0.2)
-  return nn.Dense(num_outputs, name='out')(x)
+  x = nn.leaky_relu(layers.Dense(width * 4, dtype=dtype, name='fc')(x), 0.2)
+  return precision.to_output(layers.Dense(num_outputs, dtype=dtype, name='out')(x))

@@ -26,10 +26,16 @@ Inference is deterministic and per-example: GroupNorm (no batch statistics) and 
 norm on the G2D and discriminator convs, whose sigmas are stored in `batch_stats` and only
 updated when `train=True`. Those convs run through ops/conv.py with the implementation named
 by the modules' `conv_impl` field (it changes no parameter).
+
+Every module computes in its `dtype` field (models/precision.py; parameters, GroupNorm
+statistics and spectral-norm sigmas stay float32). The geometry does not: motion codes,
+flows and warp coordinates are float32 (in bfloat16 a coordinate in [-1, 1] moves in steps of
+up to 1/128, several % of a voxel), and so are the images the generator returns.
 """
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +43,7 @@ import ml_collections
 from flax import linen as nn
 
 from fiancee_jax.models import layers
+from fiancee_jax.models import precision
 from fiancee_jax.models import warp
 
 
@@ -45,9 +52,10 @@ def _groups(c: int) -> int:
   return next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0)
 
 
-def _gn(x: jax.Array, name: str) -> jax.Array:
-  """GroupNorm over all non-batch axes, groups chosen from the width (call in compact)."""
-  return nn.GroupNorm(num_groups=_groups(x.shape[-1]), name=name)(x)
+def _gn(x: jax.Array, name: str, dtype: Any = jnp.float32) -> jax.Array:
+  """GroupNorm over all non-batch axes, groups chosen from the width (call in compact);
+  statistics in float32, output in `dtype`."""
+  return nn.GroupNorm(num_groups=_groups(x.shape[-1]), dtype=dtype, name=name)(x)
 
 
 def area_resize(images: jax.Array, size: Sequence[int]) -> jax.Array:
@@ -80,20 +88,24 @@ class ResBlock2D(nn.Module):
   factor: int = 1  # nearest upsampling at the block input (1 = none)
   spectral_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array | None = None, *,
                train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin], skip: [B, H, W, S] or None -> [B, h f, w f, features], f = factor;
     (H, W) must be integer multiples of (h f, w f)."""
-    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
+    dt = self.dtype
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl, dtype=dt)
+    x = x.astype(dt)
+    skip = None if skip is None else skip.astype(dt)
     up = (lambda t: t) if self.factor == 1 else (
         lambda t: jnp.repeat(jnp.repeat(t, self.factor, 1), self.factor, 2))
-    dx = up(nn.leaky_relu(_gn(x, 'norm_0'), 0.2))
+    dx = up(nn.leaky_relu(_gn(x, 'norm_0', dt), 0.2))
     if skip is not None:
       dx = jnp.concatenate([dx, area_resize(skip, dx.shape[1:3])], axis=-1)
     dx = layers.SNConv(self.features, name='conv_0', **sn)(dx, train=train)
-    dx = nn.leaky_relu(_gn(dx, 'norm_1'), 0.2)
+    dx = nn.leaky_relu(_gn(dx, 'norm_1', dt), 0.2)
     dx = layers.SNConv(self.features, name='conv_1', **sn)(dx, train=train)
     xs = up(x)
     if skip is not None:
@@ -111,25 +123,31 @@ class DownBlock2D(nn.Module):
   the source skip, the volume only needs coarse features.
   """
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H / 2, W / 2, features]."""
-    x = layers.avgpool2x(x)
-    dx = nn.Conv(self.features, (3, 3), name='conv_0')(nn.leaky_relu(_gn(x, 'norm_0'), 0.2))
-    dx = nn.Conv(self.features, (3, 3), name='conv_1')(nn.leaky_relu(_gn(dx, 'norm_1'), 0.2))
-    return nn.Conv(self.features, (1, 1), use_bias=False, name='conv_s')(x) + dx
+    dt = self.dtype
+    x = layers.avgpool2x(x.astype(dt))
+    dx = layers.Conv(self.features, (3, 3), dtype=dt, name='conv_0')(
+        nn.leaky_relu(_gn(x, 'norm_0', dt), 0.2))
+    dx = layers.Conv(self.features, (3, 3), dtype=dt, name='conv_1')(
+        nn.leaky_relu(_gn(dx, 'norm_1', dt), 0.2))
+    return layers.Conv(self.features, (1, 1), use_bias=False, dtype=dt, name='conv_s')(x) + dx
 
 
 class ResBlock3D(nn.Module):
   """Pre-activation 3-D ResBlock (GN-LReLU-conv3x3x3 twice), width kept."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, D, H, W, C] -> same shape."""
-    c = x.shape[-1]
-    dx = warp.Conv3x3x3(c, name='conv_0')(nn.leaky_relu(_gn(x, 'norm_0'), 0.2))
-    dx = warp.Conv3x3x3(c, name='conv_1')(nn.leaky_relu(_gn(dx, 'norm_1'), 0.2))
+    """x: [B, D, H, W, C] -> same shape, in `dtype`."""
+    c, dt = x.shape[-1], self.dtype
+    x = x.astype(dt)
+    dx = warp.Conv3x3x3(c, dtype=dt, name='conv_0')(nn.leaky_relu(_gn(x, 'norm_0', dt), 0.2))
+    dx = warp.Conv3x3x3(c, dtype=dt, name='conv_1')(nn.leaky_relu(_gn(dx, 'norm_1', dt), 0.2))
     return x + dx
 
 
@@ -141,13 +159,16 @@ class ImageHead(nn.Module):
   source skip would otherwise bring.
   """
   norm: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
     """[B, H, W, C] -> image float32 [B, H, W, 3] in [-1, 1]."""
+    h = h.astype(self.dtype)
     if self.norm:
-      h = _gn(h, 'norm')
-    return jnp.tanh(nn.Conv(3, (3, 3), name='conv_img')(nn.leaky_relu(h, 0.2)))
+      h = _gn(h, 'norm', self.dtype)
+    return precision.to_output(jnp.tanh(
+        layers.Conv(3, (3, 3), dtype=self.dtype, name='conv_img')(nn.leaky_relu(h, 0.2))))
 
 
 class AppearanceEncoder(nn.Module):
@@ -157,19 +178,22 @@ class AppearanceEncoder(nn.Module):
   channels: int
   id_dim: int
   blocks_3d: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = nn.Conv(self.widths[0], (3, 3), name='conv_in')(image)
+    """image [B, H, W, 3] -> (volume [B, D, h, w, C], identity [B, id_dim]), in `dtype`."""
+    dt = self.dtype
+    x = layers.Conv(self.widths[0], (3, 3), dtype=dt, name='conv_in')(image)
     for i, w in enumerate(self.widths[1:]):
-      x = DownBlock2D(w, name=f'down_{i}')(x)
-    x = nn.leaky_relu(_gn(x, 'norm_out'), 0.2)
-    identity = nn.Dense(self.id_dim, name='identity')(x.mean(axis=(1, 2)))
+      x = DownBlock2D(w, dt, name=f'down_{i}')(x)
+    x = nn.leaky_relu(_gn(x, 'norm_out', dt), 0.2)
+    identity = layers.Dense(self.id_dim, dtype=dt, name='identity')(x.mean(axis=(1, 2)))
     b, h, w, _ = x.shape
-    vol = nn.Conv(self.depth * self.channels, (1, 1), name='to_volume')(x)
+    vol = layers.Conv(self.depth * self.channels, (1, 1), dtype=dt, name='to_volume')(x)
     vol = vol.reshape(b, h, w, self.depth, self.channels).transpose(0, 3, 1, 2, 4)
     for i in range(self.blocks_3d):
-      vol = ResBlock3D(name=f'res3d_{i}')(vol)
+      vol = ResBlock3D(dt, name=f'res3d_{i}')(vol)
     return vol, identity
 
 
@@ -185,19 +209,25 @@ class MotionEncoder(nn.Module):
   widths: tuple[int, ...]
   expr_dim: int
   input_size: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, image: jax.Array) -> jax.Array:
+    """image [B, H, W, 3] -> motion code float32 [B, 6 + expr_dim] (computed in `dtype`)."""
     b, h, w, _ = image.shape
+    dt = self.dtype
     f = max(1, max(h, w) // self.input_size)
     while h % f or w % f:
       f -= 1
     x = image.reshape(b, h // f, f, w // f, f, 3).mean(axis=(2, 4))
     for i, width in enumerate(self.widths):
-      x = nn.leaky_relu(nn.Conv(width, (3, 3), strides=(2, 2), name=f'conv_{i}')(x), 0.2)
+      x = nn.leaky_relu(layers.Conv(width, (3, 3), strides=(2, 2), dtype=dt,
+                                    name=f'conv_{i}')(x), 0.2)
     # Flattened, not pooled: a shallow net's pooled features keep colours, not positions.
-    x = nn.leaky_relu(nn.Dense(4 * self.widths[-1], name='fc')(x.reshape(b, -1)), 0.2)
-    raw = nn.Dense(6 + self.expr_dim, kernel_init=nn.initializers.normal(1e-2), name='out')(x)
+    x = nn.leaky_relu(layers.Dense(4 * self.widths[-1], dtype=dt, name='fc')(x.reshape(b, -1)),
+                      0.2)
+    raw = precision.to_output(layers.Dense(6 + self.expr_dim, dtype=dt, name='out',
+                                           kernel_init=nn.initializers.normal(1e-2))(x))
     rotation = (jnp.pi / 2) * jnp.tanh(raw[:, :3])
     translation = 0.5 * jnp.tanh(raw[:, 3:6])
     expression = jnp.tanh(raw[:, 6:])
@@ -209,21 +239,23 @@ class PatchDiscriminator(nn.Module):
   widths: tuple[int, ...]
   spectral_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, image: jax.Array, *, train: bool = False) -> jax.Array:
-    """image float32 [B, H, W, 3] -> logits float32 [B, H / 2**n, W / 2**n, 1]."""
+    """image float32 [B, H, W, 3] -> logits float32 [B, H / 2**n, W / 2**n, 1] (computed in
+    `dtype`)."""
     if image.ndim != 4 or image.shape[-1] != 3:
       raise ValueError(f'the discriminator takes images float32 [B, H, W, 3], got '
                        f'{image.shape}')
-    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl)
+    sn = dict(spectral_norm=self.spectral_norm, conv_impl=self.conv_impl, dtype=self.dtype)
     x = image
     for i, w in enumerate(self.widths):
       x = layers.avgpool2x(nn.leaky_relu(
           layers.SNConv(w, name=f'conv_{i}', **sn)(x, train=train), 0.2))
     x = nn.leaky_relu(layers.SNConv(self.widths[-1], name='conv_out', **sn)(x, train=train),
                       0.2)
-    return layers.SNConv(1, name='logits', **sn)(x, train=train)
+    return precision.to_output(layers.SNConv(1, name='logits', **sn)(x, train=train))
 
 
 # ---------------------------------------------------------------------------
@@ -239,6 +271,7 @@ class ReenactLightFactory:
   source_skip: bool = False  # blocks see the source image (and a guide, if any)
   head_norm: bool = True  # GroupNorm in the image heads
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32  # the light blocks' and heads' compute dtype
 
   @property
   def num_blocks(self) -> int:
@@ -262,10 +295,11 @@ class ReenactLightFactory:
     """Light G2D block j: same upsampling as backbone block j, fewer channels."""
     del hidden_mult  # G2D blocks have no SPADE
     return LightG2DBlock(self.block_width(j, width_mult), self.factors[j],
-                         self.spectral_norm, self.source_skip, self.conv_impl, name=name)
+                         self.spectral_norm, self.source_skip, self.conv_impl, self.dtype,
+                         name=name)
 
   def head(self, name: str) -> nn.Module:
-    return ImageHead(self.head_norm, name=name)
+    return ImageHead(self.head_norm, self.dtype, name=name)
 
 
 class LightG2DBlock(nn.Module):
@@ -280,6 +314,7 @@ class LightG2DBlock(nn.Module):
   spectral_norm: bool = True
   source_skip: bool = False
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, cond: jax.Array | None = None, *, train: bool = False,
@@ -288,7 +323,7 @@ class LightG2DBlock(nn.Module):
     del momentum  # there are no batch statistics
     skip = cond if self.source_skip else None
     return ResBlock2D(self.features, self.factor, self.spectral_norm, self.conv_impl,
-                      name='res')(h, skip, train=train)
+                      self.dtype, name='res')(h, skip, train=train)
 
 
 class ReenactGenerator(nn.Module):
@@ -318,6 +353,7 @@ class ReenactGenerator(nn.Module):
       `warp.trilinear_sample`).
     head_norm: GroupNorm at the input of the image head (and of the exits' heads).
     conv_impl: implementation of the G2D convs (ops/conv.py), light blocks included.
+    dtype: the compute dtype (models/precision.py), light blocks included.
   """
   enc_widths: tuple[int, ...]
   volume_depth: int
@@ -339,6 +375,7 @@ class ReenactGenerator(nn.Module):
   warp_padding: str = 'border'
   head_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @property
   def num_blocks(self) -> int:
@@ -356,7 +393,7 @@ class ReenactGenerator(nn.Module):
   @property
   def light_factory(self) -> ReenactLightFactory:
     return ReenactLightFactory(self.widths, self.block_factors, self.spectral_norm,
-                               self.source_skip, self.head_norm, self.conv_impl)
+                               self.source_skip, self.head_norm, self.conv_impl, self.dtype)
 
   def latent_size(self, resolution: Sequence[int]) -> tuple[int, int]:
     """(h, w) of the volume and of G2D's first blocks; ValueError if they do not fit."""
@@ -376,22 +413,24 @@ class ReenactGenerator(nn.Module):
     return h // up, w // up
 
   def setup(self):
+    dt = self.dtype
     self.appearance = AppearanceEncoder(self.enc_widths, self.volume_depth,
-                                        self.volume_channels, self.id_dim, self.app_blocks_3d)
-    self.motion = MotionEncoder(self.motion_widths, self.expr_dim, self.motion_input)
-    self.warp_to_canonical = warp.WarpGenerator(self.warp_width, self.flow_scale)
-    self.warp_to_driver = warp.WarpGenerator(self.warp_width, self.flow_scale)
-    self.g3d = [ResBlock3D() for _ in range(self.g3d_blocks)]
-    self.g2d_in = nn.Conv(self.g2d_width, (1, 1))
+                                        self.volume_channels, self.id_dim, self.app_blocks_3d,
+                                        dt)
+    self.motion = MotionEncoder(self.motion_widths, self.expr_dim, self.motion_input, dt)
+    self.warp_to_canonical = warp.WarpGenerator(self.warp_width, self.flow_scale, dt)
+    self.warp_to_driver = warp.WarpGenerator(self.warp_width, self.flow_scale, dt)
+    self.g3d = [ResBlock3D(dt) for _ in range(self.g3d_blocks)]
+    self.g2d_in = layers.Conv(self.g2d_width, (1, 1), dtype=dt)
     self.g2d_blocks = [ResBlock2D(self.widths[i + 1], self.block_factors[i],
-                                  self.spectral_norm, self.conv_impl)
+                                  self.spectral_norm, self.conv_impl, dt)
                        for i in range(self.num_blocks)]
-    self.g2d_head = ImageHead(self.head_norm)
+    self.g2d_head = ImageHead(self.head_norm, dt)
 
   # -- Staged interface (what fiancee_jax.models.exits uses). --
 
   def conditioning(self, source: jax.Array, driver: jax.Array) -> jax.Array:
-    """source, driver: float32 [B, H, W, 3] in [-1, 1] -> cond float32 [B, H, W, 6].
+    """source, driver: float32 [B, H, W, 3] in [-1, 1] -> cond [B, H, W, 6] in `dtype`.
 
     Raises:
       ValueError: shapes or dtypes that are not two float [B, H, W, 3] batches that the
@@ -408,7 +447,7 @@ class ReenactGenerator(nn.Module):
       raise ValueError(f'source {tuple(source.shape)} and driver {tuple(driver.shape)} '
                        'must have the same shape')
     self.latent_size(source.shape[1:3])
-    return jnp.concatenate([source, driver], axis=-1).astype(jnp.float32)
+    return jnp.concatenate([source, driver], axis=-1).astype(self.dtype)
 
   def stem(self, cond: jax.Array) -> jax.Array:
     """cond [B, H, W, 6] -> G2D input [B, h, w, g2d_width]: encoders, warps, G3D,
@@ -485,10 +524,11 @@ class ReenactGenerator(nn.Module):
 # From a config (models/factory.py dispatches here on backbone.name).
 
 
-def make_generator(config: ml_collections.ConfigDict,
-                   conv_impl: str = 'xla') -> ReenactGenerator:
+def make_generator(config: ml_collections.ConfigDict, conv_impl: str = 'xla',
+                   dtype: Any = jnp.float32) -> ReenactGenerator:
   """The ReenactGenerator of config.backbone (name 'reenact'), its convs run by `conv_impl`
-  (ops/conv.py; models/factory.py passes the one config.kernels names)."""
+  (ops/conv.py; models/factory.py passes the one config.kernels names), computing in
+  `dtype`."""
   b = config.backbone
   if b.name != 'reenact':
     raise ValueError(f"config.backbone.name={b.name!r} is not the reenactment backbone "
@@ -503,10 +543,11 @@ def make_generator(config: ml_collections.ConfigDict,
       up_factors=tuple(b.up_factors), spectral_norm=b.spectral_norm,
       # Keys that configs may leave out.
       source_skip=b.get('source_skip', False), warp_padding=b.get('warp_padding', 'border'),
-      head_norm=b.get('head_norm', True), conv_impl=conv_impl)
+      head_norm=b.get('head_norm', True), conv_impl=conv_impl, dtype=dtype)
 
 
-def make_discriminator(config: ml_collections.ConfigDict,
-                       conv_impl: str = 'xla') -> PatchDiscriminator:
+def make_discriminator(config: ml_collections.ConfigDict, conv_impl: str = 'xla',
+                       dtype: Any = jnp.float32) -> PatchDiscriminator:
+  """The PatchDiscriminator of config.backbone, computing in `dtype`."""
   b = config.backbone
-  return PatchDiscriminator(tuple(b.d_widths), b.spectral_norm, conv_impl)
+  return PatchDiscriminator(tuple(b.d_widths), b.spectral_norm, conv_impl, dtype)

@@ -7,8 +7,11 @@ nn.Conv's layout, names and initialisation, so checkpoints are unchanged; only t
 number of (small, badly vectorised) conv calls drops. XLA:CPU runs 3x3 convs with few output
 channels far below the speed of wider ones, so the thin light blocks of the exits gain most.
 Every conv runs through ops/conv.py with the implementation named by `conv_impl`.
+`SpadeResBlock` computes in its `dtype` (models/precision.py); the parts it calls compute in
+the dtype of their inputs, batch-norm statistics in float32.
 """
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from fiancee_jax.models import layers
+from fiancee_jax.models import precision
 from fiancee_jax.ops import conv
 
 
@@ -26,6 +30,8 @@ class ParamFreeBatchNorm(nn.Module):
   reduction, which is what OASIS's SyncBatchNorm computes. Running statistics live in
   `batch_stats`; `momentum` is a call argument so that statistics can be recomputed
   exactly for EMA weights (momentum = i / (i + 1) gives the running mean of batches).
+  Statistics are computed and stored in float32 whatever x's dtype (a bfloat16 mean of a
+  large map would lose most of its digits); the output has x's dtype.
   """
   eps: float = 1e-5
 
@@ -35,14 +41,16 @@ class ParamFreeBatchNorm(nn.Module):
     mean_var = self.variable('batch_stats', 'mean', jnp.zeros, (c,))
     var_var = self.variable('batch_stats', 'var', jnp.ones, (c,))
     if train:
-      mean = x.mean(axis=(0, 1, 2))
-      var = jnp.maximum((x * x).mean(axis=(0, 1, 2)) - mean * mean, 0.0)
+      x32 = x.astype(jnp.float32)
+      mean = x32.mean(axis=(0, 1, 2))
+      var = jnp.maximum((x32 * x32).mean(axis=(0, 1, 2)) - mean * mean, 0.0)
       if not self.is_initializing():
         mean_var.value = momentum * mean_var.value + (1 - momentum) * mean
         var_var.value = momentum * var_var.value + (1 - momentum) * var
     else:
       mean, var = mean_var.value, var_var.value
-    return (x - mean) * jax.lax.rsqrt(var + self.eps)
+    # Normalised in float32 (XLA fuses the casts), returned in x's dtype.
+    return ((x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
 
 
 class ConvParams(nn.Module):
@@ -61,18 +69,18 @@ class ConvParams(nn.Module):
 
 def fused_conv(x: jax.Array, convs: Sequence[tuple[jax.Array, jax.Array]],
                conv_impl: str = 'xla') -> list[jax.Array]:
-  """Runs 'SAME' stride-1 convs that share their input as one conv.
+  """Runs 'SAME' stride-1 convs that share their input as one conv, in x's dtype.
 
   Args:
     x: [B, H, W, C].
-    convs: (kernel [kh, kw, C, F_i], bias [F_i]) per conv.
+    convs: (kernel [kh, kw, C, F_i], bias [F_i]) per conv (float32 parameters).
     conv_impl: the conv implementation (ops/conv.py).
   Returns:
-    [B, H, W, F_i] per conv, in order.
+    [B, H, W, F_i] per conv, in order, in x's dtype.
   """
   kernel = jnp.concatenate([k for k, _ in convs], axis=-1)
   bias = jnp.concatenate([b for _, b in convs])
-  y = conv.conv2d_same(x, kernel, conv_impl) + bias
+  y = precision.broadcast_add(conv.conv2d_same(x, kernel, conv_impl), bias)
   return jnp.split(y, np.cumsum([b.shape[0] for _, b in convs])[:-1].tolist(), axis=-1)
 
 
@@ -80,7 +88,7 @@ class SPADE(nn.Module):
   """out = norm(x) * (1 + gamma(actv)) + beta(actv), actv = relu(shared(seg)).
 
   `hidden_params` gives the shared conv's parameters so that the residual block computes
-  actv for all its SPADEs in one conv; `__call__` takes that actv.
+  actv for all its SPADEs in one conv; `__call__` takes that actv and computes in its dtype.
   """
   hidden: int
   features: int  # channels of the normalised input x
@@ -106,11 +114,15 @@ class SPADE(nn.Module):
 
 
 class SpadeResBlock(nn.Module):
-  """OASIS ResBlock: SPADE-LReLU-conv3x3 twice, learned 1x1 shortcut when widths differ."""
+  """OASIS ResBlock: SPADE-LReLU-conv3x3 twice, learned 1x1 shortcut when widths differ.
+
+  Computes in `dtype` (x, seg and z are cast to it); parameters stay float32.
+  """
   features: int
   spade_hidden: int
   spectral_norm: bool = True
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, seg: jax.Array, *, z: jax.Array | None = None,
@@ -129,8 +141,10 @@ class SpadeResBlock(nn.Module):
     """
     fin, fout = x.shape[-1], self.features
     fmid = min(fin, fout)
+    x, seg = x.astype(self.dtype), seg.astype(self.dtype)
     kw = dict(train=train, momentum=momentum)
     impl = dict(conv_impl=self.conv_impl)
+    sn = dict(spectral_norm=self.spectral_norm, dtype=self.dtype, **impl)
     norms = {}
     if fin != fout:
       norms['s'] = SPADE(self.spade_hidden, fin, name='norm_s', **impl)
@@ -140,20 +154,21 @@ class SpadeResBlock(nn.Module):
     actv = fused_conv(seg, [n.hidden_params(seg.shape[-1]) for n in norms.values()],
                       self.conv_impl)
     if z is not None:
-      offsets = nn.Dense(len(norms) * self.spade_hidden, kernel_init=nn.initializers.zeros,
-                         name='z_hidden')(z)
-      actv = [a + o[:, None, None, :] for a, o in zip(actv, jnp.split(offsets, len(norms), -1))]
+      offsets = layers.Dense(len(norms) * self.spade_hidden,
+                             kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                             name='z_hidden')(z)
+      actv = [precision.broadcast_add(a, o[:, None, None, :])
+              for a, o in zip(actv, jnp.split(offsets, len(norms), -1))]
     actv = dict(zip(norms, (nn.relu(a) for a in actv)))
     if fin != fout:
       xs = norms['s'](x, actv['s'], **kw)
-      xs = layers.SNConv(fout, 1, use_bias=False, spectral_norm=self.spectral_norm,
-                         name='conv_s', **impl)(xs, train=train)
+      xs = layers.SNConv(fout, 1, use_bias=False, name='conv_s', **sn)(xs, train=train)
     else:
       xs = x
     dx = norms['0'](x, actv['0'], **kw)
-    dx = layers.SNConv(fmid, spectral_norm=self.spectral_norm, name='conv_0', **impl)(
+    dx = layers.SNConv(fmid, name='conv_0', **sn)(
         nn.leaky_relu(dx, 0.2), train=train)
     dx = norms['1'](dx, actv['1'], **kw)
-    dx = layers.SNConv(fout, spectral_norm=self.spectral_norm, name='conv_1', **impl)(
+    dx = layers.SNConv(fout, name='conv_1', **sn)(
         nn.leaky_relu(dx, 0.2), train=train)
     return xs + dx

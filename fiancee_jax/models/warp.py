@@ -15,10 +15,14 @@ The non-rigid flows f come from `WarpGenerator` (identity, expression -> flow fi
 `fiancee_jax.models.reenact` use it too).
 """
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from fiancee_jax.models import layers
+from fiancee_jax.models import precision
 
 PADDINGS = ('border', 'zeros')
 
@@ -63,8 +67,9 @@ def trilinear_sample(volume: jax.Array, coords: jax.Array, padding: str = 'borde
       moved up, say); border continues the edge, which for a static background is right.
 
   Returns:
-    float32 [B, ..., C]. Differentiable in both arguments (gathers of the 8 neighbours,
-    weights linear in the coordinates).
+    [B, ..., C] in volume's dtype (the weights are computed from the coordinates in theirs,
+    then cast). Differentiable in both arguments (gathers of the 8 neighbours, weights linear
+    in the coordinates).
 
   Raises:
     ValueError: coords not [B, ..., 3], or an unknown padding.
@@ -96,7 +101,7 @@ def trilinear_sample(volume: jax.Array, coords: jax.Array, padding: str = 'borde
         weight = ((frac[0] if dx else 1 - frac[0]) * (frac[1] if dy else 1 - frac[1])
                   * (frac[2] if dz else 1 - frac[2]) * valid)
         idx = (jnp.clip(zi, 0, d - 1) * h + jnp.clip(yi, 0, h - 1)) * w + jnp.clip(xi, 0, w - 1)
-        out = out + gather(flat, idx) * weight[..., None]
+        out = out + gather(flat, idx) * weight[..., None].astype(volume.dtype)
   return out.reshape(b, *out_shape, c)
 
 
@@ -138,29 +143,33 @@ class Conv3x3x3(nn.Module):
   """
   features: int
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: float32 [B, D, H, W, Cin] -> [B, D, H, W, features]."""
+    """x: float [B, D, H, W, Cin] -> [B, D, H, W, features] in `dtype`."""
     b, d, h, w, c = x.shape
     kernel = self.param('kernel', self.kernel_init, (3, 3, 3, c, self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel, x = kernel.astype(self.dtype), x.astype(self.dtype)
     padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     stacked = jnp.concatenate([padded[:, k:k + d] for k in range(3)], axis=-1)
     kernel_2d = kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * c, self.features)
     y = jax.lax.conv_general_dilated(stacked.reshape(b * d, h, w, 3 * c), kernel_2d, (1, 1),
                                      'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y.reshape(b, d, h, w, self.features) + bias
+    return precision.broadcast_add(y.reshape(b, d, h, w, self.features), bias)
 
 
 class WarpGenerator(nn.Module):
   """(identity, expression) -> flow field float32 [B, D, h, w, 3] in volume coordinates.
 
   Dense to a coarse volume (size / 4), a 3x3x3 conv, trilinear upsampling to (D, h, w), and a
-  zero-initialised 3x3x3 conv to the flow, bounded by `scale` (tanh).
+  zero-initialised 3x3x3 conv to the flow, bounded by `scale` (tanh). Computed in `dtype`;
+  the flow is float32 (it becomes warp coordinates).
   """
   width: int
   scale: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, identity: jax.Array, expression: jax.Array,
@@ -169,10 +178,11 @@ class WarpGenerator(nn.Module):
     d, h, w = shape
     coarse = (max(d // 4, 1), max(h // 4, 1), max(w // 4, 1))
     b = identity.shape[0]
-    x = nn.Dense(math.prod(coarse) * self.width, name='fc')(
-        jnp.concatenate([identity, expression], axis=-1))
+    dt = self.dtype
+    x = layers.Dense(math.prod(coarse) * self.width, dtype=dt, name='fc')(
+        jnp.concatenate([identity.astype(dt), expression.astype(dt)], axis=-1))
     x = nn.leaky_relu(x.reshape(b, *coarse, self.width), 0.2)
-    x = nn.leaky_relu(Conv3x3x3(self.width, name='conv')(x), 0.2)
+    x = nn.leaky_relu(Conv3x3x3(self.width, dtype=dt, name='conv')(x), 0.2)
     x = jax.image.resize(x, (b, d, h, w, self.width), 'linear')
-    flow = Conv3x3x3(3, kernel_init=nn.initializers.zeros, name='flow')(x)
-    return self.scale * jnp.tanh(flow)
+    flow = Conv3x3x3(3, kernel_init=nn.initializers.zeros, dtype=dt, name='flow')(x)
+    return self.scale * jnp.tanh(flow.astype(jnp.float32))

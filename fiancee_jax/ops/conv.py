@@ -18,15 +18,22 @@ by models/factory.py (ops/kernels.py resolves 'auto'); nothing here looks at the
 - 'toeplitz_even': 'toeplitz' where the kernel spans the map and the batch is at least 4,
   else 'even'.
 
+Every form computes in x's dtype (the kernel is cast to it), so a bfloat16 model runs
+bfloat16 convs on every implementation.
+
 Reported GFLOPs never depend on this choice: metrics/costs.py counts every model on 'xla'.
 Thin convs (<= 4 output channels) as broadcast multiply-adds are not offered: alone they beat
 XLA:CPU's conv, but inside a model XLA fuses them with their neighbours and they run far
 slower.
 """
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from fiancee_jax.models import precision
 
 # Implementations of conv2d_same; the first three are per-call forms, the last picks by shape.
 CONV_IMPLS = ('xla', 'toeplitz', 'even', 'toeplitz_even')
@@ -63,12 +70,12 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, impl: str = 'xla') -> jax.Array
   """'SAME' stride-1 conv without bias.
 
   Args:
-    x: float [B, H, W, C].
-    kernel: float [kh, kw, C, F].
+    x: float [B, H, W, C]; its dtype is the compute dtype.
+    kernel: float [kh, kw, C, F], cast to x's dtype.
     impl: one of CONV_IMPLS.
 
   Returns:
-    [B, H, W, F].
+    [B, H, W, F] in x's dtype.
 
   Raises:
     ValueError: shapes that do not make a conv, an unknown implementation, or 'toeplitz' on a
@@ -78,6 +85,7 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, impl: str = 'xla') -> jax.Array
     raise ValueError(f'conv2d_same needs x [B, H, W, C] and kernel [kh, kw, C, F], got '
                      f'{x.shape} and {kernel.shape}')
   form = form_for(x.shape, kernel.shape, impl)
+  kernel = kernel.astype(x.dtype)
   if form == 'xla':
     return xla_conv(x, kernel)
   if form == 'even':
@@ -101,14 +109,17 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, impl: str = 'xla') -> jax.Array
 
 class Conv(nn.Module):
   """nn.Conv's 'SAME' stride-1 case (same parameter names, shapes and initialisers), run
-  through `conv2d_same` with `conv_impl`: x [B, H, W, C] -> [B, H, W, features]."""
+  through `conv2d_same` with `conv_impl`: x [B, H, W, C] -> [B, H, W, features] in `dtype`
+  (the compute dtype; parameters stay float32 and are cast at use, as nn.Conv's `dtype`)."""
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    return conv2d_same(x, kernel, self.conv_impl) + bias
+    return precision.broadcast_add(conv2d_same(x.astype(self.dtype), kernel, self.conv_impl),
+                                   bias)

@@ -2,7 +2,9 @@
 
 One jitted step over the mesh (batch sharded on `data`, state replicated): a generator
 update against the current discriminator, then a discriminator update on the same fake
-images (N+1 cross-entropy + LabelMix), then the generator EMA. The loop (training/loop.py)
+images (N+1 cross-entropy + LabelMix), then the generator EMA. Generator and discriminator
+compute in config.train.dtype (models/precision.py); parameters, optimizer state, batch
+statistics and losses are float32. The loop (training/loop.py)
 resumes, checks, logs, draws samples and checkpoints; at the end the EMA generator's batch
 statistics are recomputed and it is exported as the `backbone` artifact. With
 `config.train.pretrained` set, the shipped backbone is installed instead
@@ -65,8 +67,11 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> BackboneSta
 
 
 def make_train_step(config: ml_collections.ConfigDict):
-  """Returns step(state, batch) -> (state, measurements), pure, for jit."""
-  g, d = factory.make_generator(config), factory.make_discriminator(config)
+  """Returns step(state, batch) -> (state, measurements), pure, for jit; the models compute
+  in config.train.dtype."""
+  dtype = factory.train_dtype(config)
+  g = factory.make_generator(config, dtype=dtype)
+  d = factory.make_discriminator(config, dtype=dtype)
   tx_g, tx_d = optimizers.gan_optimizers(config.train)
   num_classes, z_dim = config.data.num_classes, config.backbone.z_dim
   lm_weight, ema_decay = config.train.labelmix_weight, config.train.ema_decay

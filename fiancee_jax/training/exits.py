@@ -6,7 +6,9 @@ in the guided variant and (for the ablation) the unguided one, is trained to rep
 teacher for the same label map and z: L1 + the configured perceptual distance + optional
 feature distillation (losses/distillation.py) + an optional OASIS adversarial term against
 the frozen discriminator (read only when
-`config.exits.adversarial_weight` > 0). The loop (training/loop.py) resumes, checks, logs,
+`config.exits.adversarial_weight` > 0). The backbone pass, the branches and the
+discriminator compute in config.train.dtype (models/precision.py); losses, parameters and
+optimizer state are float32. The loop (training/loop.py) resumes, checks, logs,
 draws samples and checkpoints; the result is the `exits` artifact.
 """
 from typing import Any, NamedTuple
@@ -90,10 +92,12 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict | N
   config.exits.adversarial_weight > 0.
   """
   e = config.exits
-  models = {v: factory.make_exit_model(config, guided=(v == 'guided'))
+  dtype = factory.train_dtype(config)
+  models = {v: factory.make_exit_model(config, guided=(v == 'guided'), dtype=dtype)
             for v in variants(config)}
   dist = get_distance(config)
-  disc = factory.make_discriminator(config) if e.adversarial_weight > 0 else None
+  disc = (factory.make_discriminator(config, dtype=dtype) if e.adversarial_weight > 0
+          else None)
   tx = _optimizer(config)
   task = factory.get_task(config)
   num_classes = config.data.get('num_classes', 0)
@@ -110,6 +114,8 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict | N
     teacher = any_model.backbone.apply(bb, h, method='head')
     guide = (models['guided'].guide({'database': db}, outs, cond.shape[1:3])
              if 'guided' in models else None)
+    # The feature loss compares in float32 (the blocks' outputs are in the compute dtype).
+    teacher_features = {i: o.astype(jnp.float32) for i, o in outs.items()}
 
     def loss_fn(params):
       total, meas, new_stats = 0.0, {}, {}
@@ -122,13 +128,15 @@ def make_train_step(config: ml_collections.ConfigDict, bb: dict, dvars: dict | N
         for k, img in enumerate(images):
           projected = None
           if feature_weight:
+            student = {j: f.astype(jnp.float32) for j, f in feats[k].items()}
             projected = distillation.FeatureProjections(
-                distillation.projection_widths(outs, feats[k])).apply(
-                    {'params': params['distill'][v][k]}, feats[k])
+                distillation.projection_widths(outs, student)).apply(
+                    {'params': params['distill'][v][k]}, student)
           loss, terms = distillation.exit_loss(
               img, teacher, distance_fn=dist.fn, l1_weight=e.l1_weight,
               perceptual_weight=e.perceptual_weight, feature_weight=feature_weight,
-              projected=projected, teacher_features=outs, feature_norm=feature_norm)
+              projected=projected, teacher_features=teacher_features,
+              feature_norm=feature_norm)
           if e.adversarial_weight > 0:
             logits = disc.apply(dvars, img)
             adv = oasis_losses.n1_cross_entropy(logits, batch['labels'], for_real=True,

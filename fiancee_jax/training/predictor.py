@@ -93,10 +93,11 @@ def fold_target_stats(params: Any, mean: np.ndarray, std: np.ndarray) -> Any:
 def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
   """step(state, batch) -> (state, measurements) on the minibatch batch['index'] (int32 [B]).
 
-  targets: standardised distances [N, E - 1]; every ensemble member gets its own loss.
+  targets: standardised distances [N, E - 1]; every ensemble member gets its own loss. The
+  predictor computes in config.train.dtype; the loss and the updates are float32.
   """
   p = config.predictor
-  model = factory.make_predictor(config)
+  model = factory.make_predictor(config, dtype=factory.train_dtype(config))
   tx = _optimizer(config)
 
   def step(state: PredictorState, batch):

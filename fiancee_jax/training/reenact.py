@@ -107,9 +107,12 @@ def identity_loss(m_driver: jax.Array, m_swap: jax.Array, temperature: float) ->
 def make_train_step(config: ml_collections.ConfigDict):
   """Returns step(state, batch) -> (state, measurements), pure, for jit.
 
-  batch: {'source', 'driver', 'target', 'swap': float32 [B, H, W, 3] in [-1, 1]}.
+  batch: {'source', 'driver', 'target', 'swap': float32 [B, H, W, 3] in [-1, 1]}. The models
+  compute in config.train.dtype; losses, parameters and optimizer state are float32.
   """
-  g, d = factory.make_generator(config), factory.make_discriminator(config)
+  dtype = factory.train_dtype(config)
+  g = factory.make_generator(config, dtype=dtype)
+  d = factory.make_discriminator(config, dtype=dtype)
   tx_g, tx_d = optimizers.gan_optimizers(config.train)
   dist = get_distance(config)
   perceptual = f'perceptual_{dist.name}'

@@ -11,6 +11,7 @@ import pytest
 from fiancee_jax import config_checks
 from fiancee_jax.evaluation import bench_markdown
 from fiancee_jax.evaluation import benchmark
+from fiancee_jax.evaluation import precision_grid
 from fiancee_jax.evaluation import profiling
 from tests.routing.router_test import bucketed
 from tests.routing.router_test import switch
@@ -18,6 +19,9 @@ from tests.routing.router_test import tiny_labels
 from tests.routing.router_test import tiny_model
 
 BATCH = 4
+# The precision grid's batches: bucket sizes, so that its float32 cells reuse the routers'
+# executables and only the bfloat16 ones compile.
+GRID_BATCHES = (1, BATCH)
 
 
 def _finite_numbers(tree, path=''):
@@ -42,18 +46,103 @@ def bench(tmp_path_factory):
   return benchmark.run_benchmark(model, labels, batch_size=BATCH, thresholds=thresholds,
                                  warmup=1, iters=2, seed=0, matmul_n=128, switch_rounds=3,
                                  lowering_rounds=3, bucketed=bucketed(), switch=switch(),
-                                 hlo_dir=str(out / 'hlo'), trace_dir=str(out / 'trace'))
+                                 hlo_dir=str(out / 'hlo'), trace_dir=str(out / 'trace'),
+                                 dtypes=('float32', 'bfloat16'), batch_sizes=GRID_BATCHES,
+                                 grid_warmup=1, grid_iters=2)
 
 
 def test_bench_has_every_key_with_finite_values(bench):
   for key in ('hardware', 'device', 'protocol', 'batch_size', 'resolution', 'matmul_gflops_per_s',
               'predictor', 'exits', 'profile', 'exit_parts', 'backbone', 'routing', 'switch',
-              'vmap_switch', 'kernels', 'router_compiles'):
+              'vmap_switch', 'kernels', 'router_compiles', 'precision', 'dtype'):
     assert key in bench, key
   for path, value in _finite_numbers(bench):
     assert math.isfinite(value), path
   assert bench['device']['jax'] and bench['device']['flax'] and bench['hardware']
-  assert bench['matmul_gflops_per_s'] > 0
+  dev = jax.devices()[0]
+  assert (bench['device']['device_kind'], bench['device']['platform']) == (dev.device_kind,
+                                                                            dev.platform)
+  assert bench['matmul_gflops_per_s'] > 0 and bench['dtype'] == 'float32'
+  by_dtype = bench['matmul_gflops_per_s_by_dtype']
+  assert set(by_dtype) == {'float32', 'bfloat16'} and min(by_dtype.values()) > 0
+  assert by_dtype['float32'] == bench['matmul_gflops_per_s']
+
+
+def test_precision_grid_times_every_exit_in_both_dtypes_at_every_batch(bench):
+  m = tiny_model()
+  e, grid = m.num_exits, bench['precision']
+  assert grid['dtypes'] == ['float32', 'bfloat16'] and grid['batch_sizes'] == list(GRID_BATCHES)
+  assert grid['skipped'] == [] and grid['iters'] == 2
+  cells = {(r['dtype'], r['batch'], r['exit']): r for r in grid['rows']}
+  assert len(grid['rows']) == len(cells) == 2 * len(GRID_BATCHES) * e
+  for (d, b, k), r in cells.items():
+    assert 0 < r['median_ms'] <= r['p90_ms'] and r['is_backbone'] == (k == e - 1)
+    assert r['images_per_s'] == pytest.approx(b / (r['median_ms'] * 1e-3))
+    assert r['flops_speedup'] == pytest.approx(m.exit_gflops[-1] / m.exit_gflops[k])
+    assert r['measured_speedup'] == pytest.approx(
+        cells[(d, b, e - 1)]['median_ms'] / r['median_ms'])
+    assert r['speedup_vs_float32'] == pytest.approx(
+        cells[('float32', b, k)]['median_ms'] / r['median_ms'])
+    # XLA's FLOPs of the cell grow with its batch: the batch really was b (within the few %
+    # that the conv forms add, which change with the batch: ops/conv.py).
+    assert r['xla_gflops'] == pytest.approx(b * cells[(d, 1, k)]['xla_gflops'], rel=0.15)
+  # Exits are ordered by cost in either dtype.
+  for d in grid['dtypes']:
+    xla = [cells[(d, BATCH, k)]['xla_gflops'] for k in range(e)]
+    assert xla == sorted(xla)
+  md = bench_markdown.render_markdown(bench)
+  assert '## Precision: every exit in float32, bfloat16' in md
+  assert 'bfloat16 / float32' in md and 'FLOPs-predicted vs backbone' in md
+  assert md.count(f'\n| {BATCH} | ') == e and 'skipped' not in md.split('## Precision')[1]
+
+
+def test_bfloat16_exit_paths_compute_in_bfloat16():
+  m = tiny_model()
+  b16 = precision_grid.with_dtype(m, 'bfloat16')
+  assert precision_grid.model_dtype(b16) == 'bfloat16' and b16.params is m.params
+  assert precision_grid.model_dtype(m) == 'float32'
+  inputs = m.make_inputs(tiny_labels(2), jax.random.key(0))
+  for k in range(m.num_exits):
+    text = {name: jax.jit(x.exit_model.exit_path(k)).lower(x.params, *inputs).as_text()
+            for name, x in (('f32', m), ('bf16', b16))}
+    convs = {name: [line for line in t.splitlines() if 'stablehlo.convolution' in line]
+             for name, t in text.items()}
+    assert convs['bf16'] and all('bf16' in line for line in convs['bf16'])
+    assert not any('bf16' in line for line in convs['f32'])
+    # Same inputs and parameters (float32), float32 images out.
+    out = {name: jax.eval_shape(x.exit_model.exit_path(k), x.params, *inputs)
+           for name, x in (('f32', m), ('bf16', b16))}
+    assert out['bf16'] == out['f32'] == jax.ShapeDtypeStruct((2, 16, 16, 3), np.float32)
+
+
+def test_precision_grid_skips_a_cell_that_fails_with_its_reason():
+  m = tiny_model()
+  oom = jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate')
+
+  def compiled(d, k, b):
+    if (b, k) == (BATCH, m.num_exits - 1):
+      raise oom
+    return bucketed().compiled_exit(k, b)  # no compile: the routers' executables
+
+  # 3 examples for batches of 4: the inputs are repeated cyclically.
+  grid = precision_grid.precision_grid(m, (tiny_labels(3),), dtypes=('float32',),
+                                       batch_sizes=(1, BATCH), warmup=0, iters=1,
+                                       compiled=compiled)
+  assert grid['skipped'] == [{'dtype': 'float32', 'batch': BATCH, 'exit': m.num_exits - 1,
+                              'reason': f'JaxRuntimeError: {oom}'}]
+  rows = {(r['batch'], r['exit']): r for r in grid['rows']}
+  assert set(rows) == {(1, k) for k in range(m.num_exits)} | {
+      (BATCH, k) for k in range(m.num_exits - 1)}
+  # Without the backbone's cell nothing is measured against it at that batch.
+  assert all(rows[(BATCH, k)]['measured_speedup'] is None for k in range(m.num_exits - 1))
+  assert rows[(1, 0)]['measured_speedup'] > 0
+  bench = {'num_exits': m.num_exits, 'precision': grid}
+  md = '\n'.join(bench_markdown._precision_markdown(bench))
+  assert f'- float32, batch {BATCH}, exit {m.num_exits - 1}: JaxRuntimeError' in md
+  for dtypes, match in ((('float16',), 'not one of'), (('float32', 'float32'), 'distinct')):
+    with pytest.raises(ValueError, match=match):
+      precision_grid.precision_grid(m, (tiny_labels(1),), dtypes=dtypes, batch_sizes=(1,),
+                                    warmup=0, iters=1)
 
 
 def test_bench_counts_and_ratios(bench):
@@ -227,6 +316,24 @@ def test_trace_dir_is_checked(tiny_config):
   config_checks.check_benchmark(tiny_config)
 
 
+def test_precision_grid_settings_are_checked(tiny_config):
+  config_checks.check_benchmark(tiny_config)
+  for key, value, match in (('dtypes', ('float32', 'float16'), "'float16' is not a compute"),
+                            ('dtypes', (), 'distinct compute dtypes'),
+                            ('dtypes', ('bfloat16', 'bfloat16'), 'distinct compute dtypes'),
+                            ('batch_sizes', (8, 1), 'must be increasing'),
+                            ('batch_sizes', (0, 8), 'integers >= 1'),
+                            ('grid_iters', 0, 'grid_iters must be an integer >= 1')):
+    config = tiny_config.copy_and_resolve_references()
+    with config.unlocked():
+      config.benchmark[key] = value
+    with pytest.raises(config_checks.ConfigError, match=match):
+      config_checks.check_benchmark(config)
+  with tiny_config.unlocked():
+    tiny_config.benchmark.batch_sizes = ()  # no grid
+  config_checks.check_benchmark(tiny_config)
+
+
 def test_run_benchmark_validates_before_compiling():
   m = tiny_model()
   with pytest.raises(ValueError, match='batch_size=8'):
@@ -241,3 +348,9 @@ def test_run_benchmark_validates_before_compiling():
   with pytest.raises(ValueError, match='bucket sizes'):
     benchmark.run_benchmark(m, tiny_labels(4), batch_size=3, thresholds=[0.1],
                             bucketed=bucketed())
+  with pytest.raises(ValueError, match='compute dtype'):
+    benchmark.run_benchmark(m, tiny_labels(4), batch_size=2, thresholds=[0.1],
+                            dtypes=('float16',), batch_sizes=(1,))
+  with pytest.raises(ValueError, match='batch sizes >= 1'):
+    benchmark.run_benchmark(m, tiny_labels(4), batch_size=2, thresholds=[0.1],
+                            batch_sizes=(0,))
