@@ -86,7 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(ema_stats_batches=1, num_sample_images=4, num_eval=8)
     config.predictor.update(num_train=16, measure_batch=8, batch_size=8)
     config.router.num_eval = 16
-    config.benchmark.update(batch_size=4, lowering_rounds=0, batch_sizes=(1, 4))
+    config.benchmark.update(batch_size=4, lowering_rounds=0, batch_sizes=(1, 4),
+                            dtypes=('float32',))
   elif arg:
     raise common.unknown_variant('configs/avatars.py', arg)
   return config

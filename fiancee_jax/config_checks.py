@@ -45,6 +45,10 @@ KNOWN_STAGES = ('backbone', 'database', 'exits', 'predictor', 'evaluate', 'bench
 # model; `checkpoint` only how a damaged checkpoint is handled.
 REPLACEABLE_SECTIONS = ('benchmark', 'checkpoint', 'kernels')
 
+# Keys added to the config after workdirs were made with it, and the value that reproduces
+# what those workdirs did: a config.json without one is read as holding that value.
+ADDED_KEYS = {('train', 'dtype'): 'float32', ('data', 'workers'): 0}
+
 CONFIG_FILE = 'config.json'
 # Present beside config.json while config.json does not bind the workdir yet: it was written
 # over checkpoints that predate it (their config is unknown).
@@ -620,6 +624,10 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, *,
       logging.warning('%s is unreadable (%s) and no checkpoint was made under it; replacing '
                       'it with this config.', path, e)
       old = None
+    if old is not None:
+      for (section, key), value in ADDED_KEYS.items():
+        if isinstance(old.get(section), dict) and key not in old[section]:
+          old[section][key] = value
     if old is not None and old != new:
       differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       if set(differ) <= set(REPLACEABLE_SECTIONS):

@@ -158,6 +158,8 @@ def test_seeds_repeat_the_seeded_stages_on_one_backbone(workdir, tmp_path):
   # The first seed is tiny_run's own (its artifacts are found, not retrained).
   shutil.copytree(os.path.join(wd, 'artifacts'), os.path.join(new, 'artifacts'))
   shutil.copyfile(os.path.join(wd, 't_star.json'), os.path.join(new, 't_star.json'))
+  # Seed 0's measured distances too (keyed by its exits' fingerprint): not measured again.
+  shutil.copytree(os.path.join(wd, 'cache'), os.path.join(new, 'cache'))
   two = config.copy_and_resolve_references()
   with two.unlocked():
     two.evaluate.seeds = 2

@@ -215,6 +215,18 @@ def test_another_config_is_accepted_until_a_checkpoint_binds_the_workdir(tiny_co
   config_checks.write_config(_variant(b, checkpoint__allow_restart=True), wd)  # replaceable
 
 
+def test_a_workdir_from_before_added_keys_resumes_at_their_defaults(tiny_config, tmp_path):
+  wd = str(tmp_path)
+  old = json.loads(tiny_config.to_json_best_effort())
+  for (section, key) in config_checks.ADDED_KEYS:
+    del old[section][key]
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  _fake_checkpoint(wd)
+  config_checks.write_config(tiny_config, wd)  # the defaults reproduce what it did
+  with pytest.raises(config_checks.ConfigError, match=r"different config .*\['train'\]"):
+    config_checks.write_config(_variant(tiny_config, train__dtype='bfloat16'), wd)
+
+
 def _copy_checkpoints(src, dst, *stages):
   for stage in stages:
     shutil.copytree(workdir_lib.checkpoints(src, stage), workdir_lib.checkpoints(dst, stage))

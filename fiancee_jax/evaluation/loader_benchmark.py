@@ -33,10 +33,8 @@ from ml_collections import config_flags
 from fiancee_jax.data import sources
 from fiancee_jax.metrics import latency
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_OUT = flags.DEFINE_string('out', None, 'Directory for loader.json and loader.md.')
-_WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker counts to time.')
-_BATCHES = flags.DEFINE_integer('batches', 20, 'Timed batches per setting.')
+FLAGS = flags.FLAGS
+
 
 
 def time_loader(config: ml_collections.ConfigDict, *, workers: int, batches: int,
@@ -143,12 +141,17 @@ def render_markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _OUT.value is None:
+  if FLAGS.config is None or FLAGS.out is None:
     raise app.UsageError('--config and --out are required')
-  workers = [int(w) for w in _WORKERS.value]
-  result = run(_CONFIG.value, _OUT.value, workers, _BATCHES.value)
+  result = run(FLAGS.config, FLAGS.out, [int(w) for w in FLAGS.workers], FLAGS.batches)
   print(render_markdown(result))
 
 
 if __name__ == '__main__':
+  # Defined only when run as a program: importing the module (tests, other entry points that
+  # also define --config) adds no flags.
+  config_flags.DEFINE_config_file('config', None, 'Config file.')
+  flags.DEFINE_string('out', None, 'Directory for loader.json and loader.md.')
+  flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker counts to time.')
+  flags.DEFINE_integer('batches', 20, 'Timed batches per setting.')
   app.run(main)
