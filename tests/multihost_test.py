@@ -24,7 +24,7 @@ apart, database values 1.5 apart, saved fractions 0.065 apart), so no tolerance 
 Cost: three processes each compile the tiny models (about 35 s of XLA compilation and
 20 s of tracing and imports per process on one CPU core), about 3 minutes of CPU in all.
 The config is cut to one exit, a 2-block backbone, 2 steps per stage, the l1 distance and
-one ensemble member; the dataset is the session's tiny one (data_dir), not rebuilt.
+one ensemble member; the dataset is the tiny one of the pytest session (data_dir), not rebuilt.
 """
 import json
 import os

@@ -9,7 +9,7 @@ import pytest
 from configs import avatars
 from fiancee_jax.data import sources
 
-pytestmark = pytest.mark.xdist_group('tiny_avatars_run')
+pytestmark = [pytest.mark.xdist_group('tiny_avatars_run'), pytest.mark.slow]
 
 
 @pytest.fixture(scope='module')

@@ -152,6 +152,7 @@ def test_rerun_resumes_every_stage_without_retraining(workdir, tmp_path):
   assert os.path.getmtime(os.path.join(wd, 'report', 'report.json')) == before
 
 
+@pytest.mark.slow
 def test_seeds_repeat_the_seeded_stages_on_one_backbone(workdir, tmp_path):
   wd, config = workdir
   new = str(tmp_path / 'seeds')

@@ -11,6 +11,8 @@ from configs import oasis_cityscapes
 from fiancee_jax import pipeline
 from tests.data import fake_datasets
 
+pytestmark = pytest.mark.slow
+
 STAGES = 'backbone,database,exits,predictor,evaluate'
 
 

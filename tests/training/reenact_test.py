@@ -16,6 +16,8 @@ from fiancee_jax.data import sources
 from fiancee_jax.training import artifact_io
 from fiancee_jax.training import reenact as reenact_training
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def config(tmp_path_factory):

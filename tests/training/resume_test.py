@@ -15,6 +15,8 @@ from fiancee_jax import artifacts
 from fiancee_jax import checkpoint
 from fiancee_jax.training import backbone
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS = 40
 OVERRIDES = [f'--config.train.num_steps={NUM_STEPS}', '--config.train.checkpoint_every=4',
