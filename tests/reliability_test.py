@@ -6,9 +6,9 @@ written, by `pipeline.run` and `python -m fiancee_jax.stats` alike), empty --sta
 workdirs, a config.json that must not lock a workdir after a failed run, damaged checkpoints,
 artifacts and caches, artifacts of another run, bad inputs for device arrays as for NumPy ones,
 thresholds and seeds of the wrong type, nothing printed at interpreter exit; then a same-seed
-rerun of the whole tiny job from damaged backbone checkpoints (allow_restart) with the exits
-and predictor stages each killed (SIGKILL) between two checkpoints and resumed, compared bit
-for bit with the session's `tiny_run`.
+rerun of the whole tiny job from damaged backbone checkpoints (allow_restart), with the exits
+stage killed (SIGKILL) between two checkpoints and the predictor stage preempted (SIGTERM),
+each resumed in a new process, compared bit for bit with the session's `tiny_run`.
 """
 import json
 import os
@@ -623,9 +623,10 @@ def test_empty_workdir_on_the_command_line(tmp_path):
 _KILLED_RUN = r'''
 import os, signal, sys
 from configs import landscapes
-from fiancee_jax import checkpoint, metric_logging, pipeline
+from fiancee_jax import checkpoint, main, metric_logging, pipeline
+from fiancee_jax.training import loop
 
-workdir, data_dir, stages, kill_stage, kill_step, allow_restart = sys.argv[1:7]
+workdir, data_dir, stages, kill_stage, kill_step, allow_restart, sig = sys.argv[1:8]
 config = landscapes.get_config('tiny')
 with config.unlocked():
   config.data.data_dir = data_dir
@@ -643,24 +644,37 @@ def progress_then_die(self, step, *args, **kwargs):
   update_progress(self, step, *args, **kwargs)
   if self._stage == kill_stage and step == int(kill_step):
     print('killing', kill_stage, 'at step', step, flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)  # kill -9: nothing runs after this
+    # SIGKILL: nothing runs after this. SIGTERM: a preemption notice, which the loop
+    # answers by saving the next step and stopping the job as main does.
+    os.kill(os.getpid(), getattr(signal, sig))
 
 checkpoint.Checkpointer.restore = recording_restore
 metric_logging.MetricWriter.update_progress = progress_then_die
-pipeline.run(config, workdir, stages)
+try:
+  pipeline.run(config, workdir, stages)
+except loop.Preempted as e:
+  print(e, flush=True)
+  sys.exit(main.PREEMPTED_EXIT_STATUS)
 '''
-_KILL_STEP = 3
+# (signal, step at whose end it arrives) per killed stage; 4 steps, checkpoints every 2.
+_PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM, what main exits with (fiancee_jax/main.py)
+_KILLS = {'exits': ('SIGKILL', 3), 'predictor': ('SIGTERM', 2)}
 
 
 def _run_killed(workdir, data_dir, stages, kill_stage, allow_restart=False):
-  """Runs `stages` in a subprocess that SIGKILLs itself inside `kill_stage`; returns
-  (stdout, stderr)."""
+  """Runs `stages` in a subprocess that sends itself _KILLS[kill_stage] inside
+  `kill_stage`; returns (stdout, stderr)."""
+  sig, step = _KILLS[kill_stage]
   out = subprocess.run(
       [sys.executable, '-c', textwrap.dedent(_KILLED_RUN), workdir, data_dir, stages,
-       kill_stage, str(_KILL_STEP), str(allow_restart)],
+       kill_stage, str(step), str(allow_restart), sig],
       env=_subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-  assert f'killing {kill_stage} at step {_KILL_STEP}' in out.stdout
+  if sig == 'SIGKILL':
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  else:  # preempted: saved, then stopped with the job's preemption status
+    assert out.returncode == _PREEMPTED_EXIT_STATUS, out.stderr[-3000:]
+    assert f'its state at step {step + 1} is saved' in out.stdout, out.stdout[-3000:]
+  assert f'killing {kill_stage} at step {step}' in out.stdout
   return out.stdout, out.stderr
 
 
@@ -676,7 +690,8 @@ def rerun(tiny_run, tmp_path_factory, data_dir):
   1. the backbone checkpoints of `tiny_run`, every step truncated: with allow_restart the
      backbone stage retrains from scratch and replaces them;
   2. the exits stage killed (SIGKILL) after step 3, between its checkpoints 2 and 4, and
-     resumed in a new process, which kills the predictor stage at its step 3 as well;
+     resumed in a new process, which is sent SIGTERM (a preemption notice) in the predictor
+     stage's step 2: it saves step 3 and stops;
   3. the predictor stage resumed and the evaluate stage run, here.
 
   Returns:
@@ -729,13 +744,14 @@ def test_allow_restart_retrains_past_damaged_checkpoints_bit_exact(tiny_run, rer
   _assert_trees_equal(tree, ref_tree)
 
 
-@pytest.mark.parametrize('stage', ['exits', 'predictor'])
-def test_kill_between_checkpoints_resumes_bit_exact(tiny_run, rerun, stage):
+@pytest.mark.parametrize('stage,on_disk', [('exits', [2]), ('predictor', [2, 3])])
+def test_kill_between_checkpoints_resumes_bit_exact(tiny_run, rerun, stage, on_disk):
   ref, _ = tiny_run
   wd, info = rerun
-  # Killed at step 3 of 4: only step 2 was on disk, and the resumed run read step 2.
-  assert info['on_disk'][stage] == [2] and not info['exported'][stage]
-  assert info['restored'][stage] == [2]
+  # exits: SIGKILL at step 3 of 4, only step 2 on disk, and the resumed run read it.
+  # predictor: SIGTERM in step 2, so step 3 was saved on preemption and read back.
+  assert info['on_disk'][stage] == on_disk and not info['exported'][stage]
+  assert info['restored'][stage] == on_disk[-1:]
   tree, meta = _final(wd, stage)
   ref_tree, ref_meta = _final(ref, stage)
   assert meta == ref_meta and meta['finished']

@@ -18,7 +18,9 @@ process flips.
 
 Loading runs `prefetch` batches ahead on one background thread (`workers=0`), or in
 `workers` worker processes (worker w loads steps start + w, start + w + workers, ...;
-batches come back in step order, pickled through pipes). Either
+batches come back in step order: a worker writes each batch's arrays into one shared-memory
+segment and sends only its name and layout; the consumer copies the arrays out and frees
+the segment). Either
 way the batch of a step is the same, so the number of workers never changes what trains.
 The thread or the workers stop when the iterator is exhausted, closed (`it.close()`), or
 garbage collected.
@@ -35,7 +37,9 @@ import multiprocessing
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
+from multiprocessing import shared_memory
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -316,6 +320,8 @@ def _in_workers(make: _StepBatch, start: int, stop: int, *, workers: int,
   Worker w computes steps start + w, start + w + workers, ... into its own bounded queue;
   the consumer takes from the queues in turn, so the order is the steps' order whatever
   the workers' speeds. Workers are spawned (not forked: the parent runs JAX's threads).
+  Batches travel as `_Shared` segments; those still queued when the consumer stops are
+  freed here.
   """
   ctx = multiprocessing.get_context('spawn')
   queues = [ctx.Queue(max(prefetch, 1)) for _ in range(workers)]
@@ -338,16 +344,76 @@ def _in_workers(make: _StepBatch, start: int, stop: int, *, workers: int,
                                f'{p.exitcode}); see its output above') from None
       if isinstance(item, BaseException):
         raise item
-      yield item
+      yield item.take()
   finally:
     stop_event.set()
+    # Drained while the workers stop, so that none blocks on a full pipe as it exits.
+    deadline = time.monotonic() + 5
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+      for q in queues:
+        _free_queued(q)
+      time.sleep(0.01)
     for p in procs:
-      p.join(timeout=5)
       if p.is_alive():
         p.terminate()
+      p.join(timeout=5)
     for q in queues:
+      _free_queued(q)
       q.cancel_join_thread()
       q.close()
+
+
+def _free_queued(q: Any) -> None:
+  """Frees the segments of the batches waiting in a worker's queue."""
+  while True:
+    try:
+      item = q.get_nowait()
+    except Exception:  # pylint: disable=broad-except  (empty, closed or cut short)
+      return
+    if isinstance(item, _Shared):
+      item.free()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+  """A batch in a shared-memory segment: its name and each array's (key, shape, dtype,
+  offset). Only this small record is pickled through the worker's queue."""
+  name: str
+  layout: tuple[tuple[str, tuple[int, ...], str, int], ...]
+
+  @classmethod
+  def put(cls, batch: Batch) -> '_Shared':
+    """Copies `batch` into a new segment (the receiver frees it: `take` or `free`)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in batch.items()}
+    layout, offset = [], 0
+    for k, v in arrays.items():
+      layout.append((k, v.shape, v.dtype.str, offset))
+      offset += -(-v.nbytes // 64) * 64  # 64-byte aligned arrays
+    shm = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+    try:
+      for (k, shape, dtype, off), v in zip(layout, arrays.values()):
+        np.ndarray(shape, dtype, shm.buf, off)[...] = v
+    finally:
+      shm.close()
+    return cls(shm.name, tuple(layout))
+
+  def take(self) -> Batch:
+    """The batch, copied out of the segment, which is then freed."""
+    shm = shared_memory.SharedMemory(name=self.name)
+    try:
+      return {k: np.ndarray(shape, np.dtype(dtype), shm.buf, off).copy()
+              for k, shape, dtype, off in self.layout}
+    finally:
+      shm.close()
+      shm.unlink()
+
+  def free(self) -> None:
+    try:
+      shm = shared_memory.SharedMemory(name=self.name)
+    except FileNotFoundError:
+      return
+    shm.close()
+    shm.unlink()
 
 
 def _worker(make: _StepBatch, first: int, stop: int, stride: int, out: Any,
@@ -355,7 +421,7 @@ def _worker(make: _StepBatch, first: int, stop: int, stride: int, out: Any,
   """A worker process: make(step) for step in range(first, stop, stride), into `out`."""
   try:
     for step in range(first, stop, stride):
-      item = make(step)
+      item = _Shared.put(make(step))
       while not stop_event.is_set():
         try:
           out.put(item, timeout=0.1)
@@ -363,6 +429,7 @@ def _worker(make: _StepBatch, first: int, stop: int, stride: int, out: Any,
         except queue.Full:
           pass
       if stop_event.is_set():
+        item.free()
         return
   except BaseException as e:  # Handed to the consumer, raised there.
     out.put(e)

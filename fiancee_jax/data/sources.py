@@ -152,8 +152,8 @@ def load_data(config: ml_collections.ConfigDict, split: str, n: int) -> Data:
 
 
 def train_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size: int,
-                  seed: int, start_step: int = 0, prefetch: int | None = None
-                  ) -> Iterator[Batch]:
+                  seed: int, start_step: int = 0, prefetch: int | None = None,
+                  convert: bool = True) -> Iterator[Batch]:
   """Deterministic training batches (step s of `seed` is always the same) of this process.
 
   `input_pipeline.batches` with the dataset's batch keys, mirrored at random when
@@ -164,7 +164,8 @@ def train_batches(config: ml_collections.ConfigDict, source: Any, *, batch_size:
       source, batch_size=batch_size, seed=seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=config.data.prefetch if prefetch is None else prefetch,
-      load_fn=dataset(config).read, convert_fn=dataset(config).convert,
+      load_fn=dataset(config).read,
+      convert_fn=dataset(config).convert if convert else None,
       flip=config.data.flip, workers=config.data.get('workers', 0))
 
 

@@ -14,9 +14,9 @@ machine's cores. Beside them, the same run measures the machine's own ceiling
 (`cpu_scaling`): how much more a fixed pure-Python loop gets done in 2 processes at once than
 in 1. Workers cannot speed the loader up by more than that: read "2 workers vs 1" against it.
 
-The batches are what training consumes (decoded, converted to float32,
-flipped when config.data.flip), so a run's loader keeps up when these examples/s exceed its
-training examples/s.
+The batches are what training consumes (decoded, flipped when config.data.flip, as stored:
+uint8 images, which the compiled step converts to float32 on the devices), so a run's loader
+keeps up when these examples/s exceed its training examples/s.
 """
 import json
 import multiprocessing
@@ -54,7 +54,8 @@ def time_loader(config: ml_collections.ConfigDict, *, workers: int, batches: int
   batch_size = config.train.batch_size
   source = sources.data_source(config, 'train')
   start = time.perf_counter()
-  it = sources.train_batches(config, source, batch_size=batch_size, seed=seed)
+  it = sources.train_batches(config, source, batch_size=batch_size, seed=seed,
+                              convert=False)
   try:
     next(it)
     first = time.perf_counter() - start

@@ -136,13 +136,19 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _compile(step_fn: StepFn, state: State, batch: Batch, mesh: Mesh):
+def _compile(step_fn: StepFn, state: State, batch: Batch, mesh: Mesh,
+             convert: Callable[[Batch], Batch] | None = None):
   """(jitted watched step, initial watch): the step plus the first non-finite measurements.
+
+  `convert` (the loader's batch -> the step's batch, e.g. uint8 images to float32) is
+  compiled into the step, so that it runs on the devices.
 
   watch = {'count': steps taken, 'bad_at': count at the first step whose measurements were
   not all finite (-1: none), 'bad': that step's measurements}.
   """
   repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  if convert is not None:
+    step_fn = lambda state, batch, step_fn=step_fn: step_fn(state, convert(batch))
   m_shapes = jax.eval_shape(step_fn, state, batch)[1]
   watch = {'count': jnp.zeros((), jnp.int32), 'bad_at': jnp.full((), -1, jnp.int32),
            'bad': jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shapes)}
@@ -183,6 +189,7 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
           init: Callable[[], State], make_step: Callable[[], StepFn],
           batches: Callable[[int], Iterator[Batch]],
           check_batch: Callable[[Batch], None] | None = None,
+          convert: Callable[[Batch], Batch] | None = None,
           write_samples: SampleFn | None = None,
           finish: FinishFn | None = None, allow_restart: bool = False,
           async_save: bool = False) -> Result:
@@ -201,6 +208,8 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
     batches: start_step -> iterator of host batches (dicts of NumPy arrays, this process's
       rows) from that global step on, the same batches for the same step on every run.
     check_batch: raises ValueError for a first batch that does not fit the config.
+    convert: batch -> the step's batch, traced into the compiled step (None: the batches
+      are the step's).
     write_samples: (state, step, writer) -> None; called every `sample_every` steps and
       once at the end (after `finish`) on every process.
     finish: (state, writer) -> (state, metadata) at the end, before the final checkpoint
@@ -241,7 +250,7 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
     with metric_logging.MetricWriter(workdir, stage=stage, total_steps=n) as writer:
       if start < n:
         state = _steps(stage, mesh, schedule, ckpt, preemption, writer, state, start,
-                       make_step(), batches, check_batch, write_samples)
+                       make_step(), batches, check_batch, convert, write_samples)
       extra = {}
       if finish is not None:
         state, extra = finish(state, writer)
@@ -255,7 +264,7 @@ def train(*, stage: str, workdir: str, mesh: Mesh, schedule: Schedule,
 
 
 def _steps(stage, mesh, schedule, ckpt, preemption, writer, state, start, step_fn, batches,
-           check_batch, write_samples) -> State:
+           check_batch, convert, write_samples) -> State:
   """Steps start..num_steps (see the module docstring for the order of things per step)."""
   n, every = schedule.num_steps, schedule.sample_every
   it = batches(start)
@@ -267,7 +276,7 @@ def _steps(stage, mesh, schedule, ckpt, preemption, writer, state, start, step_f
         check_batch(batch)
       batch = parallel.shard_batch(batch, mesh)
       if compiled is None:
-        compiled, watch = _compile(step_fn, state, batch, mesh)
+        compiled, watch = _compile(step_fn, state, batch, mesh, convert)
       state, m, watch = compiled(state, batch, watch)
       done = step + 1
       # The last step is never saved unfinished: `finish` and the final save follow.
@@ -294,8 +303,13 @@ def _steps(stage, mesh, schedule, ckpt, preemption, writer, state, start, step_f
 
 
 def data_feed(config, source, *, batch_size: int, seed: int) -> dict[str, Callable[..., Any]]:
-  """{'batches', 'check_batch'} for `train`: deterministic batches of `source` from any step
-  (data/sources.py; step s of `seed` is always the same batch) and the first batch's check."""
-  return {'batches': lambda start: sources.train_batches(config, source, batch_size=batch_size,
-                                                         seed=seed, start_step=start),
-          'check_batch': lambda batch: sources.check_batch(config, batch)}
+  """{'batches', 'check_batch', 'convert'} for `train`: deterministic batches of `source` from
+  any step (data/sources.py; step s of `seed` is always the same batch) as stored (uint8
+  images: a quarter of float32's bytes to move), the first batch's check, and the
+  conversion to model inputs that runs inside the compiled step."""
+  convert = sources.dataset(config).convert
+  return {'batches': lambda start: sources.train_batches(
+              config, source, batch_size=batch_size, seed=seed, start_step=start,
+              convert=False),
+          'check_batch': lambda batch: sources.check_batch(config, convert(batch)),
+          'convert': convert}

@@ -1,6 +1,8 @@
 """Tests of the TF-free input pipeline."""
 import multiprocessing
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -169,6 +171,26 @@ def test_worker_processes_give_the_batches_of_the_thread():
   # A finite pass ends with the workers.
   assert len(list(input_pipeline.batches(source, batch_size=8, seed=0, num_epochs=2,
                                          workers=2))) == 2 * (30 // 8)
+
+
+def _segments():
+  return {n for n in os.listdir('/dev/shm') if n.startswith('psm_')}
+
+
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='POSIX shared memory in /dev/shm')
+def test_worker_batches_leave_no_shared_memory_behind():
+  before = _segments()
+  # Closed with every worker's queue full (prefetch 3 each), and after a finite pass.
+  it = input_pipeline.batches(FakeSource(64), batch_size=4, seed=0, workers=2, prefetch=3)
+  next(it)
+  deadline = time.time() + 30
+  while len(_segments() - before) < 6 and time.time() < deadline:
+    time.sleep(0.05)
+  assert len(_segments() - before) >= 6  # batches wait in shared memory, not in pipes
+  it.close()
+  list(input_pipeline.batches(FakeSource(16), batch_size=4, seed=0, num_epochs=1,
+                              workers=2))
+  assert _segments() - before == set()
 
 
 def test_a_worker_read_error_reaches_the_consumer():

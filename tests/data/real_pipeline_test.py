@@ -11,8 +11,6 @@ from configs import oasis_cityscapes
 from fiancee_jax import pipeline
 from tests.data import fake_datasets
 
-pytestmark = pytest.mark.slow
-
 STAGES = 'backbone,database,exits,predictor,evaluate'
 
 
@@ -30,8 +28,10 @@ def test_every_stage_runs_on_the_official_layout(tmp_path, module, name):
   with config.unlocked():
     config.data.update(data_dir=str(tmp_path / 'tfds'),
                        manual_dir=_fake(name, str(tmp_path / 'manual')))
-    # The data path is under test: one exit variant and one predictor compile less.
-    config.exits.train_unguided = False
+    # The data path is under test: one exit branch, one exit variant and one predictor
+    # member (fewer compiles).
+    config.exits.update(attach_after=(1,), branch_width_mults=(), branch_hidden_mults=(),
+                        train_unguided=False)
     config.predictor.update(members=1, z_draws=1)
   workdir = str(tmp_path / 'workdir')
   pipeline.run(config, workdir, STAGES)

@@ -50,14 +50,15 @@ def _batches(start, *, fail_at=None, on_step=None):
 
 def _run(workdir, *, num_steps=10, log_every=2, checkpoint_every=4, sample_every=0,
          nan_at=None, batches=_batches, make_step=None, write_samples=None, finish=None,
-         async_save=False):
+         async_save=False, convert=None, check_batch=None):
   return loop.train(
       stage='toy', workdir=str(workdir), mesh=parallel.make_mesh(1),
       schedule=loop.Schedule(num_steps=num_steps, log_every=log_every,
                              checkpoint_every=checkpoint_every, keep_checkpoints=5,
                              sample_every=sample_every),
       init=_init, make_step=make_step or (lambda: _make_step(nan_at)), batches=batches,
-      write_samples=write_samples, finish=finish, async_save=async_save)
+      write_samples=write_samples, finish=finish, async_save=async_save, convert=convert,
+      check_batch=check_batch)
 
 
 def _ckpt_steps(workdir):
@@ -168,6 +169,28 @@ def test_sigterm_saves_at_the_next_step_boundary_and_resumes_bit_exact(uninterru
   assert _ckpt_steps(tmp_path) == [4, 6]
   resumed = jax.device_get(_run(tmp_path).state)
   np.testing.assert_array_equal(resumed['w'], full['w'])
+
+
+def _quantised(start):
+  """_batches with x stored as uint8 (x = q / 32 - 4 exactly)."""
+  for b in _batches(start):
+    q = np.clip(np.round((b['x'] + 4) * 32), 0, 255).astype(np.uint8)
+    yield {'q': q, 'y': (q.astype(np.float32) / 32 - 4) @ _W}
+
+
+def _dequantise(batch):
+  return {'x': batch['q'].astype(jnp.float32) / 32 - 4, 'y': batch['y']}
+
+
+def test_convert_runs_inside_the_compiled_step(tmp_path):
+  checked = []
+  on_device = _run(tmp_path / 'device', batches=_quantised, convert=_dequantise,
+                   check_batch=checked.append)
+  assert checked[0]['q'].dtype == np.uint8  # the check sees the batch as loaded
+  on_host = _run(tmp_path / 'host',
+                 batches=lambda start: map(_dequantise, _quantised(start)))
+  np.testing.assert_array_equal(jax.device_get(on_device.state['w']),
+                                jax.device_get(on_host.state['w']))
 
 
 def test_a_bad_schedule_is_refused_before_compute(tmp_path):

@@ -33,8 +33,6 @@ from fiancee_jax.training import optimizers
 from fiancee_jax.training import predictor as predictor_training
 from fiancee_jax.training import reenact as reenact_training
 
-pytestmark = pytest.mark.slow
-
 BATCH_NOISE_SHARE = 0.3
 UPDATE_MIN = 1e-3
 DTYPES = ('float32', 'bfloat16')
