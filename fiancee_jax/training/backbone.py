@@ -61,7 +61,7 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> BackboneSta
   return BackboneState(
       step=jnp.zeros((), jnp.int32), rng=krng,
       g_params=gv['params'], g_stats=gv['batch_stats'],
-      d_params=dv['params'], d_stats=dv['batch_stats'],
+      d_params=dv['params'], d_stats=dv.get('batch_stats', {}),
       g_opt=tx_g.init(gv['params']), d_opt=tx_d.init(dv['params']),
       ema_params=gv['params'], ema_stats=gv['batch_stats'])
 
@@ -108,7 +108,7 @@ def make_train_step(config: ml_collections.ConfigDict):
                                              num_classes=num_classes)
       l_lm = oasis_losses.labelmix_consistency(d_mixed, d_fake, d_real, mask)
       loss = l_fake + l_real + lm_weight * l_lm
-      return loss, (upd['batch_stats'], dict(fake=l_fake, real=l_real, labelmix=l_lm))
+      return loss, (upd.get('batch_stats', {}), dict(fake=l_fake, real=l_real, labelmix=l_lm))
 
     (d_loss, (d_stats, parts)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
         state.d_params)

@@ -82,7 +82,7 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> ReenactStat
   return ReenactState(
       step=jnp.zeros((), jnp.int32),
       g_params=gv['params'], g_stats=gv['batch_stats'],
-      d_params=dv['params'], d_stats=dv['batch_stats'],
+      d_params=dv['params'], d_stats=dv.get('batch_stats', {}),
       g_opt=tx_g.init(gv['params']), d_opt=tx_d.init(dv['params']),
       ema_params=gv['params'], ema_stats=gv['batch_stats'])
 
@@ -152,7 +152,7 @@ def make_train_step(config: ml_collections.ConfigDict):
                             mutable=['batch_stats'])
       d_fake, d_real = jnp.split(logits, 2)
       l_fake, l_real = jnp.mean(jax.nn.relu(1 + d_fake)), jnp.mean(jax.nn.relu(1 - d_real))
-      return l_fake + l_real, (upd['batch_stats'], l_fake, l_real)
+      return l_fake + l_real, (upd.get('batch_stats', {}), l_fake, l_real)
 
     (d_loss, (d_stats, l_fake, l_real)), d_grads = jax.value_and_grad(
         d_loss_fn, has_aux=True)(state.d_params)
