@@ -8,12 +8,17 @@ bench.md, the plots), config.json and timings.jsonl into docs/results/NAME/, wri
 docs/results/NAME/results.md (fiancee_jax.evaluation.results_md), regenerates the index
 docs/results/README.md from every folder there, and replaces the README's block between
 `<!-- results:NAME -->` and `<!-- /results:NAME -->` (if it has one) with
-results_md.headline. Nothing is typed by hand.
+results_md.headline. command.txt is the command that reproduces the run: --config plus a
+`--config.KEY=VALUE` for every setting where the run's config.json differs from that config.
+Nothing is typed by hand.
 """
 import glob
 import json
 import os
+import runpy
+import shlex
 import shutil
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -30,6 +35,7 @@ _NAME = flags.DEFINE_string('name', None, 'Folder name under docs/results.', req
 _CONFIG = flags.DEFINE_string('config', None,
                               "The run's --config (e.g. configs/landscapes.py:guided)",
                               required=True)
+_STAGES = flags.DEFINE_string('stages', '', "The run's --stages, when not every stage ran.")
 
 
 def copy_run(workdir: str, out: str) -> None:
@@ -49,6 +55,35 @@ def copy_run(workdir: str, out: str) -> None:
   for path in sorted(glob.glob(os.path.join(workdir, 'seeds', '*', 'report', 'report.json'))):
     seed = path.split(os.sep)[-3]
     shutil.copyfile(path, os.path.join(out, f'report_seed{seed}.json'))
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def _value(v: Any) -> str:
+  if isinstance(v, list):
+    return '(' + ','.join(_value(x) for x in v) + (',)' if len(v) == 1 else ')')
+  return repr(v) if isinstance(v, str) else str(v)
+
+
+def config_overrides(config_arg: str, workdir: str) -> list[str]:
+  """`--config.KEY=VALUE` for each setting of WORKDIR/config.json that differs from
+  `config_arg` (path[:variant]), in key order."""
+  path, _, variant = config_arg.partition(':')
+  module = runpy.run_path(os.path.join(REPO, path) if not os.path.isabs(path) else path)
+  base = _flat(json.loads(module['get_config'](variant or None).to_json()))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    run = _flat(json.load(f))
+  unknown = sorted(set(run) - set(base))
+  if unknown:
+    raise SystemExit(f'{workdir}/config.json has keys that {config_arg} lacks: {unknown}')
+  return [f'--config.{k}={_value(run[k])}' for k in sorted(run) if run[k] != base[k]]
 
 
 def index() -> str:
@@ -95,7 +130,10 @@ def main(argv):
   del argv
   out = os.path.join(RESULTS, _NAME.value)
   copy_run(_WORKDIR.value, out)
-  command = f'python -m fiancee_jax.main --config={_CONFIG.value} --workdir=runs/{_NAME.value}'
+  command = shlex.join(['python', '-m', 'fiancee_jax.main', f'--config={_CONFIG.value}',
+                        f'--workdir=runs/{_NAME.value}',
+                        *([f'--stages={_STAGES.value}'] if _STAGES.value else []),
+                        *config_overrides(_CONFIG.value, _WORKDIR.value)])
   with open(os.path.join(out, 'command.txt'), 'w') as f:
     f.write(command + '\n')
   with open(os.path.join(out, 'results.md'), 'w') as f:
