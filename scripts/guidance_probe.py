@@ -1,0 +1,244 @@
+"""Can retrieval guide an exit? Residual guidance probed on trained unguided exits.
+
+  python scripts/guidance_probe.py --workdir=runs/default --out=docs/results/guidance_probe
+
+The redesign asks retrieved entries to carry what an exit cannot compute: here, the residual
+between the backbone's image and exit 0's, for the same patch. For each seed's exits
+(the workdir for seed 0, WORKDIR/seeds/S for the others; unguided), a database is made of every patch of the first `--num_images`
+training inputs (each with its fixed z): value = backbone image minus exit 0's image over the
+patch (config.database.grid), key = the patch's pooled features of the block exit 0 attaches
+to, concatenated with z (each part standardised, the z part weighted to the features' total
+variance; `--keys` also tries features alone). On the test split, each patch's top-k keys
+(Euclidean) give a retrieved residual (their mean) and:
+
+- retrieval quality: mean absolute error of the retrieved residual against the true one,
+  beside a random entry's and zero's (no correction);
+- guided exit 0: exit 0's image + g x the retrieved residuals, g in [0, 1] fitted on the
+  calibration split; its distance (config.distance) to the backbone against exit 0's, per
+  test image, the change's 95 % interval across seeds (t) and within each seed (bootstrap).
+  A perfect patch-mean correction (the true residual averaged over each patch) bounds what
+  coarse values can give.
+
+The database holds every patch (no k-means, any size): the most this retrieval can offer at
+this num_images. Writes OUT/guidance_probe.json and OUT/guidance_probe.md.
+"""
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.evaluation import intervals
+from fiancee_jax.guidance import database
+from fiancee_jax.inference import loading
+from fiancee_jax.metrics import distances
+from fiancee_jax.metrics import exit_distances
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run with seeds/S (unguided exits).')
+_OUT = flags.DEFINE_string('out', None, 'Output directory.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 1024, 'Training inputs in the database.')
+_NUM_TEST = flags.DEFINE_integer('num_test', 256, 'Test inputs.')
+_NUM_CALIB = flags.DEFINE_integer('num_calibration', 128, 'Calibration inputs (fit g).')
+_TOP_K = flags.DEFINE_multi_integer('top_k', [1, 16], 'Entries averaged per query.')
+_KEYS = flags.DEFINE_multi_string('keys', ['features+z', 'features'], 'Key variants.')
+_GAINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+_BATCH = 64
+_QUERY_CHUNK = 1024
+
+
+def _patch_pass(model, grid):
+  """f(labels, z) -> (pooled features [B, gh*gw, C], exit 0 [B, H, W, 3], teacher)."""
+  em, params = model.exit_model, model.params
+  a0 = em.attach_after[0]
+
+  @jax.jit
+  def f(*inputs):
+    outs, cond, teacher, guide = em.backbone_pass(params, *inputs)
+    images, _ = em.branch_outputs(params['exits'], outs, cond, guide)
+    pooled = database.pool(outs[a0].astype(jnp.float32), grid)
+    return pooled.reshape(pooled.shape[0], -1, pooled.shape[-1]), images[0], teacher
+
+  return f
+
+
+def _run(f, inputs):
+  outs = [f(*(x[s:s + _BATCH] for x in inputs)) for s in range(0, len(inputs[0]), _BATCH)]
+  return tuple(np.concatenate([np.asarray(o[i]) for o in outs]) for i in range(3))
+
+
+def _keys(pooled, z, kind, stats=None):
+  """Keys [B * P, D] of pooled features [B, P, C] (+ z [B, Z]); stats from the database."""
+  b, p, c = pooled.shape
+  feats = pooled.reshape(b * p, c)
+  parts = [feats]
+  if kind == 'features+z':
+    parts.append(np.repeat(z, p, axis=0))
+  if stats is None:
+    stats = [(x.mean(0), x.std(0) + 1e-6) for x in parts]
+  out = [(x - m) / s for x, (m, s) in zip(parts, stats)]
+  if len(out) == 2:
+    out[1] = out[1] * np.sqrt(out[0].shape[1] / out[1].shape[1])
+  return np.concatenate(out, axis=1).astype(np.float32), stats
+
+
+@jax.jit
+def _nearest(q, keys):
+  d = jnp.sum(keys * keys, 1)[None] - 2 * q @ keys.T
+  return jax.lax.top_k(-d, max(_TOP_K.value))[1]
+
+
+def _retrieve(queries, keys):
+  idx = [np.asarray(_nearest(jnp.asarray(queries[s:s + _QUERY_CHUNK]), jnp.asarray(keys)))
+         for s in range(0, len(queries), _QUERY_CHUNK)]
+  return np.concatenate(idx)
+
+
+def _image(spec, patches, b):
+  """Patch values [B * P, ph * pw * 3] -> images [B, H, W, 3]."""
+  gh, gw = spec.grid
+  ph, pw = spec.patch
+  x = patches.reshape(b, gh, gw, ph, pw, 3).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * ph, gw * pw, 3)
+
+
+def probe_seed(seed_dir: str, rng: np.random.Generator) -> dict:
+  config = workdir_lib.read_config(seed_dir)
+  model = loading.load_model(seed_dir, config, variant='unguided')
+  spec = database.DatabaseSpec(
+      resolution=tuple(config.data.resolution), grid=tuple(config.database.grid),
+      key_block=model.exit_model.attach_after[0], feature_width=1, key_dim=1, num_entries=1,
+      num_classes=config.data.num_classes)
+  f = _patch_pass(model, spec.grid)
+  dist = distances.from_config(config)
+  dist_fn = jax.jit(dist.fn)
+
+  def distance(x, y):
+    return np.concatenate([np.asarray(dist_fn(x[s:s + _BATCH], y[s:s + _BATCH]))
+                           for s in range(0, len(x), _BATCH)])
+
+  split = {}
+  for name, n in (('train', _NUM_IMAGES.value), ('validation', _NUM_CALIB.value),
+                  ('test', _NUM_TEST.value)):
+    inputs = exit_distances.load_inputs(config, name, n)
+    pooled, exit0, teacher = _run(f, inputs)
+    residual = database.patches_of(spec, teacher - exit0)  # [B * P, V]
+    split[name] = dict(z=np.asarray(inputs[-1]), pooled=pooled, exit0=exit0, teacher=teacher,
+                       residual=np.asarray(residual))
+  db = split['train']
+  result = {'seed': int(config.seed), 'num_entries': int(len(db['residual'])), 'rows': []}
+  base = {s: distance(split[s]['exit0'], split[s]['teacher']) for s in ('validation', 'test')}
+  test = split['test']
+  b = len(test['exit0'])
+  # A perfect patch-mean correction: the true residual averaged over each patch.
+  res = test['residual'].reshape(len(test['residual']), -1, 3)
+  coarse = np.repeat(res.mean(1, keepdims=True), res.shape[1], axis=1).reshape(res.shape[0], -1)
+  perfect = distance(np.clip(test['exit0'] + _image(spec, coarse, b), -1, 1), test['teacher'])
+  result['exit0'] = float(base['test'].mean())
+  result['perfect_patch_mean'] = float(perfect.mean())
+  for kind in _KEYS.value:
+    keys, stats = _keys(db['pooled'], db['z'], kind)
+    idx = {s: _retrieve(_keys(split[s]['pooled'], split[s]['z'], kind, stats)[0], keys)
+           for s in ('validation', 'test')}
+    for k in _TOP_K.value:
+      retrieved = {s: db['residual'][idx[s][:, :k]].mean(1) for s in idx}
+      random_entry = db['residual'][rng.integers(0, len(db['residual']), len(test['residual']))]
+      mae = lambda v: float(np.abs(v - test['residual']).mean())  # noqa: E731
+
+      def corrected(s, g):
+        n = len(split[s]['exit0'])
+        return np.clip(split[s]['exit0'] + g * _image(spec, retrieved[s], n), -1, 1)
+
+      calib = [float(distance(corrected('validation', g), split['validation']['teacher']).mean())
+               for g in _GAINS]
+      g = _GAINS[int(np.argmin(calib))]
+      guided = distance(corrected('test', g), test['teacher'])
+      change = guided - base['test']
+      boot = rng.integers(0, b, (1000, b))
+      result['rows'].append({
+          'keys': kind, 'top_k': k, 'gain': g,
+          'mae_retrieved': mae(retrieved['test']), 'mae_random': mae(random_entry),
+          'mae_zero': mae(np.zeros_like(test['residual'])),
+          'guided': float(guided.mean()), 'change': float(change.mean()),
+          'change_ci95_bootstrap': [float(np.percentile(change[boot].mean(1), 2.5)),
+                                    float(np.percentile(change[boot].mean(1), 97.5))],
+          'change_at_gain_1': float(
+              (distance(corrected('test', 1.0), test['teacher']) - base['test']).mean()),
+      })
+  return result
+
+
+def _fmt(v):
+  return f'{v:+.4f}' if isinstance(v, float) else str(v)
+
+
+def render(result: dict) -> str:
+  seeds = result['seeds']
+  lines = [f"Residual guidance probed on exit 0 of `{result['workdir']}`, {result['distance']}, "
+           f"seeds {[s['seed'] for s in seeds]}; database: every {result['grid']} patch of "
+           f"{result['num_images']} training inputs ({seeds[0]['num_entries']} entries); "
+           f"{result['num_test']} test inputs. Mean over seeds (95 % t-interval across seeds).",
+           '', f"Exit 0 alone: {result['exit0']['mean']:.4f}; with a perfect patch-mean "
+           f"correction: {result['perfect_patch_mean']['mean']:.4f}.", '',
+           '| keys | top-k | MAE retrieved | MAE random entry | MAE zero | gain g | '
+           'guided exit 0 | change | change at g = 1 |', '|---|---|---|---|---|---|---|---|---|']
+  for r in result['rows']:
+    lo, hi = r['change_ci95']
+    lines.append(
+        f"| {r['keys']} | {r['top_k']} | {r['mae_retrieved']:.4f} | {r['mae_random']:.4f} | "
+        f"{r['mae_zero']:.4f} | {r['gains']} | {r['guided']:.4f} | {r['change']:+.4f} "
+        f"({_fmt(lo)} to {_fmt(hi)}) | {r['change_at_gain_1']:+.4f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def summarise(workdir: str, seeds: list[dict], config) -> dict:
+  def over(values):
+    return {'mean': float(np.mean(values)), 'ci95': intervals.t_interval(values)}
+
+  rows = []
+  for i, r in enumerate(seeds[0]['rows']):
+    per = [s['rows'][i] for s in seeds]
+    change = [p['change'] for p in per]
+    rows.append({'keys': r['keys'], 'top_k': r['top_k'],
+                 'gains': [p['gain'] for p in per],
+                 **{k: float(np.mean([p[k] for p in per]))
+                    for k in ('mae_retrieved', 'mae_random', 'mae_zero', 'guided',
+                              'change_at_gain_1')},
+                 'change': float(np.mean(change)), 'change_ci95': intervals.t_interval(change)})
+  return {'workdir': workdir, 'distance': config.distance.name,
+          'grid': list(config.database.grid), 'num_images': _NUM_IMAGES.value,
+          'num_test': _NUM_TEST.value, 'num_calibration': _NUM_CALIB.value,
+          'exit0': over([s['exit0'] for s in seeds]),
+          'perfect_patch_mean': over([s['perfect_patch_mean'] for s in seeds]),
+          'rows': rows, 'seeds': seeds}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value or not _OUT.value:
+    raise app.UsageError('give --workdir and --out')
+  # Seed 0 is the workdir itself; seed S > 0 is the workdir seeds/S (config.evaluate.seeds).
+  seeds_dir = os.path.join(_WORKDIR.value, 'seeds')
+  dirs = [_WORKDIR.value] + sorted(
+      (os.path.join(seeds_dir, d) for d in os.listdir(seeds_dir)
+       if d.isdigit() and os.path.exists(workdir_lib.config_path(os.path.join(seeds_dir, d)))),
+      key=lambda d: int(os.path.basename(d)))
+  rng = np.random.default_rng(0)
+  per_seed = [probe_seed(d, rng) for d in dirs]
+  result = summarise(_WORKDIR.value, per_seed, workdir_lib.read_config(dirs[0]))
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, 'guidance_probe.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  text = render(result)
+  with open(os.path.join(_OUT.value, 'guidance_probe.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)
