@@ -3,9 +3,10 @@
   python scripts/guidance_probe.py --workdir=runs/default --out=docs/results/guidance_probe
 
 The redesign asks retrieved entries to carry what an exit cannot compute: here, the residual
-between the backbone's image and exit 0's, for the same patch. For each seed's exits
-(the workdir for seed 0, WORKDIR/seeds/S for the others; unguided), a database is made of every patch of the first `--num_images`
-training inputs (each with its fixed z): value = backbone image minus exit 0's image over the
+between the backbone's image and exit 0's, for the same patch. For each seed's unguided exits
+(the workdir for seed 0, WORKDIR/seeds/S for the others), a database is made of every patch
+of the first `--num_images` training inputs (each with its fixed z): value = backbone image
+minus exit 0's image over the
 patch (config.database.grid), key = the patch's pooled features of the block exit 0 attaches
 to, concatenated with z (each part standardised, the z part weighted to the features' total
 variance; `--keys` also tries features alone). On the test split, each patch's top-k keys
@@ -22,6 +23,7 @@ variance; `--keys` also tries features alone). On the test split, each patch's t
 The database holds every patch (no k-means, any size): the most this retrieval can offer at
 this num_images. Writes OUT/guidance_probe.json and OUT/guidance_probe.md.
 """
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -39,13 +41,7 @@ from fiancee_jax.inference import loading
 from fiancee_jax.metrics import distances
 from fiancee_jax.metrics import exit_distances
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run with seeds/S (unguided exits).')
-_OUT = flags.DEFINE_string('out', None, 'Output directory.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 1024, 'Training inputs in the database.')
-_NUM_TEST = flags.DEFINE_integer('num_test', 256, 'Test inputs.')
-_NUM_CALIB = flags.DEFINE_integer('num_calibration', 128, 'Calibration inputs (fit g).')
-_TOP_K = flags.DEFINE_multi_integer('top_k', [1, 16], 'Entries averaged per query.')
-_KEYS = flags.DEFINE_multi_string('keys', ['features+z', 'features'], 'Key variants.')
+FLAGS = flags.FLAGS
 _GAINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _BATCH = 64
 _QUERY_CHUNK = 1024
@@ -86,14 +82,15 @@ def _keys(pooled, z, kind, stats=None):
   return np.concatenate(out, axis=1).astype(np.float32), stats
 
 
-@jax.jit
-def _nearest(q, keys):
+@functools.partial(jax.jit, static_argnums=2)
+def _nearest(q, keys, k):
   d = jnp.sum(keys * keys, 1)[None] - 2 * q @ keys.T
-  return jax.lax.top_k(-d, max(_TOP_K.value))[1]
+  return jax.lax.top_k(-d, k)[1]
 
 
-def _retrieve(queries, keys):
-  idx = [np.asarray(_nearest(jnp.asarray(queries[s:s + _QUERY_CHUNK]), jnp.asarray(keys)))
+def _retrieve(queries, keys, k):
+  """Indices [Q, k] of each query's k nearest keys (Euclidean), nearest first."""
+  idx = [np.asarray(_nearest(jnp.asarray(queries[s:s + _QUERY_CHUNK]), jnp.asarray(keys), k))
          for s in range(0, len(queries), _QUERY_CHUNK)]
   return np.concatenate(idx)
 
@@ -122,8 +119,8 @@ def probe_seed(seed_dir: str, rng: np.random.Generator) -> dict:
                            for s in range(0, len(x), _BATCH)])
 
   split = {}
-  for name, n in (('train', _NUM_IMAGES.value), ('validation', _NUM_CALIB.value),
-                  ('test', _NUM_TEST.value)):
+  for name, n in (('train', FLAGS.num_images), ('validation', FLAGS.num_calibration),
+                  ('test', FLAGS.num_test)):
     inputs = exit_distances.load_inputs(config, name, n)
     pooled, exit0, teacher = _run(f, inputs)
     residual = database.patches_of(spec, teacher - exit0)  # [B * P, V]
@@ -140,11 +137,11 @@ def probe_seed(seed_dir: str, rng: np.random.Generator) -> dict:
   perfect = distance(np.clip(test['exit0'] + _image(spec, coarse, b), -1, 1), test['teacher'])
   result['exit0'] = float(base['test'].mean())
   result['perfect_patch_mean'] = float(perfect.mean())
-  for kind in _KEYS.value:
+  for kind in FLAGS.keys:
     keys, stats = _keys(db['pooled'], db['z'], kind)
-    idx = {s: _retrieve(_keys(split[s]['pooled'], split[s]['z'], kind, stats)[0], keys)
-           for s in ('validation', 'test')}
-    for k in _TOP_K.value:
+    idx = {s: _retrieve(_keys(split[s]['pooled'], split[s]['z'], kind, stats)[0], keys,
+                        max(FLAGS.top_k)) for s in ('validation', 'test')}
+    for k in FLAGS.top_k:
       retrieved = {s: db['residual'][idx[s][:, :k]].mean(1) for s in idx}
       random_entry = db['residual'][rng.integers(0, len(db['residual']), len(test['residual']))]
       mae = lambda v: float(np.abs(v - test['residual']).mean())  # noqa: E731
@@ -210,8 +207,8 @@ def summarise(workdir: str, seeds: list[dict], config) -> dict:
                               'change_at_gain_1')},
                  'change': float(np.mean(change)), 'change_ci95': intervals.t_interval(change)})
   return {'workdir': workdir, 'distance': config.distance.name,
-          'grid': list(config.database.grid), 'num_images': _NUM_IMAGES.value,
-          'num_test': _NUM_TEST.value, 'num_calibration': _NUM_CALIB.value,
+          'grid': list(config.database.grid), 'num_images': FLAGS.num_images,
+          'num_test': FLAGS.num_test, 'num_calibration': FLAGS.num_calibration,
           'exit0': over([s['exit0'] for s in seeds]),
           'perfect_patch_mean': over([s['perfect_patch_mean'] for s in seeds]),
           'rows': rows, 'seeds': seeds}
@@ -220,25 +217,33 @@ def summarise(workdir: str, seeds: list[dict], config) -> dict:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value or not _OUT.value:
+  if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('give --workdir and --out')
   # Seed 0 is the workdir itself; seed S > 0 is the workdir seeds/S (config.evaluate.seeds).
-  seeds_dir = os.path.join(_WORKDIR.value, 'seeds')
-  dirs = [_WORKDIR.value] + sorted(
+  seeds_dir = os.path.join(FLAGS.workdir, 'seeds')
+  dirs = [FLAGS.workdir] + sorted(
       (os.path.join(seeds_dir, d) for d in os.listdir(seeds_dir)
        if d.isdigit() and os.path.exists(workdir_lib.config_path(os.path.join(seeds_dir, d)))),
       key=lambda d: int(os.path.basename(d)))
   rng = np.random.default_rng(0)
   per_seed = [probe_seed(d, rng) for d in dirs]
-  result = summarise(_WORKDIR.value, per_seed, workdir_lib.read_config(dirs[0]))
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'guidance_probe.json'), 'w') as f:
+  result = summarise(FLAGS.workdir, per_seed, workdir_lib.read_config(dirs[0]))
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, 'guidance_probe.json'), 'w') as f:
     json.dump(result, f, indent=2)
   text = render(result)
-  with open(os.path.join(_OUT.value, 'guidance_probe.md'), 'w') as f:
+  with open(os.path.join(FLAGS.out, 'guidance_probe.md'), 'w') as f:
     f.write(text)
   print(text)
 
 
 if __name__ == '__main__':
+  # Defined only when run as a program, so that importing the module adds no flags.
+  flags.DEFINE_string('workdir', None, 'A finished run (unguided exits, config.evaluate.seeds).')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_integer('num_images', 1024, 'Training inputs in the database.')
+  flags.DEFINE_integer('num_test', 256, 'Test inputs.')
+  flags.DEFINE_integer('num_calibration', 128, 'Calibration inputs (fit g).')
+  flags.DEFINE_multi_integer('top_k', [1, 16], 'Entries averaged per query.')
+  flags.DEFINE_multi_string('keys', ['features+z', 'features'], 'Key variants.')
   app.run(main)

@@ -1,0 +1,116 @@
+"""How much of an exit's distance is a property of the input? Read from a run's own targets.
+
+  python scripts/distance_sources.py --workdir=runs/default --out=docs/results/distance_sources
+
+The predictor stage measures every exit's distance to the backbone on
+config.predictor.num_train training label maps, each under config.predictor.z_draws draws of
+z (WORKDIR/cache/distances_train_*.npz). Per seed (the workdir for seed 0, WORKDIR/seeds/S
+for the others) and exit:
+
+- ICC: the share of the distance's variance that lies between label maps (one-way random
+  effects ICC(1) over the draws): what a predictor that sees the map but not z can explain
+  at most;
+- Spearman between two draws: how well the distance under one z ranks the distance under
+  another, for the same maps (a map-only predictor's ranking ceiling, roughly);
+- the predictor's Spearman on the test split (WORKDIR/seeds/S/report/report.json), which
+  sees map and z.
+
+Writes OUT/distance_sources.json and OUT/distance_sources.md.
+"""
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app
+from absl import flags
+from scipy import stats
+
+from fiancee_jax import workdir as workdir_lib
+from fiancee_jax.evaluation import intervals
+
+FLAGS = flags.FLAGS
+
+
+def icc1(x: np.ndarray) -> float:
+  """ICC(1) of x [draws, maps]: between-map variance share, one-way random effects."""
+  k, n = x.shape
+  grand = x.mean()
+  msb = k * np.sum((x.mean(0) - grand) ** 2) / (n - 1)
+  msw = np.sum((x - x.mean(0)) ** 2) / (n * (k - 1))
+  return float((msb - msw) / (msb + (k - 1) * msw))
+
+
+def seed_figures(workdir: str, root: str) -> dict:
+  """The figures of one seed's workdir; root: the run's workdir (ROOT/seeds/S/report)."""
+  config = workdir_lib.read_config(workdir)
+  p = config.predictor
+  draws, n = p.z_draws, p.num_train
+  if draws < 2:
+    raise SystemExit(f'{workdir}: config.predictor.z_draws={draws}; two draws are needed')
+  variant = 'guided' if config.exits.guided else 'unguided'
+  path = os.path.join(workdir, 'cache', f'distances_train_{variant}.npz')
+  with np.load(path) as f:
+    d = f['distances']
+  if d.shape[0] != draws * n:
+    raise SystemExit(f'{path} holds {d.shape[0]} rows, expected z_draws x num_train = '
+                     f'{draws * n}')
+  seed = int(config.seed)
+  with open(os.path.join(root, 'seeds', str(seed), 'report', 'report.json')) as f:
+    report = json.load(f)
+  per_exit = {e['exit']: e['spearman'] for e in report['predictor']['per_exit']}
+  x = d.reshape(draws, n, -1)  # draw j of map i at row j * n + i
+  return {'seed': seed, 'exits': [
+      {'exit': k, 'icc': icc1(x[:, :, k]),
+       'spearman_between_draws': float(stats.spearmanr(x[0, :, k], x[1, :, k])[0]),
+       'predictor_spearman_test': per_exit.get(k)} for k in range(x.shape[2])]}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.workdir or not FLAGS.out:
+    raise app.UsageError('give --workdir and --out')
+  seeds_dir = os.path.join(FLAGS.workdir, 'seeds')
+  dirs = [FLAGS.workdir] + sorted(
+      (os.path.join(seeds_dir, s) for s in os.listdir(seeds_dir)
+       if s.isdigit() and os.path.exists(workdir_lib.config_path(os.path.join(seeds_dir, s)))),
+      key=lambda d: int(os.path.basename(d)))
+  # Each seed's own report (the workdir's report/ aggregates the seeds).
+  seeds = [seed_figures(d, FLAGS.workdir) for d in dirs]
+  config = workdir_lib.read_config(FLAGS.workdir)
+  rows = []
+  for k in range(len(seeds[0]['exits'])):
+    row = {'exit': k}
+    for key in ('icc', 'spearman_between_draws', 'predictor_spearman_test'):
+      v = [s['exits'][k][key] for s in seeds if s['exits'][k][key] is not None]
+      row[key] = {'mean': float(np.mean(v)), 'ci95': intervals.t_interval(v)}
+    rows.append(row)
+  result = {'workdir': FLAGS.workdir, 'distance': config.distance.name,
+            'num_maps': config.predictor.num_train, 'z_draws': config.predictor.z_draws,
+            'rows': rows, 'seeds': seeds}
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, 'distance_sources.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+
+  def cell(v):
+    lo, hi = v['ci95']
+    return f"{v['mean']:.3f}" + ('' if lo is None else f' ({lo:.3f} to {hi:.3f})')
+
+  lines = [f"Each exit's {result['distance']} to the backbone on {result['num_maps']} training "
+           f"label maps x {result['z_draws']} z draws (the predictor's targets), seeds "
+           f"{[s['seed'] for s in seeds]}; mean over seeds (95 % t-interval).", '',
+           '| exit | share of variance between maps (ICC) | Spearman, one z vs another | '
+           'predictor Spearman on test (map and z) |', '|---|---|---|---|']
+  lines += [f"| {r['exit']} | {cell(r['icc'])} | {cell(r['spearman_between_draws'])} | "
+            f"{cell(r['predictor_spearman_test'])} |" for r in rows]
+  with open(os.path.join(FLAGS.out, 'distance_sources.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  # Defined only when run as a program, so that importing the module adds no flags.
+  flags.DEFINE_string('workdir', None, 'A finished run (predictor stage done).')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  app.run(main)

@@ -1,0 +1,51 @@
+"""scripts/distance_sources.py and scripts/guidance_probe.py: their estimators on known data."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from fiancee_jax.guidance import database
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+distance_sources = _script('distance_sources')
+guidance_probe = _script('guidance_probe')
+
+
+@pytest.mark.parametrize('map_sd,noise_sd', [(1.0, 1.0), (2.0, 1.0), (1.0, 0.0)])
+def test_icc_is_the_between_map_share_of_the_variance(map_sd, noise_sd):
+  rng = np.random.default_rng(0)
+  x = rng.normal(0, map_sd, (1, 20000)) + rng.normal(0, noise_sd, (4, 20000))
+  want = map_sd ** 2 / (map_sd ** 2 + noise_sd ** 2)
+  assert distance_sources.icc1(x) == pytest.approx(want, abs=0.02)
+
+
+def test_patches_tile_back_into_their_images():
+  spec = database.DatabaseSpec(resolution=(8, 12), grid=(2, 3), key_block=0, feature_width=1,
+                               key_dim=1, num_entries=1, num_classes=2)
+  images = np.random.default_rng(0).normal(size=(5, 8, 12, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+      guidance_probe._image(spec, np.asarray(database.patches_of(spec, images)), 5), images)
+
+
+def test_keys_are_standardised_with_the_database_statistics_and_weigh_z_like_the_features():
+  rng = np.random.default_rng(0)
+  pooled, z = rng.normal(3, 2, (50, 4, 16)), rng.normal(0, 5, (50, 2))
+  keys, stats = guidance_probe._keys(pooled, z, 'features+z')
+  assert keys.shape == (200, 18)
+  np.testing.assert_allclose(keys[:, :16].mean(0), 0, atol=1e-5)
+  # The z part carries the features' total variance (16 dims) in its 2 dims.
+  assert keys[:, 16:].var(0).sum() == pytest.approx(keys[:, :16].var(0).sum(), rel=1e-3)
+  # Queries use the database's statistics, not their own.
+  q, _ = guidance_probe._keys(pooled + 1.0, z, 'features+z', stats)
+  np.testing.assert_allclose(q[:, :16].mean(0), 1.0 / stats[0][1], rtol=1e-4)
+  assert guidance_probe._keys(pooled, z, 'features')[0].shape == (200, 16)
