@@ -35,6 +35,7 @@ import dataclasses
 import itertools
 import multiprocessing
 import queue
+import signal
 import sys
 import threading
 import time
@@ -340,8 +341,11 @@ def _in_workers(make: _StepBatch, start: int, stop: int, *, workers: int,
           break
         except queue.Empty:
           if not p.is_alive():
+            hint = ('; SIGBUS: the shared memory (/dev/shm) is full -- give the container '
+                    'more (docker --shm-size) or lower config.data.workers or prefetch'
+                    if p.exitcode == -signal.SIGBUS else '; see its output above')
             raise RuntimeError(f'input pipeline worker {i % workers} died (exit code '
-                               f'{p.exitcode}); see its output above') from None
+                               f'{p.exitcode}){hint}') from None
       if isinstance(item, BaseException):
         raise item
       yield item.take()

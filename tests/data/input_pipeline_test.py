@@ -1,6 +1,7 @@
 """Tests of the TF-free input pipeline."""
 import multiprocessing
 import os
+import signal
 import threading
 import time
 
@@ -191,6 +192,19 @@ def test_worker_batches_leave_no_shared_memory_behind():
   list(input_pipeline.batches(FakeSource(16), batch_size=4, seed=0, num_epochs=1,
                               workers=2))
   assert _segments() - before == set()
+
+
+def _bus_error(source, indices):
+  os.kill(os.getpid(), signal.SIGBUS)  # what writing to a full /dev/shm does
+
+
+def test_a_worker_killed_by_a_full_shared_memory_names_the_fix():
+  it = input_pipeline.batches(FakeSource(16), batch_size=4, seed=0, workers=1,
+                              load_fn=_bus_error)
+  with pytest.raises(RuntimeError, match=rf'worker 0 died \(exit code -{int(signal.SIGBUS)}\); '
+                                         r'SIGBUS: the shared memory \(/dev/shm\) is full'):
+    next(it)
+  it.close()
 
 
 def test_a_worker_read_error_reaches_the_consumer():
