@@ -20,8 +20,11 @@ variance; `--keys` also tries features alone). On the test split, each patch's t
   A perfect patch-mean correction (the true residual averaged over each patch) bounds what
   coarse values can give.
 
-The database holds every patch (no k-means, any size): the most this retrieval can offer at
-this num_images. Writes OUT/guidance_probe.json and OUT/guidance_probe.md.
+By default the database holds every patch (no k-means, any size): the most this retrieval
+can offer at this num_images, at a lookup cost far above an exit's. With `--entries=N` it
+holds N k-means centroids of the keys, each with the mean residual of its patches: the cost
+of the shipped database's lookup at num_entries = N.
+Writes OUT/guidance_probe.json and OUT/guidance_probe.md.
 """
 import functools
 import json
@@ -95,6 +98,28 @@ def _retrieve(queries, keys, k):
   return np.concatenate(idx)
 
 
+def _cluster(keys: np.ndarray, values: np.ndarray, n: int, key: jax.Array,
+             iters: int = 20) -> tuple[np.ndarray, np.ndarray]:
+  """(centroids [n, D], mean value per centroid [n, V]) of k-means over keys [M, D]."""
+  x = jnp.asarray(keys)
+  cent = x[jax.random.choice(key, len(keys), (n,), replace=False)]
+
+  @jax.jit
+  def assign(cent):
+    return jnp.argmin(jnp.sum(cent * cent, 1)[None] - 2 * x @ cent.T, axis=1)
+
+  def means(a, v, old):
+    count = jax.ops.segment_sum(jnp.ones(len(a)), a, n)
+    total = jax.ops.segment_sum(v, a, n)
+    return jnp.where(count[:, None] > 0, total / jnp.maximum(count, 1)[:, None], old)
+
+  for _ in range(iters):
+    cent = means(assign(cent), x, cent)
+  a = assign(cent)
+  return np.asarray(cent), np.asarray(means(a, jnp.asarray(values),
+                                            jnp.zeros((n, values.shape[1]))))
+
+
 def _image(spec, patches, b):
   """Patch values [B * P, ph * pw * 3] -> images [B, H, W, 3]."""
   gh, gw = spec.grid
@@ -139,11 +164,15 @@ def probe_seed(seed_dir: str, rng: np.random.Generator) -> dict:
   result['perfect_patch_mean'] = float(perfect.mean())
   for kind in FLAGS.keys:
     keys, stats = _keys(db['pooled'], db['z'], kind)
+    values = db['residual']
+    if FLAGS.entries:  # k-means centroids, each holding the mean residual of its patches
+      keys, values = _cluster(keys, values, FLAGS.entries, jax.random.key(result['seed']))
+    result['num_entries'] = int(len(values))
     idx = {s: _retrieve(_keys(split[s]['pooled'], split[s]['z'], kind, stats)[0], keys,
                         max(FLAGS.top_k)) for s in ('validation', 'test')}
     for k in FLAGS.top_k:
-      retrieved = {s: db['residual'][idx[s][:, :k]].mean(1) for s in idx}
-      random_entry = db['residual'][rng.integers(0, len(db['residual']), len(test['residual']))]
+      retrieved = {s: values[idx[s][:, :k]].mean(1) for s in idx}
+      random_entry = values[rng.integers(0, len(values), len(test['residual']))]
       mae = lambda v: float(np.abs(v - test['residual']).mean())  # noqa: E731
 
       def corrected(s, g):
@@ -177,7 +206,8 @@ def render(result: dict) -> str:
   seeds = result['seeds']
   lines = [f"Residual guidance probed on exit 0 of `{result['workdir']}`, {result['distance']}, "
            f"seeds {[s['seed'] for s in seeds]}; database: every {result['grid']} patch of "
-           f"{result['num_images']} training inputs ({seeds[0]['num_entries']} entries); "
+           f"{result['num_images']} training inputs ({seeds[0]['num_entries']} entries"
+           f"{', k-means centroids holding mean residuals' if result['entries'] else ''}); "
            f"{result['num_test']} test inputs. Mean over seeds (95 % t-interval across seeds).",
            '', f"Exit 0 alone: {result['exit0']['mean']:.4f}; with a perfect patch-mean "
            f"correction: {result['perfect_patch_mean']['mean']:.4f}.", '',
@@ -208,6 +238,7 @@ def summarise(workdir: str, seeds: list[dict], config) -> dict:
                  'change': float(np.mean(change)), 'change_ci95': intervals.t_interval(change)})
   return {'workdir': workdir, 'distance': config.distance.name,
           'grid': list(config.database.grid), 'num_images': FLAGS.num_images,
+          'entries': FLAGS.entries,
           'num_test': FLAGS.num_test, 'num_calibration': FLAGS.num_calibration,
           'exit0': over([s['exit0'] for s in seeds]),
           'perfect_patch_mean': over([s['perfect_patch_mean'] for s in seeds]),
@@ -246,4 +277,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_calibration', 128, 'Calibration inputs (fit g).')
   flags.DEFINE_multi_integer('top_k', [1, 16], 'Entries averaged per query.')
   flags.DEFINE_multi_string('keys', ['features+z', 'features'], 'Key variants.')
+  flags.DEFINE_integer('entries', 0, '0: every patch is an entry; N: N k-means centroids, '
+                       'each holding the mean residual of its patches (the lookup cost of a '
+                       'database of N entries).')
   app.run(main)
