@@ -227,7 +227,7 @@ def shrink_for_tests(config: ml_collections.ConfigDict) -> None:
   config.predictor.update(width=4, num_steps=4, log_every=2, checkpoint_every=2)
   config.evaluate.update(seeds=1, bootstrap_resamples=200)
   config.benchmark.update(warmup=1, iters=2, switch_rounds=4, exit_parts=False,
-                          batch_sizes=(1, 8), grid_iters=2)
+                          batch_sizes=(8,), grid_iters=2)
 
 
 def unknown_variant(path: str, arg: str, known: tuple[str, ...] = ('tiny',)) -> ValueError:

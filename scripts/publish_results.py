@@ -30,12 +30,7 @@ RESULTS = os.path.join(REPO, 'docs', 'results')
 REPORT_FILES = ('report.json', 'bench.json', 'bench.md', 'distance_vs_gflops.png',
                 'exit_histogram.png', 'predicted_vs_true.png', 'samples.png')
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished workdir.', required=True)
-_NAME = flags.DEFINE_string('name', None, 'Folder name under docs/results.', required=True)
-_CONFIG = flags.DEFINE_string('config', None,
-                              "The run's --config (e.g. configs/landscapes.py:guided)",
-                              required=True)
-_STAGES = flags.DEFINE_string('stages', '', "The run's --stages, when not every stage ran.")
+FLAGS = flags.FLAGS
 
 
 def copy_run(workdir: str, out: str) -> None:
@@ -128,16 +123,16 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 def main(argv):
   del argv
-  out = os.path.join(RESULTS, _NAME.value)
-  copy_run(_WORKDIR.value, out)
-  command = shlex.join(['python', '-m', 'fiancee_jax.main', f'--config={_CONFIG.value}',
-                        f'--workdir=runs/{_NAME.value}',
-                        *([f'--stages={_STAGES.value}'] if _STAGES.value else []),
-                        *config_overrides(_CONFIG.value, _WORKDIR.value)])
+  out = os.path.join(RESULTS, FLAGS.name)
+  copy_run(FLAGS.workdir, out)
+  command = shlex.join(['python', '-m', 'fiancee_jax.main', f'--config={FLAGS.config}',
+                        f'--workdir=runs/{FLAGS.name}',
+                        *([f'--stages={FLAGS.stages}'] if FLAGS.stages else []),
+                        *config_overrides(FLAGS.config, FLAGS.workdir)])
   with open(os.path.join(out, 'command.txt'), 'w') as f:
     f.write(command + '\n')
   with open(os.path.join(out, 'results.md'), 'w') as f:
-    f.write(f'# {_NAME.value}\n\n`{command}`\n\n' + results_md.render(_WORKDIR.value, None) + '\n')
+    f.write(f'# {FLAGS.name}\n\n`{command}`\n\n' + results_md.render(FLAGS.workdir, None) + '\n')
   with open(os.path.join(RESULTS, 'README.md'), 'w') as f:
     f.write(index())
   with open(os.path.join(out, 'report.json')) as f:
@@ -145,12 +140,18 @@ def main(argv):
   readme = os.path.join(REPO, 'README.md')
   with open(readme) as f:
     text = f.read()
-  if f'<!-- results:{_NAME.value} -->' not in text:
-    print(f'README.md has no results block for {_NAME.value}; only docs/results was written')
+  if f'<!-- results:{FLAGS.name} -->' not in text:
+    print(f'README.md has no results block for {FLAGS.name}; only docs/results was written')
     return
   with open(readme, 'w') as f:
-    f.write(replace_block(text, _NAME.value, table))
+    f.write(replace_block(text, FLAGS.name, table))
 
 
 if __name__ == '__main__':
+  # Defined only when run as a program, so that importing the module adds no flags.
+  flags.DEFINE_string('workdir', None, 'A finished workdir.', required=True)
+  flags.DEFINE_string('name', None, 'Folder name under docs/results.', required=True)
+  flags.DEFINE_string('config', None, "The run's --config (e.g. configs/landscapes.py:guided)",
+                      required=True)
+  flags.DEFINE_string('stages', '', "The run's --stages, when not every stage ran.")
   app.run(main)

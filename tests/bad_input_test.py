@@ -130,6 +130,7 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, data_d
   with config.unlocked():
     config.data.data_dir = data_dir
     config.train.update(num_steps=8, checkpoint_every=2, sample_every=100)
+    config.backbone.update(width_ratios=(4, 2, 1), d_width_ratios=(2,))  # a quicker compile
   make = backbone.make_train_step
 
   def poisoned(cfg):

@@ -10,7 +10,8 @@ import pytest
 # models. Only compiles over half a second are stored, so the small functions that
 # latency_test counts always compile. Keys include the HLO, versions and XLA flags, so a
 # developer-set JAX_COMPILATION_CACHE_DIR shared across runs stays correct.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='fiancee_jax_xla_'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # set once, by the first process
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='fiancee_jax_xla_')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 # The suite is compile-bound on CPU (tiny models, one-shot functions): XLA's backend
 # optimisation passes took about 40 % of its time and buy nothing at these sizes. Tests check

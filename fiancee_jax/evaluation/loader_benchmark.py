@@ -98,8 +98,11 @@ def cpu_scaling(processes: int = 2, loop: int = 20_000_000) -> float:
 
 
 def run(config: ml_collections.ConfigDict, out: str, workers: Sequence[int],
-        batches: int) -> dict[str, Any]:
-  """Times every worker count; writes out/loader.json and out/loader.md; returns the json."""
+        batches: int, scaling_loop: int = 20_000_000) -> dict[str, Any]:
+  """Times every worker count; writes out/loader.json and out/loader.md; returns the json.
+
+  scaling_loop: iterations of `cpu_scaling`'s loop (seconds of CPU at the default).
+  """
   rows = [time_loader(config, workers=w, batches=batches) for w in workers]
   by_workers = {r['workers']: r['examples_per_s'] for r in rows}
   speedups = {f'{w}_vs_1': by_workers[w] / by_workers[1] for w in by_workers
@@ -111,7 +114,7 @@ def run(config: ml_collections.ConfigDict, out: str, workers: Sequence[int],
       'flip': bool(config.data.flip),
       'hardware': latency.hardware_string(info),
       'cpu_count_usable': info['cpu_count_usable'],
-      'cpu_scaling': {'processes': 2, 'vs_1': cpu_scaling(2)},
+      'cpu_scaling': {'processes': 2, 'vs_1': cpu_scaling(2, scaling_loop)},
       'rows': rows,
       'speedup': speedups,
   }

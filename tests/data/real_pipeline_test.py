@@ -28,11 +28,15 @@ def test_every_stage_runs_on_the_official_layout(tmp_path, module, name):
   with config.unlocked():
     config.data.update(data_dir=str(tmp_path / 'tfds'),
                        manual_dir=_fake(name, str(tmp_path / 'manual')))
-    # The data path is under test: one exit branch, one exit variant and one predictor
-    # member (fewer compiles).
-    config.exits.update(attach_after=(1,), branch_width_mults=(), branch_hidden_mults=(),
+    # The data path is under test, not the models: a 2-block backbone with one exit branch,
+    # one exit variant, one predictor member and the l1 distance (fewer, smaller compiles).
+    config.backbone.update(width_ratios=(4, 2, 1), d_width_ratios=(2,))
+    config.exits.update(attach_after=(0,), branch_width_mults=(), branch_hidden_mults=(),
                         train_unguided=False)
+    config.database.key_block = 0
     config.predictor.update(members=1, z_draws=1)
+    config.distance.name = 'l1'
+    config.evaluate.update(z_average=1, bootstrap_resamples=50)
   workdir = str(tmp_path / 'workdir')
   pipeline.run(config, workdir, STAGES)
   with open(os.path.join(workdir, 'report', 'report.json')) as f:

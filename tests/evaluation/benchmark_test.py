@@ -18,6 +18,9 @@ from tests.routing.router_test import switch
 from tests.routing.router_test import tiny_labels
 from tests.routing.router_test import tiny_model
 
+# One worker runs the module: its compiled fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group('bench')
+
 BATCH = 4
 # The precision grid's batches: bucket sizes, so that its float32 cells reuse the routers'
 # executables and only the bfloat16 ones compile.

@@ -33,6 +33,9 @@ from fiancee_jax.training import optimizers
 from fiancee_jax.training import predictor as predictor_training
 from fiancee_jax.training import reenact as reenact_training
 
+# One worker runs the module: its compiled fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group('precision')
+
 BATCH_NOISE_SHARE = 0.3
 UPDATE_MIN = 1e-3
 DTYPES = ('float32', 'bfloat16')
