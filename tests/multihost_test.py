@@ -28,6 +28,7 @@ one ensemble member; the dataset is the tiny one of the pytest session (data_dir
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -220,3 +221,51 @@ def test_bad_launches_fail_within_the_timeout_naming_the_flag(tmp_path):
   assert elapsed < 60, elapsed
   for wd in ('a', 'b'):
     assert not os.path.exists(tmp_path / wd / 'checkpoints'), wd
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  d = os.path.join(workdir, 'checkpoints', 'backbone')
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_a_preemption_notice_stops_every_process_at_one_step_and_they_resume(tmp_path,
+                                                                             data_dir):
+  """SIGTERM to one of two processes: JAX's preemption service tells both, both save the same
+  step and exit with status 143; relaunched, they end with the parameters of an
+  uninterrupted 1-process x 2-device run, bit for bit."""
+  flags = (f'--config.data.data_dir={data_dir}', '--stages=backbone', *CHEAP,
+           '--config.train.num_steps=60', '--config.train.checkpoint_every=4',
+           '--config.train.log_every=4', '--config.train.sample_every=100')
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  logs = {name: str(tmp_path / f'{name}.log') for name in ('one', 'p0', 'p1', 'r0', 'r1')}
+
+  def pair(prefix):
+    port = _free_port()
+    return {f'{prefix}{i}': _start(
+        _main(two, *flags, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+              f'--process_id={i}', '--initialization_timeout=120'), _env(1),
+        logs[f'{prefix}{i}']) for i in (0, 1)}
+
+  reference = {'one': _start(_main(one, *flags), _env(2), logs['one'])}
+  procs = pair('p')
+  deadline = time.monotonic() + 600
+  while not _checkpoint_steps(two) and time.monotonic() < deadline:
+    assert all(p.poll() is None for p in procs.values()), 'a process ended before its first save'
+    time.sleep(0.05)
+  procs['p1'].send_signal(signal.SIGTERM)
+  for name, p in procs.items():
+    assert p.wait(timeout=300) == 143, open(logs[name]).read()[-3000:]
+  stopped = _checkpoint_steps(two)[-1]
+  assert stopped < 60
+  for name in ('p0', 'p1'):
+    with open(logs[name]) as f:
+      assert f"its state at step {stopped} is saved" in f.read(), name
+  _finish(pair('r'), logs, timeout=900)
+  _finish(reference, logs, timeout=900)
+  with open(logs['r0']) as f:
+    assert f'resumed at step {stopped}' in f.read()
+  a, _ = checkpoint.load_pytree(os.path.join(one, 'artifacts', 'backbone'))
+  b, _ = checkpoint.load_pytree(os.path.join(two, 'artifacts', 'backbone'))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
