@@ -11,6 +11,10 @@ import pytest
 from fiancee_jax.data import input_pipeline
 from fiancee_jax.data import landscapes_tfds
 
+# Every test whose loader runs worker processes shares one xdist worker (group
+# 'loader_workers'), so that /dev/shm holds no other test's segments while one is counted.
+pytestmark = pytest.mark.xdist_group('loader_workers')
+
 
 class FakeSource:
   """N examples of 4x6; example i has labels == i % 12 and image == i."""

@@ -71,6 +71,7 @@ def test_train_batches_resume_and_check(data_dir):
     sources.check_batch(pairs, resumed)
 
 
+@pytest.mark.xdist_group('loader_workers')  # see tests/data/input_pipeline_test.py
 @pytest.mark.parametrize('module', [landscapes, avatars])
 def test_config_workers_load_the_same_batches(module, data_dir):
   # config.data.workers: the TFDS source is pickled to a worker process, which sends the

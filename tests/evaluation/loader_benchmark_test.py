@@ -2,8 +2,12 @@
 import json
 import os
 
+import pytest
+
 from configs import landscapes
 from fiancee_jax.evaluation import loader_benchmark
+
+pytestmark = pytest.mark.xdist_group('loader_workers')  # see tests/data/input_pipeline_test.py
 
 
 def test_loader_benchmark_writes_json_and_table(tmp_path, data_dir):
