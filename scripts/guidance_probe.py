@@ -2,15 +2,14 @@
 
   python scripts/guidance_probe.py --workdir=runs/default --out=docs/results/guidance_probe
 
-The redesign asks retrieved entries to carry what an exit cannot compute: here, the residual
-between the backbone's image and exit 0's, for the same patch. For each seed's unguided exits
-(the workdir for seed 0, WORKDIR/seeds/S for the others), a database is made of every patch
-of the first `--num_images` training inputs (each with its fixed z): value = backbone image
-minus exit 0's image over the
-patch (config.database.grid), key = the patch's pooled features of the block exit 0 attaches
-to, concatenated with z (each part standardised, the z part weighted to the features' total
-variance; `--keys` also tries features alone). On the test split, each patch's top-k keys
-(Euclidean) give a retrieved residual (their mean) and:
+Here the retrieved entries carry what an exit cannot compute: the residual between the
+backbone's image and exit 0's, for the same patch. For each seed's unguided exits (the
+workdir for seed 0, WORKDIR/seeds/S for the others), a database is made of every patch of
+the first `--num_images` training inputs (each with its fixed z): value = backbone image minus
+exit 0's image over the patch (config.database.grid), key = the patch's pooled features of the
+block exit 0 attaches to, concatenated with z (each part standardised, the z part weighted to
+the features' total variance; `--keys` also tries features alone). On the test split, each
+patch's top-k keys (Euclidean) give a retrieved residual (their mean) and:
 
 - retrieval quality: mean absolute error of the retrieved residual against the true one,
   beside a random entry's and zero's (no correction);
