@@ -21,8 +21,8 @@ patch's top-k keys (Euclidean) give a retrieved residual (their mean) and:
 
 By default the database holds every patch (no k-means, any size): the most this retrieval
 can offer at this num_images, at a lookup cost far above an exit's. With `--entries=N` it
-holds N k-means centroids of the keys, each with the mean residual of its patches: the cost
-of the shipped database's lookup at num_entries = N.
+holds N k-means centroids of the keys, each with the mean residual of its patches: the size
+of a shipped database of num_entries = N (its lookup costs N x key width MACs per patch).
 Writes OUT/guidance_probe.json and OUT/guidance_probe.md.
 """
 import functools
