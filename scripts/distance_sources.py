@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 from scipy import stats
 
+from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import intervals
 
@@ -41,8 +42,9 @@ def icc1(x: np.ndarray) -> float:
   return float((msb - msw) / (msb + (k - 1) * msw))
 
 
-def seed_figures(workdir: str, root: str) -> dict:
-  """The figures of one seed's workdir; root: the run's workdir (ROOT/seeds/S/report)."""
+def seed_figures(workdir: str, report_dir: str) -> dict:
+  """The figures of one seed's workdir; report_dir: that seed's own report directory (the
+  run's report/ aggregates the seeds)."""
   config = workdir_lib.read_config(workdir)
   p = config.predictor
   draws, n = p.z_draws, p.num_train
@@ -56,7 +58,7 @@ def seed_figures(workdir: str, root: str) -> dict:
     raise SystemExit(f'{path} holds {d.shape[0]} rows, expected z_draws x num_train = '
                      f'{draws * n}')
   seed = int(config.seed)
-  with open(os.path.join(root, 'seeds', str(seed), 'report', 'report.json')) as f:
+  with open(os.path.join(report_dir, 'report.json')) as f:
     report = json.load(f)
   per_exit = {e['exit']: e['spearman'] for e in report['predictor']['per_exit']}
   x = d.reshape(draws, n, -1)  # draw j of map i at row j * n + i
@@ -71,14 +73,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('give --workdir and --out')
-  seeds_dir = os.path.join(FLAGS.workdir, 'seeds')
-  dirs = [FLAGS.workdir] + sorted(
-      (os.path.join(seeds_dir, s) for s in os.listdir(seeds_dir)
-       if s.isdigit() and os.path.exists(workdir_lib.config_path(os.path.join(seeds_dir, s)))),
-      key=lambda d: int(os.path.basename(d)))
-  # Each seed's own report (the workdir's report/ aggregates the seeds).
-  seeds = [seed_figures(d, FLAGS.workdir) for d in dirs]
   config = workdir_lib.read_config(FLAGS.workdir)
+  seeds = [seed_figures(replicates.seed_workdir(config, FLAGS.workdir, s),
+                        replicates.report_dir(FLAGS.workdir, s))
+           for s in replicates.seeds(config)]
   rows = []
   for k in range(len(seeds[0]['exits'])):
     row = {'exit': k}

@@ -36,6 +36,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import intervals
 from fiancee_jax.guidance import database
@@ -249,15 +250,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('give --workdir and --out')
-  # Seed 0 is the workdir itself; seed S > 0 is the workdir seeds/S (config.evaluate.seeds).
-  seeds_dir = os.path.join(FLAGS.workdir, 'seeds')
-  dirs = [FLAGS.workdir] + sorted(
-      (os.path.join(seeds_dir, d) for d in os.listdir(seeds_dir)
-       if d.isdigit() and os.path.exists(workdir_lib.config_path(os.path.join(seeds_dir, d)))),
-      key=lambda d: int(os.path.basename(d)))
+  config = workdir_lib.read_config(FLAGS.workdir)
+  dirs = [replicates.seed_workdir(config, FLAGS.workdir, s) for s in replicates.seeds(config)]
   rng = np.random.default_rng(0)
   per_seed = [probe_seed(d, rng) for d in dirs]
-  result = summarise(FLAGS.workdir, per_seed, workdir_lib.read_config(dirs[0]))
+  result = summarise(FLAGS.workdir, per_seed, config)
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, 'guidance_probe.json'), 'w') as f:
     json.dump(result, f, indent=2)
