@@ -98,7 +98,8 @@ def build_report(*, distance: str, pred: np.ndarray, true: np.ndarray,
   Returns:
     {'distance', 'distance_anchors', 'distance_anchor_definitions', 'exits', 'routing',
      'routing_uncalibrated', 't_star', 'at_t_star', 'at_lpips_0.1', 'curve_efficiency',
-     'efficiency_curves', 'intervals', 'calibration' (margins only)}.
+     'curve_efficiency_uncalibrated' (the same predictor with zero margins: what the
+     calibration costs), 'efficiency_curves', 'intervals', 'calibration' (margins only)}.
   """
   true = np.asarray(true, np.float64)
   e1 = true.shape[1]
@@ -132,6 +133,8 @@ def build_report(*, distance: str, pred: np.ndarray, true: np.ndarray,
                guidance_gain=ci['exits'][k]['guidance_gain'])
     exits.append(e)
   curve_efficiency, curves = tradeoff.efficiency(pred, true, margins_at, g, predictor_gflops)
+  uncalibrated_efficiency, _ = tradeoff.efficiency(pred, true, np.zeros(e1, np.float32), g,
+                                                   predictor_gflops)
   report = {
       'distance': distance,
       'distance_anchors': distance_anchors,
@@ -144,6 +147,7 @@ def build_report(*, distance: str, pred: np.ndarray, true: np.ndarray,
                     'saved_fraction_ci95': ci['saved_fraction']['ci95']},
       'at_lpips_0.1': None,
       'curve_efficiency': curve_efficiency,
+      'curve_efficiency_uncalibrated': uncalibrated_efficiency,
       'efficiency_curves': curves,
       'intervals': {k: ci[k] for k in ('method', 'resamples', 'seed', 'level')},
       'calibration': {

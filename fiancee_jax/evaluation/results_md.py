@@ -62,6 +62,10 @@ def _figure(r: dict, path: str, value, fallback_ci=None, digits: int = 3) -> str
   return _fmt(value, digits) + _ci(intervals.seed_interval(r, path) or fallback_ci)
 
 
+def _uncalibrated_efficiency(r: dict) -> str:
+  return _figure(r, 'curve_efficiency_uncalibrated', r.get('curve_efficiency_uncalibrated'))
+
+
 def anchors_line(r: dict) -> str:
   """The anchors of the report's distance, for under every table."""
   anchors = r.get('distance_anchors') or {}
@@ -169,8 +173,8 @@ def headline(r: dict) -> str:
         f"{_fmt(row['oracle_saved_fraction'])} | {_fmt(row['best_static_saved_fraction'])} | "
         f"{_fmt(row.get('random_mix_saved_fraction'))} |")
   lines += ['', f"Curve efficiency (random mixture 0, oracle 1): "
-            f"{_figure(r, 'curve_efficiency', r.get('curve_efficiency'))}. "
-            + anchors_line(r)]
+            f"{_figure(r, 'curve_efficiency', r.get('curve_efficiency'))} (uncalibrated "
+            f"{_uncalibrated_efficiency(r)}). " + anchors_line(r)]
   return '\n'.join(lines)
 
 
@@ -236,7 +240,8 @@ def render_report(r: dict) -> list[str]:
            f"{_fmt(saved['routed'])}, oracle {_fmt(saved['oracle'])}, random mixture "
            f"{_fmt(saved['random_mix'])})")
   lines.append(f"Curve efficiency (area under saved vs mean distance; random mixture 0, oracle "
-               f"1): {_figure(r, 'curve_efficiency', r.get('curve_efficiency'))}{areas}.")
+               f"1): {_figure(r, 'curve_efficiency', r.get('curve_efficiency'))}{areas}; "
+               f"with zero margins (no calibration): {_uncalibrated_efficiency(r)}.")
   lines.append('')
   c = r['calibration']
   per_threshold = c.get('margins_per_threshold')

@@ -22,13 +22,15 @@ Per threshold t (all shares over the N samples unless said otherwise):
   distance (a linear program: the lower convex hull of the points (m_k, c_k), backbone (0, B)
   included). Routing that does not beat it has learnt nothing about its inputs.
 
-`curve_efficiency` summarises the whole trade-off: on a grid of thresholds, the routed and the
-oracle saved fractions are taken as step functions of the mean distance (the most saved at a
+`curve_efficiency` summarises the whole trade-off: on a dense grid of thresholds, the routed and
+the oracle saved fractions are taken as step functions of the mean distance (the most saved at a
 mean distance <= D), the random mixture as above, each integrated over D in [0, max_k m_k];
 efficiency = (A_routed - A_random) / (A_oracle - A_random): 0 = no better than ignoring the
 input, 1 = the oracle (neither is a bound: it can leave [0, 1]). When the oracle itself saves
 less than MIN_ORACLE_ADVANTAGE more than the random mixture on average over that range, the
 ratio has no meaning and is None; the three areas (as mean saved fractions) are reported too.
+The grid must be dense: a step curve through few operating points loses the area between them
+(on the default job, 48 thresholds gave -0.33 where 1024, 2048 and 4096 give 0.19 within 0.006).
 """
 from collections.abc import Callable
 
@@ -157,6 +159,18 @@ def operating_point(row: dict) -> dict:
   return {k: row[k] for k in OPERATING_POINT_KEYS}
 
 
+def route_ids_many(scores: np.ndarray, thresholds: np.ndarray,
+                   margins: Margins) -> np.ndarray:
+  """int32 [T, N]: `route_ids` at each of T thresholds, in NumPy (router.route's rule: the
+  lowest k with score_k + margin_k <= t, else the backbone; NaN never meets t)."""
+  margins_at = _margins_at(margins)
+  scores = np.asarray(scores, np.float32)
+  t = np.asarray(thresholds, np.float32).ravel()
+  m = np.stack([np.asarray(margins_at(float(x)), np.float32) for x in t])  # [T, E - 1]
+  ok = scores[None] + m[:, None, :] <= t[:, None, None]  # [T, N, E - 1]
+  return np.where(ok.any(-1), np.argmax(ok, -1), scores.shape[1]).astype(np.int32)
+
+
 def _step_curve(d: np.ndarray, s: np.ndarray, grid: np.ndarray) -> np.ndarray:
   """The most saved among points with mean distance <= each grid value (-inf before any)."""
   order = np.argsort(d, kind='stable')
@@ -166,12 +180,12 @@ def _step_curve(d: np.ndarray, s: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def efficiency(pred: np.ndarray, true: np.ndarray, margins: Margins, exit_gflops: np.ndarray,
-               predictor_gflops: float, *, num_thresholds: int = 48,
-               grid_size: int = 257) -> tuple[float | None, dict]:
+               predictor_gflops: float, *, num_thresholds: int = 2048,
+               grid_size: int = 257, stored_points: int = 128) -> tuple[float | None, dict]:
   """curve_efficiency (module docstring) and the three curves.
 
   The thresholds run evenly from 0 to the largest true distance (a grid to integrate over,
-  not a choice of operating point).
+  not a choice of operating point); `stored_points` of each curve's points are returned.
 
   Returns:
     (efficiency, or None when the oracle is hardly better than the random mixture,
@@ -184,13 +198,12 @@ def efficiency(pred: np.ndarray, true: np.ndarray, margins: Margins, exit_gflops
   margins_at = _margins_at(margins)
   thresholds = np.linspace(0.0, float(true.max()) * (1 + 1e-6) + 1e-12, num_thresholds)
   full = with_backbone(true)
-  routed, oracle = [], []
-  for t in thresholds:
-    ids = route_ids(pred, float(t), margins_at(float(t)))
-    routed.append((full[np.arange(n), ids].mean(), per_sample_saved(ids, g, predictor_gflops)
-                   .mean()))
-    o = oracle_ids(true, float(t))
-    oracle.append((full[np.arange(n), o].mean(), 1.0 - g[o].mean() / g[-1]))
+  rows = np.arange(n)
+  routed_ids = route_ids_many(pred, thresholds, margins_at)
+  oracle_ids_ = route_ids_many(true, thresholds, np.zeros(true.shape[1], np.float32))
+  routed = [(full[rows, ids].mean(), per_sample_saved(ids, g, predictor_gflops).mean())
+            for ids in routed_ids]
+  oracle = [(full[rows, ids].mean(), 1.0 - g[ids].mean() / g[-1]) for ids in oracle_ids_]
   routed_a, oracle_a = np.asarray(routed), np.asarray(oracle)
   means = true.mean(axis=0)
   d_grid = np.linspace(0.0, float(means.max()), grid_size)
@@ -205,7 +218,8 @@ def efficiency(pred: np.ndarray, true: np.ndarray, margins: Margins, exit_gflops
       curves['oracle'])
   span = a_oracle - a_mix
   value = float((a_routed - a_mix) / span) if span >= MIN_ORACLE_ADVANTAGE else None
-  points = {'routed': routed_a.tolist(), 'oracle': oracle_a.tolist(),
+  every = max(1, num_thresholds // stored_points)
+  points = {'routed': routed_a[::every].tolist(), 'oracle': oracle_a[::every].tolist(),
             'random_mix': np.stack([d_grid, mix], 1)[::max(1, grid_size // 32)].tolist(),
             'mean_saved': {'routed': a_routed, 'oracle': a_oracle, 'random_mix': a_mix}}
   return value, points

@@ -46,7 +46,7 @@ def test_missing_weights_file_is_refused_before_compute(key, tmp_path):
 # DESIGN.md section 3: the keys every report.json holds.
 TOP_KEYS = {'distance', 'distance_anchors', 'num_eval', 'resolution', 'seeds', 'backbone', 'exits',
             'predictor', 'database', 'routing', 't_star', 'at_t_star', 'at_lpips_0.1',
-            'curve_efficiency'}
+            'curve_efficiency', 'curve_efficiency_uncalibrated'}
 EXIT_KEYS = {'exit', 'attach_after', 'gflops', 'params', 'mean_distance', 'p95_distance',
              'mean_distance_no_guidance', 'guidance_gain'}
 ROW_KEYS = {'threshold', 'mean_gflops', 'saved_fraction', 'met_fraction', 'early_exit_miss_rate',
@@ -112,6 +112,8 @@ def test_build_report_holds_every_design_key():
   assert set(r['at_lpips_0.1']) >= POINT_KEYS
   assert r['at_lpips_0.1']['threshold'] == pytest.approx(0.1)
   assert 0.0 < r['curve_efficiency'] <= 1.05
+  # Constant margins only shift the thresholds: the same curve, hence the same efficiency.
+  assert r['curve_efficiency_uncalibrated'] == pytest.approx(r['curve_efficiency'], abs=0.02)
   assert r['exits'][0]['mean_distance_msssim'] == pytest.approx(r['exits'][0]['mean_distance'] / 2)
   assert 'headline' not in r
 
