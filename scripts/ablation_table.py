@@ -10,7 +10,10 @@ writes them), all with the same seeds, test inputs and distance. Per exit: the m
 of the exit's mean test distance with a 95 % t-interval across seeds, and for every variant
 but the reference, its difference to the reference seed by seed (same seed = same data order
 and test z) with a t-interval; an interval that excludes 0 is a difference the seeds
-support. Writes OUT/ablations.json and OUT/ablations.md.
+support. With --routing, a second table gives the routing figures the same way: the
+predictor's share of the backbone's GFLOPs and Spearman per exit, curve_efficiency (calibrated
+and with zero margins) and the saved fraction at t* and at LPIPS 0.1. Writes
+OUT/ablations.json and OUT/ablations.md.
 """
 import glob
 import json
@@ -26,6 +29,16 @@ from fiancee_jax.evaluation import intervals
 
 _VARIANTS = flags.DEFINE_multi_string('variant', [], 'NAME:DIR with report_seed*.json.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
+_ROUTING = flags.DEFINE_bool('routing', False, 'Add the routing table.')
+
+# (label, path into report.json) of the --routing table's scalar figures.
+ROUTING_FIGURES = (
+    ('predictor GFLOPs / backbone', 'predictor_gflops_fraction'),
+    ('curve efficiency', 'curve_efficiency'),
+    ('curve efficiency, zero margins', 'curve_efficiency_uncalibrated'),
+    ('saved at t*', 'at_t_star/saved_fraction'),
+    ('saved at LPIPS 0.1', 'at_lpips_0.1/saved_fraction'),
+)
 
 
 def read_seed_reports(directory: str) -> dict[int, dict]:
@@ -67,6 +80,50 @@ def table(variants: Sequence[tuple[str, dict[int, dict]]]) -> dict:
           'rows': rows}
 
 
+def figure(report: dict, path: str) -> float | None:
+  """The number at a '/'-joined path of report.json ('at_t_star/saved_fraction'); the
+  derived 'predictor_gflops_fraction' and 'predictor_spearman/K' too; None if absent."""
+  if path == 'predictor_gflops_fraction':
+    return report['predictor']['gflops'] / report['backbone']['gflops']
+  if path.startswith('predictor_spearman/'):
+    return report['predictor']['per_exit'][int(path.split('/')[1])]['spearman']
+  value = report
+  for part in path.split('/'):
+    if not isinstance(value, dict) or value.get(part) is None:
+      return None
+    value = value[part]
+  return float(value)
+
+
+def routing_table(variants: Sequence[tuple[str, dict[int, dict]]]) -> list[dict]:
+  """Per variant, ROUTING_FIGURES and each exit's predictor Spearman: the mean over seeds
+  with a t-interval and, but for the reference (the first), the difference paired by seed."""
+  ref_name, ref = variants[0]
+  seeds = sorted(ref)
+  num_exits = len(ref[seeds[0]]['exits'])
+  paths = list(ROUTING_FIGURES) + [(f'predictor Spearman, exit {k}', f'predictor_spearman/{k}')
+                                   for k in range(num_exits)]
+  rows = []
+  for name, reports in variants:
+    figures = []
+    for label, path in paths:
+      values = [figure(reports[s], path) for s in seeds]
+      if None in values:
+        figures.append({'figure': label, 'path': path, 'mean': None})
+        continue
+      v = np.asarray(values)
+      entry = {'figure': label, 'path': path, 'mean': float(v.mean()),
+               'ci95': intervals.t_interval(v.tolist())}
+      base = [figure(ref[s], path) for s in seeds]
+      if name != ref_name and None not in base:
+        diff = v - np.asarray(base)
+        entry.update(difference=float(diff.mean()),
+                     difference_ci95=intervals.t_interval(diff.tolist()))
+      figures.append(entry)
+    rows.append({'variant': name, 'figures': figures})
+  return rows
+
+
 def markdown(result: dict) -> str:
   def ci(v):
     return f'({v[0]:.3f} to {v[1]:.3f})' if v and None not in v else ''
@@ -81,6 +138,19 @@ def markdown(result: dict) -> str:
                 else 'reference')
       lines.append(f"| {row['variant']} | {e['exit']} | {e['gflops_fraction']:.0%} | "
                    f"{e['mean']:.3f} {ci(e['ci95'])} | {change} |")
+  if result.get('routing'):
+    lines += ['', f"Routing on the test split, over the same seeds; change against "
+              f"{result['reference']} paired by seed.", '',
+              '| variant | figure | value | change |', '|---|---|---|---|']
+    for row in result['routing']:
+      for f in row['figures']:
+        if f['mean'] is None:
+          lines.append(f"| {row['variant']} | {f['figure']} | n/a | |")
+          continue
+        change = (f"{f['difference']:+.3f} {ci(f['difference_ci95'])}" if 'difference' in f
+                  else ('reference' if row['variant'] == result['reference'] else ''))
+        lines.append(f"| {row['variant']} | {f['figure']} | {f['mean']:.4f} "
+                     f"{ci(f['ci95'])} | {change} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -96,6 +166,8 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f'--variant={spec!r}: expected NAME:DIR')
     variants.append((name, read_seed_reports(directory)))
   result = table(variants)
+  if _ROUTING.value:
+    result['routing'] = routing_table(variants)
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, 'ablations.json'), 'w') as f:
     json.dump(result, f, indent=2)

@@ -15,6 +15,12 @@ for the others) and exit:
 - the predictor's Spearman on the test split (WORKDIR/seeds/S/report/report.json), which
   sees map and z.
 
+And for routing as a whole (tradeoff.efficiency, zero margins, the run's exit and predictor
+GFLOPs): the curve efficiency of a map-only oracle, which predicts each draw's distances by
+the mean over the map's other draws (the best a predictor that cannot foresee z's effect
+does, up to the noise of that mean), beside the run's predictor on test, uncalibrated and
+calibrated.
+
 Writes OUT/distance_sources.json and OUT/distance_sources.md.
 """
 import json
@@ -29,6 +35,7 @@ from scipy import stats
 from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import intervals
+from fiancee_jax.evaluation import tradeoff
 
 FLAGS = flags.FLAGS
 
@@ -40,6 +47,16 @@ def icc1(x: np.ndarray) -> float:
   msb = k * np.sum((x.mean(0) - grand) ** 2) / (n - 1)
   msw = np.sum((x - x.mean(0)) ** 2) / (n * (k - 1))
   return float((msb - msw) / (msb + (k - 1) * msw))
+
+
+def map_only_efficiency(x: np.ndarray, exit_gflops: np.ndarray,
+                        predictor_gflops: float) -> float | None:
+  """Mean over held-out draws d of tradeoff.efficiency (zero margins) with predictions = the
+  mean of the map's other draws; x [draws, maps, E - 1], exit_gflops [E] (backbone last)."""
+  values = [tradeoff.efficiency(np.delete(x, d, 0).mean(0), x[d],
+                                np.zeros(x.shape[2], np.float32), exit_gflops,
+                                predictor_gflops)[0] for d in range(x.shape[0])]
+  return None if None in values else float(np.mean(values))
 
 
 def seed_figures(workdir: str, report_dir: str) -> dict:
@@ -62,7 +79,12 @@ def seed_figures(workdir: str, report_dir: str) -> dict:
     report = json.load(f)
   per_exit = {e['exit']: e['spearman'] for e in report['predictor']['per_exit']}
   x = d.reshape(draws, n, -1)  # draw j of map i at row j * n + i
-  return {'seed': seed, 'exits': [
+  g = np.asarray([e['gflops'] for e in report['exits']] + [report['backbone']['gflops']])
+  routing = {'map_only_oracle': map_only_efficiency(x, g, report['predictor']['gflops']),
+             'predictor_uncalibrated': report.get('curve_efficiency_uncalibrated'),
+             'predictor_calibrated': report.get('curve_efficiency'),
+             'predictor_gflops_fraction': report['predictor']['gflops'] / g[-1]}
+  return {'seed': seed, 'curve_efficiency': routing, 'exits': [
       {'exit': k, 'icc': icc1(x[:, :, k]),
        'spearman_between_draws': float(stats.spearmanr(x[0, :, k], x[1, :, k])[0]),
        'predictor_spearman_test': per_exit.get(k)} for k in range(x.shape[2])]}
@@ -84,9 +106,13 @@ def main(argv: Sequence[str]) -> None:
       v = [s['exits'][k][key] for s in seeds if s['exits'][k][key] is not None]
       row[key] = {'mean': float(np.mean(v)), 'ci95': intervals.t_interval(v)}
     rows.append(row)
+  efficiency = {}
+  for key in seeds[0]['curve_efficiency']:
+    v = [s['curve_efficiency'][key] for s in seeds if s['curve_efficiency'][key] is not None]
+    efficiency[key] = {'mean': float(np.mean(v)), 'ci95': intervals.t_interval(v)} if v else None
   result = {'workdir': FLAGS.workdir, 'distance': config.distance.name,
             'num_maps': config.predictor.num_train, 'z_draws': config.predictor.z_draws,
-            'rows': rows, 'seeds': seeds}
+            'rows': rows, 'curve_efficiency': efficiency, 'seeds': seeds}
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, 'distance_sources.json'), 'w') as f:
     json.dump(result, f, indent=2)
@@ -102,6 +128,15 @@ def main(argv: Sequence[str]) -> None:
            'predictor Spearman on test (map and z) |', '|---|---|---|---|']
   lines += [f"| {r['exit']} | {cell(r['icc'])} | {cell(r['spearman_between_draws'])} | "
             f"{cell(r['predictor_spearman_test'])} |" for r in rows]
+  e = efficiency
+  show = lambda key: 'n/a' if e[key] is None else cell(e[key])
+  lines += ['', f"Curve efficiency (random mixture 0, oracle 1), the predictor costing "
+            f"{e['predictor_gflops_fraction']['mean']:.2%} of the backbone's GFLOPs:", '',
+            '| predictor | curve efficiency |', '|---|---|',
+            f"| map-only oracle: each map's mean distance over its other z draws, zero margins "
+            f"(training maps) | {show('map_only_oracle')} |",
+            f"| the run's predictor, zero margins (test) | {show('predictor_uncalibrated')} |",
+            f"| the run's predictor, calibrated (test) | {show('predictor_calibrated')} |"]
   with open(os.path.join(FLAGS.out, 'distance_sources.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

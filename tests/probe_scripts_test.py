@@ -49,3 +49,14 @@ def test_keys_are_standardised_with_the_database_statistics_and_weigh_z_like_the
   q, _ = guidance_probe._keys(pooled + 1.0, z, 'features+z', stats)
   np.testing.assert_allclose(q[:, :16].mean(0), 1.0 / stats[0][1], rtol=1e-4)
   assert guidance_probe._keys(pooled, z, 'features')[0].shape == (200, 16)
+
+
+def test_map_only_efficiency_is_one_without_z_noise_and_falls_with_it():
+  rng = np.random.default_rng(0)
+  hard = rng.uniform(0, 1, 300)
+  maps = np.stack([0.02 + 0.2 * hard, 0.01 + 0.1 * hard], 1)  # [maps, E - 1]
+  g = np.array([0.3, 0.6, 1.0])
+  exact = distance_sources.map_only_efficiency(np.stack([maps] * 3), g, 0.0)
+  assert exact == pytest.approx(1.0)
+  noisy = np.stack([maps * rng.uniform(0.5, 1.5, maps.shape) for _ in range(3)])
+  assert 0.0 < distance_sources.map_only_efficiency(noisy, g, 0.0) < 0.95
