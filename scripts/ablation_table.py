@@ -125,8 +125,8 @@ def routing_table(variants: Sequence[tuple[str, dict[int, dict]]]) -> list[dict]
 
 
 def markdown(result: dict) -> str:
-  def ci(v):
-    return f'({v[0]:.3f} to {v[1]:.3f})' if v and None not in v else ''
+  def ci(v, digits=3):
+    return f'({v[0]:.{digits}f} to {v[1]:.{digits}f})' if v and None not in v else ''
   lines = [f"Mean {result['distance']} of each exit to the backbone on the test split, over "
            f"seeds {result['seeds']} (95 % t-interval); change against "
            f"{result['reference']} paired by seed.", '',
@@ -150,7 +150,7 @@ def markdown(result: dict) -> str:
         change = (f"{f['difference']:+.3f} {ci(f['difference_ci95'])}" if 'difference' in f
                   else ('reference' if row['variant'] == result['reference'] else ''))
         lines.append(f"| {row['variant']} | {f['figure']} | {f['mean']:.4f} "
-                     f"{ci(f['ci95'])} | {change} |")
+                     f"{ci(f['ci95'], 4)} | {change} |")
   return '\n'.join(lines) + '\n'
 
 
