@@ -167,8 +167,11 @@ def route_ids_many(scores: np.ndarray, thresholds: np.ndarray,
   scores = np.asarray(scores, np.float32)
   t = np.asarray(thresholds, np.float32).ravel()
   m = np.stack([np.asarray(margins_at(float(x)), np.float32) for x in t])  # [T, E - 1]
-  ok = scores[None] + m[:, None, :] <= t[:, None, None]  # [T, N, E - 1]
-  return np.where(ok.any(-1), np.argmax(ok, -1), scores.shape[1]).astype(np.int32)
+  out = np.empty((len(t), len(scores)), np.int32)
+  for i in range(0, len(t), 256):  # [256, N, E - 1] at a time
+    ok = scores[None] + m[i:i + 256, None, :] <= t[i:i + 256, None, None]
+    out[i:i + 256] = np.where(ok.any(-1), np.argmax(ok, -1), scores.shape[1])
+  return out
 
 
 def _step_curve(d: np.ndarray, s: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -115,10 +115,10 @@ def test_route_ids_many_is_the_routers_rule_at_every_threshold():
   rng = np.random.default_rng(5)
   scores = rng.uniform(0, 0.3, (64, 3)).astype(np.float32)
   scores[3, 0] = np.nan  # never meets a threshold
-  thresholds = np.linspace(0, 0.35, 17)
+  thresholds = np.linspace(0, 0.35, 300)  # more than one chunk of 256
   margins_at = lambda t: np.array([0.05 - t, 0.01, -0.02 * t], np.float32)
   many = tradeoff.route_ids_many(scores, thresholds, margins_at)
-  assert many.shape == (17, 64) and many.dtype == np.int32
+  assert many.shape == (300, 64) and many.dtype == np.int32
   for t, ids in zip(thresholds, many):
     np.testing.assert_array_equal(ids, tradeoff.route_ids(scores, t, margins_at(t)))
 
