@@ -53,8 +53,8 @@ def read_seed_reports(directory: str) -> dict[int, dict]:
   return reports
 
 
-def table(variants: Sequence[tuple[str, dict[int, dict]]]) -> dict:
-  """The ablation figures of `variants` [(name, {seed: report})]; the first is the reference."""
+def _check(variants: Sequence[tuple[str, dict[int, dict]]]) -> list[int]:
+  """The reference's seeds, after checking every variant has them and the same distance."""
   ref_name, ref = variants[0]
   seeds = sorted(ref)
   for name, reports in variants:
@@ -62,19 +62,30 @@ def table(variants: Sequence[tuple[str, dict[int, dict]]]) -> dict:
       raise ValueError(f'{name} has seeds {sorted(reports)}, the reference {seeds}')
     if {r['distance'] for r in reports.values()} != {ref[seeds[0]]['distance']}:
       raise ValueError(f'{name} measures another distance than {ref_name}')
+  return seeds
+
+
+def _paired(values: Sequence[float], reference: Sequence[float] | None) -> dict:
+  """Mean and t-interval over seeds; with `reference` (same seeds), the paired difference."""
+  v = np.asarray(values, np.float64)
+  out = {'mean': float(v.mean()), 'ci95': intervals.t_interval(v.tolist())}
+  if reference is not None:
+    diff = v - np.asarray(reference, np.float64)
+    out.update(difference=float(diff.mean()), difference_ci95=intervals.t_interval(diff.tolist()))
+  return out
+
+
+def table(variants: Sequence[tuple[str, dict[int, dict]]]) -> dict:
+  """The ablation figures of `variants` [(name, {seed: report})]; the first is the reference."""
+  ref_name, ref = variants[0]
+  seeds = _check(variants)
   rows = []
   for name, reports in variants:
     exits = []
     for k in range(len(reports[seeds[0]]['exits'])):
-      d = np.asarray([reports[s]['exits'][k]['mean_distance'] for s in seeds])
-      g = reports[seeds[0]]['exits'][k]['gflops_fraction']
-      row = {'exit': k, 'gflops_fraction': g, 'mean': float(d.mean()),
-             'ci95': intervals.t_interval(d.tolist())}
-      if name != ref_name:
-        diff = d - np.asarray([ref[s]['exits'][k]['mean_distance'] for s in seeds])
-        row.update(difference=float(diff.mean()),
-                   difference_ci95=intervals.t_interval(diff.tolist()))
-      exits.append(row)
+      distances = lambda rs: [rs[s]['exits'][k]['mean_distance'] for s in seeds]
+      exits.append({'exit': k, 'gflops_fraction': reports[seeds[0]]['exits'][k]['gflops_fraction'],
+                    **_paired(distances(reports), None if name == ref_name else distances(ref))})
     rows.append({'variant': name, 'exits': exits})
   return {'distance': ref[seeds[0]]['distance'], 'seeds': seeds, 'reference': ref_name,
           'rows': rows}
@@ -99,7 +110,7 @@ def routing_table(variants: Sequence[tuple[str, dict[int, dict]]]) -> list[dict]
   """Per variant, ROUTING_FIGURES and each exit's predictor Spearman: the mean over seeds
   with a t-interval and, but for the reference (the first), the difference paired by seed."""
   ref_name, ref = variants[0]
-  seeds = sorted(ref)
+  seeds = _check(variants)
   num_exits = len(ref[seeds[0]]['exits'])
   paths = list(ROUTING_FIGURES) + [(f'predictor Spearman, exit {k}', f'predictor_spearman/{k}')
                                    for k in range(num_exits)]
@@ -108,18 +119,13 @@ def routing_table(variants: Sequence[tuple[str, dict[int, dict]]]) -> list[dict]
     figures = []
     for label, path in paths:
       values = [figure(reports[s], path) for s in seeds]
+      base = [figure(ref[s], path) for s in seeds]
       if None in values:
         figures.append({'figure': label, 'path': path, 'mean': None})
         continue
-      v = np.asarray(values)
-      entry = {'figure': label, 'path': path, 'mean': float(v.mean()),
-               'ci95': intervals.t_interval(v.tolist())}
-      base = [figure(ref[s], path) for s in seeds]
-      if name != ref_name and None not in base:
-        diff = v - np.asarray(base)
-        entry.update(difference=float(diff.mean()),
-                     difference_ci95=intervals.t_interval(diff.tolist()))
-      figures.append(entry)
+      paired = name != ref_name and None not in base
+      figures.append({'figure': label, 'path': path,
+                      **_paired(values, base if paired else None)})
     rows.append({'variant': name, 'figures': figures})
   return rows
 

@@ -34,6 +34,7 @@ The grid must be dense: a step curve through few operating points loses the area
 """
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -161,17 +162,14 @@ def operating_point(row: dict) -> dict:
 
 def route_ids_many(scores: np.ndarray, thresholds: np.ndarray,
                    margins: Margins) -> np.ndarray:
-  """int32 [T, N]: `route_ids` at each of T thresholds, in NumPy (router.route's rule: the
-  lowest k with score_k + margin_k <= t, else the backbone; NaN never meets t)."""
+  """int32 [T, N]: `route_ids` at each of T thresholds (router.route vmapped over them)."""
   margins_at = _margins_at(margins)
-  scores = np.asarray(scores, np.float32)
   t = np.asarray(thresholds, np.float32).ravel()
   m = np.stack([np.asarray(margins_at(float(x)), np.float32) for x in t])  # [T, E - 1]
-  out = np.empty((len(t), len(scores)), np.int32)
-  for i in range(0, len(t), 256):  # [256, N, E - 1] at a time
-    ok = scores[None] + m[i:i + 256, None, :] <= t[i:i + 256, None, None]
-    out[i:i + 256] = np.where(ok.any(-1), np.argmax(ok, -1), scores.shape[1])
-  return out
+  route = jax.vmap(router.route, in_axes=(None, 0, 0))
+  scores = jnp.asarray(scores, jnp.float32)
+  return np.concatenate([np.asarray(route(scores, t[i:i + 256], m[i:i + 256]))
+                         for i in range(0, len(t), 256)])  # [256, N, E - 1] at a time
 
 
 def _step_curve(d: np.ndarray, s: np.ndarray, grid: np.ndarray) -> np.ndarray:
