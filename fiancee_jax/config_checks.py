@@ -308,7 +308,9 @@ def check_predictor(config: ml_collections.ConfigDict) -> None:
   if 'use_z' in p:
     _bool(p, s, 'use_z')
   _real(p, s, 'lr', 0, lo_open=True)
-  _choice(p, s, 'loss', ('l1', 'mse'))
+  _choice(p, s, 'loss', ('l1', 'mse', 'quantile'))
+  if 'quantile' in p:
+    _real(p, s, 'quantile', 0, 1, lo_open=True, hi_open=True)
   h, w = tuple(config.data.resolution)
   if h % p.pool or w % p.pool:
     raise ConfigError(f'config.predictor.pool={p.pool} must divide the resolution {h}x{w} '

@@ -161,3 +161,16 @@ def test_missing_backbone_artifact_names_the_directory_and_the_stage(tmp_path):
   with pytest.raises(artifacts.ArtifactError,
                      match='no backbone artifact at .*artifacts/backbone; run --stages=backbone'):
     artifact_io.load_backbone(config, str(tmp_path))
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('loss', 'huber', "config.predictor.loss='huber'"),
+    ('quantile', 1.0, r'config.predictor.quantile must be a finite number in \(0, 1\)'),
+    ('quantile', float('nan'), 'config.predictor.quantile'),
+])
+def test_predictor_loss_settings_are_checked(key, value, match):
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.predictor[key] = value
+  with pytest.raises(ValueError, match=match):
+    config_checks.check_config(config)

@@ -1,7 +1,9 @@
-"""scripts/distance_sources.py and scripts/guidance_probe.py: their estimators on known data."""
+"""scripts/distance_sources.py, guidance_probe.py and feature_predictor_probe.py: their
+estimators on known data."""
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ def _script(name):
 
 distance_sources = _script('distance_sources')
 guidance_probe = _script('guidance_probe')
+feature_predictor_probe = _script('feature_predictor_probe')
 
 
 @pytest.mark.parametrize('map_sd,noise_sd', [(1.0, 1.0), (2.0, 1.0), (1.0, 0.0)])
@@ -60,3 +63,44 @@ def test_map_only_efficiency_is_one_without_z_noise_and_falls_with_it():
   assert exact == pytest.approx(1.0)
   noisy = np.stack([maps * rng.uniform(0.5, 1.5, maps.shape) for _ in range(3)])
   assert 0.0 < distance_sources.map_only_efficiency(noisy, g, 0.0) < 0.95
+
+
+def test_a_predictor_with_features_learns_what_only_the_features_carry():
+  from configs import landscapes  # pylint: disable=g-import-not-at-top
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.predictor.update(num_steps=300, lr=1e-2, batch_size=16)
+  rng = np.random.default_rng(0)
+  n = 96
+  labels = rng.integers(0, 12, (n, 16, 16)).astype(np.int32)
+  z = rng.normal(size=(n, 8)).astype(np.float32)
+  feats = rng.normal(size=(n, 8, 8, 3)).astype(np.float32)
+  d = np.stack([feats[..., 0].mean((1, 2)), -feats[..., 1].mean((1, 2))], 1)  # features only
+  split = {'inputs': (labels, z), 'd': d, 'feats': feats}
+  module = feature_predictor_probe.FeaturePredictor(num_classes=12, num_outputs=2, width=8,
+                                                    pool=4)
+  err = {}
+  for use in (False, True):
+    params = feature_predictor_probe._fit(config, module, split, use, seed=0)
+    pred = feature_predictor_probe._predict(module, params, split, use)
+    assert pred.shape == (n, 2)
+    err[use] = float(np.abs(pred - d).mean())
+  assert err[True] < 0.5 * err[False], err
+  with pytest.raises(ValueError, match='cannot be pooled'):
+    module.init(jax.random.key(0), labels[:1], z[:1], feats[:1, :6])
+
+
+def test_feature_probe_summary_pairs_variants_by_seed():
+  seeds = [{'seed': s, 'feature_shape': [8, 8, 3], 'variants': {
+      'map+z': {'gflops_share': 0.01, 'efficiency_calibrated': 0.3 + s / 10,
+                'efficiency_zero_margins': 0.5, 'spearman': [0.7, 0.6]},
+      'map+z+features': {'gflops_share': 0.02, 'efficiency_calibrated': 0.4 + s / 10,
+                         'efficiency_zero_margins': 0.5, 'spearman': [0.8, 0.6]}}}
+           for s in range(3)]
+  rows = feature_predictor_probe.summarise('w', seeds)['rows']
+  row = next(r for r in rows if r['variant'] == 'map+z+features'
+             and r['figure'] == 'curve efficiency, calibrated')
+  assert row['change'] == pytest.approx(0.1)
+  assert row['change_ci95'] == pytest.approx([0.1, 0.1])  # paired: no seed-to-seed spread
+  text = feature_predictor_probe.render({'workdir': 'w', 'seeds': seeds, 'rows': rows})
+  assert '| map+z+features | Spearman, exit 0 | 0.8000' in text

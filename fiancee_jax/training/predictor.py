@@ -90,13 +90,36 @@ def fold_target_stats(params: Any, mean: np.ndarray, std: np.ndarray) -> Any:
   return {**params, 'params': fold(dict(params['params']))}
 
 
+LOSSES = ('l1', 'mse', 'quantile')
+
+
+def pinball(err: jax.Array, quantile: float) -> jax.Array:
+  """Pinball loss of err = target - prediction (any shape, elementwise): its minimiser over
+  predictions is the `quantile` of the targets (0.5: half the L1 loss, the median)."""
+  return jnp.maximum(quantile * err, (quantile - 1.0) * err)
+
+
+def prediction_loss(config: ml_collections.ConfigDict, pred: jax.Array,
+                    targets: jax.Array) -> jax.Array:
+  """Mean loss of predictions against targets (same shapes) under config.predictor.loss.
+
+  'quantile' fits the config.predictor.quantile-quantile of an exit's distance given the
+  input, so that `predicted <= t` reads `P(distance <= t) >= quantile`: the routing decision
+  itself, where 'l1' (the median) and 'mse' (the mean) fit a central value.
+  """
+  p = config.predictor
+  if p.loss == 'quantile':
+    return jnp.mean(pinball(targets - pred, p.quantile))
+  err = pred - targets
+  return jnp.mean(jnp.abs(err)) if p.loss == 'l1' else jnp.mean(err ** 2)
+
+
 def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
   """step(state, batch) -> (state, measurements) on the minibatch batch['index'] (int32 [B]).
 
   targets: standardised distances [N, E - 1]; every ensemble member gets its own loss. The
   predictor computes in config.train.dtype; the loss and the updates are float32.
   """
-  p = config.predictor
   model = factory.make_predictor(config, dtype=factory.train_dtype(config))
   tx = _optimizer(config)
 
@@ -105,8 +128,7 @@ def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
 
     def loss_fn(params):
       pred = model.apply(params, *(x[idx] for x in inputs), per_member=True)  # [M, B, E-1]
-      err = pred - targets[idx][None]
-      return jnp.mean(jnp.abs(err)) if p.loss == 'l1' else jnp.mean(err ** 2)
+      return prediction_loss(config, pred, jnp.broadcast_to(targets[idx][None], pred.shape))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     upd, opt = tx.update(grads, state.opt, state.params)
@@ -131,8 +153,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   measuring the targets again (they can take most of the stage).
   """
   p = config.predictor
-  if p.loss not in ('l1', 'mse'):
-    raise ValueError(f"config.predictor.loss={p.loss!r}: use 'l1' or 'mse'")
+  if p.loss not in LOSSES:
+    raise ValueError(f'config.predictor.loss={p.loss!r}: use one of {LOSSES}')
   exits = artifact_io.load_lineage(config, workdir, upto='exits')['exits']
   if artifacts.exists(workdir, STAGE):
     return artifact_io.load_predictor(config, workdir, exits)
