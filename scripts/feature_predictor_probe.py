@@ -61,9 +61,7 @@ class FeaturePredictor(nn.Module):
   def __call__(self, labels: jax.Array, z: jax.Array, feats: jax.Array | None) -> jax.Array:
     b, h, w = labels.shape
     gh, gw = h // self.pool, w // self.pool
-    x = jnp.concatenate([jax.nn.one_hot(labels, self.num_classes),
-                         predictor_lib.boundary_map(labels)], -1)
-    x = x.reshape(b, gh, self.pool, gw, self.pool, -1).mean((2, 4))
+    x = predictor_lib.label_features(labels, self.num_classes, self.pool)
     if feats is not None:
       fh, fw = feats.shape[1:3]
       if fh % gh or fw % gw:
@@ -71,7 +69,7 @@ class FeaturePredictor(nn.Module):
       f = feats.reshape(b, gh, fh // gh, gw, fw // gw, -1).mean((2, 4))
       x = jnp.concatenate([x, f.astype(x.dtype)], -1)
     film = nn.Dense(self.width, name='z_film')(z)
-    return predictor_lib._trunk(x, self.width, self.num_outputs, film)  # pylint: disable=protected-access
+    return predictor_lib.trunk(x, self.width, self.num_outputs, film)
 
 
 def _features(model, inputs: tuple[np.ndarray, ...]) -> np.ndarray:

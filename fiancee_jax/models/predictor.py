@@ -23,6 +23,14 @@ from fiancee_jax.models import layers
 from fiancee_jax.models import precision
 
 
+def label_features(labels: jax.Array, num_classes: int, pool: int) -> jax.Array:
+  """labels int32 [B, H, W] -> float32 [B, H / pool, W / pool, num_classes + 1]: the class
+  fractions and the boundary density (boundary_map) of every pool x pool cell."""
+  b, h, w = labels.shape
+  x = jnp.concatenate([jax.nn.one_hot(labels, num_classes), boundary_map(labels)], -1)
+  return x.reshape(b, h // pool, pool, w // pool, pool, -1).mean((2, 4))
+
+
 def boundary_map(labels: jax.Array) -> jax.Array:
   """labels int32 [B, H, W] -> float32 [B, H, W, 1], 1 where a neighbour differs."""
   right = jnp.pad(labels[:, :, 1:] != labels[:, :, :-1], ((0, 0), (0, 0), (0, 1)))
@@ -57,9 +65,7 @@ class Predictor(nn.Module):
       if z is None:
         raise ValueError('the predictor was built with use_z=True but got no z')
       chex.assert_rank(z, 2)
-    x = jnp.concatenate([jax.nn.one_hot(labels, self.num_classes), boundary_map(labels)], -1)
-    x = x.reshape(b, h // self.pool, self.pool, w // self.pool, self.pool, -1).mean((2, 4))
-    x = x.astype(self.dtype)  # class fractions pooled in float32
+    x = label_features(labels, self.num_classes, self.pool).astype(self.dtype)
     outs = jnp.stack([
         _Member(self.width, self.num_outputs, self.dtype, name=f'member_{i}')(
             x, z if self.use_z else None)
@@ -75,7 +81,7 @@ class _Member(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, z: jax.Array | None) -> jax.Array:
     film = None if z is None else layers.Dense(self.width, dtype=self.dtype, name='z_film')(z)
-    return _trunk(x, self.width, self.num_outputs, film, self.dtype)
+    return trunk(x, self.width, self.num_outputs, film, self.dtype)
 
 
 class PairPredictor(nn.Module):
@@ -95,11 +101,11 @@ class PairPredictor(nn.Module):
       raise ValueError(f'config.predictor.pool={self.pool} must divide the resolution {h}x{w}')
     x = jnp.concatenate([source, driver, driver - source], -1)
     x = x.reshape(b, h // self.pool, self.pool, w // self.pool, self.pool, -1).mean((2, 4))
-    out = _trunk(x, self.width, self.num_outputs, dtype=self.dtype)
+    out = trunk(x, self.width, self.num_outputs, dtype=self.dtype)
     return out[None] if per_member else out
 
 
-def _trunk(x: jax.Array, width: int, num_outputs: int,
+def trunk(x: jax.Array, width: int, num_outputs: int,
            film: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
   """Pooled features [B, h, w, F] -> predictions float32 [B, num_outputs] (in compact).
 
