@@ -19,6 +19,12 @@ patch's top-k keys (Euclidean) give a retrieved residual (their mean) and:
   A perfect patch-mean correction (the true residual averaged over each patch) bounds what
   coarse values can give.
 
+Equal compute: the lookup's GFLOPs (XLA's cost analysis of the key standardisation, the
+distance matmul, top-k, blend and add, per image) are reported beside exit 0's; with
+`--equal_compute_workdir=W`, an unguided run of the same config whose exit 0 is widened to
+cost at least exit 0 plus the lookup, exit 0 of W's matching seed is scored on the same test
+inputs and every row adds the guided exit's difference to it, paired by seed.
+
 By default the database holds every patch (no k-means, any size): the most this retrieval
 can offer at this num_images, at a lookup cost far above an exit's. With `--entries=N` it
 holds N k-means centroids of the keys, each with the mean residual of its patches: the size
@@ -43,6 +49,7 @@ from fiancee_jax.guidance import database
 from fiancee_jax.inference import loading
 from fiancee_jax.metrics import distances
 from fiancee_jax.metrics import exit_distances
+from fiancee_jax.metrics import flops
 
 FLAGS = flags.FLAGS
 _GAINS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -128,7 +135,27 @@ def _image(spec, patches, b):
   return x.reshape(b, gh * ph, gw * pw, 3)
 
 
-def probe_seed(seed_dir: str, rng: np.random.Generator) -> dict:
+def lookup_gflops(spec, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                  k: int) -> float:
+  """GFLOPs per image of retrieving and adding the guide: one image's standardised queries
+  [P, D] -> squared distances to keys [N, D], top-k, mean of their values [N, V], tiled and
+  added to an exit image (the queries' pooling and standardisation, a few P x D operations,
+  left out)."""
+
+  def lookup(q, keys, values, image):
+    d = jnp.sum(keys * keys, 1)[None] - 2 * q @ keys.T
+    idx = jax.lax.top_k(-d, k)[1]
+    gh, gw = spec.grid
+    ph, pw = spec.patch
+    v = values[idx].mean(1).reshape(1, gh, gw, ph, pw, 3).transpose(0, 1, 3, 2, 4, 5)
+    return image + v.reshape(image.shape)
+
+  image = jnp.zeros((1, *spec.resolution, 3), jnp.float32)
+  return flops.gflops(lookup, jnp.asarray(queries, jnp.float32), jnp.asarray(keys),
+                      jnp.asarray(values), image)
+
+
+def probe_seed(seed_dir: str, rng: np.random.Generator, wide_dir: str | None = None) -> dict:
   config = workdir_lib.read_config(seed_dir)
   model = loading.load_model(seed_dir, config, variant='unguided')
   spec = database.DatabaseSpec(
@@ -162,6 +189,21 @@ def probe_seed(seed_dir: str, rng: np.random.Generator) -> dict:
   perfect = distance(np.clip(test['exit0'] + _image(spec, coarse, b), -1, 1), test['teacher'])
   result['exit0'] = float(base['test'].mean())
   result['perfect_patch_mean'] = float(perfect.mean())
+  result['exit0_gflops'] = float(model.exit_gflops[0])
+  wide = None
+  if wide_dir is not None:  # exit 0 of a wider unguided run, on the same test inputs
+    wide_config = workdir_lib.read_config(wide_dir)
+    if int(wide_config.seed) != int(config.seed):
+      raise SystemExit(f'{wide_dir} has seed {wide_config.seed}, {seed_dir} has {config.seed}')
+    wide_model = loading.load_model(wide_dir, wide_config, variant='unguided')
+    _, wide_exit0, wide_teacher = _run(_patch_pass(wide_model, spec.grid),
+                                       exit_distances.load_inputs(wide_config, 'test',
+                                                                  FLAGS.num_test))
+    np.testing.assert_allclose(wide_teacher, test['teacher'], atol=1e-5,
+                               err_msg=f'{wide_dir} has another backbone or test inputs')
+    wide = distance(wide_exit0, test['teacher'])
+    result['wide_exit0'] = float(wide.mean())
+    result['wide_exit0_gflops'] = float(wide_model.exit_gflops[0])
   for kind in FLAGS.keys:
     keys, stats = _keys(db['pooled'], db['z'], kind)
     values = db['residual']
@@ -194,6 +236,9 @@ def probe_seed(seed_dir: str, rng: np.random.Generator) -> dict:
                                     float(np.percentile(change[boot].mean(1), 97.5))],
           'change_at_gain_1': float(
               (distance(corrected('test', 1.0), test['teacher']) - base['test']).mean()),
+          'lookup_gflops': lookup_gflops(
+              spec, _keys(test['pooled'][:1], test['z'][:1], kind, stats)[0], keys, values, k),
+          'minus_wide': None if wide is None else float((guided - wide).mean()),
       })
   return result
 
@@ -209,16 +254,30 @@ def render(result: dict) -> str:
            f"{result['num_images']} training inputs ({seeds[0]['num_entries']} entries"
            f"{', k-means centroids holding mean residuals' if result['entries'] else ''}); "
            f"{result['num_test']} test inputs. Mean over seeds (95 % t-interval across seeds).",
-           '', f"Exit 0 alone: {result['exit0']['mean']:.4f}; with a perfect patch-mean "
-           f"correction: {result['perfect_patch_mean']['mean']:.4f}.", '',
-           '| keys | top-k | MAE retrieved | MAE random entry | MAE zero | gain g | '
-           'guided exit 0 | change | change at g = 1 |', '|---|---|---|---|---|---|---|---|---|']
+           '', f"Exit 0 alone: {result['exit0']['mean']:.4f} at {result['exit0_gflops']:.4f} "
+           f"GFLOPs; with a perfect patch-mean correction: "
+           f"{result['perfect_patch_mean']['mean']:.4f}.", '']
+  wide = 'wide_exit0' in result
+  if wide:
+    lo, hi = result['wide_exit0']['ci95']
+    lines += [f"Equal compute: exit 0 of `{result['equal_compute_workdir']}` (unguided, wider) "
+              f"costs {result['wide_exit0_gflops']:.4f} GFLOPs and scores "
+              f"{result['wide_exit0']['mean']:.4f} ({_fmt(lo)} to {_fmt(hi)}).", '']
+  lines += [
+            '| keys | top-k | MAE retrieved | MAE random entry | MAE zero | gain g | '
+            'guided exit 0 | change | change at g = 1 | lookup GFLOPs (share of exit 0) |'
+            + (' minus the equal-compute exit 0 |' if wide else ''),
+            '|---|---|---|---|---|---|---|---|---|---|' + ('---|' if wide else '')]
   for r in result['rows']:
     lo, hi = r['change_ci95']
-    lines.append(
-        f"| {r['keys']} | {r['top_k']} | {r['mae_retrieved']:.4f} | {r['mae_random']:.4f} | "
-        f"{r['mae_zero']:.4f} | {r['gains']} | {r['guided']:.4f} | {r['change']:+.4f} "
-        f"({_fmt(lo)} to {_fmt(hi)}) | {r['change_at_gain_1']:+.4f} |")
+    line = (f"| {r['keys']} | {r['top_k']} | {r['mae_retrieved']:.4f} | {r['mae_random']:.4f} | "
+            f"{r['mae_zero']:.4f} | {r['gains']} | {r['guided']:.4f} | {r['change']:+.4f} "
+            f"({_fmt(lo)} to {_fmt(hi)}) | {r['change_at_gain_1']:+.4f} | "
+            f"{r['lookup_gflops']:.4f} ({r['lookup_gflops'] / result['exit0_gflops']:.0%}) |")
+    if wide:
+      wlo, whi = r['minus_wide_ci95']
+      line += f" {r['minus_wide']:+.4f} ({_fmt(wlo)} to {_fmt(whi)}) |"
+    lines.append(line)
   return '\n'.join(lines) + '\n'
 
 
@@ -230,17 +289,26 @@ def summarise(workdir: str, seeds: list[dict], config) -> dict:
   for i, r in enumerate(seeds[0]['rows']):
     per = [s['rows'][i] for s in seeds]
     change = [p['change'] for p in per]
+    minus_wide = [p['minus_wide'] for p in per]
     rows.append({'keys': r['keys'], 'top_k': r['top_k'],
                  'gains': [p['gain'] for p in per],
                  **{k: float(np.mean([p[k] for p in per]))
                     for k in ('mae_retrieved', 'mae_random', 'mae_zero', 'guided',
-                              'change_at_gain_1')},
-                 'change': float(np.mean(change)), 'change_ci95': intervals.t_interval(change)})
+                              'change_at_gain_1', 'lookup_gflops')},
+                 'change': float(np.mean(change)), 'change_ci95': intervals.t_interval(change),
+                 **({} if None in minus_wide else {
+                     'minus_wide': float(np.mean(minus_wide)),
+                     'minus_wide_ci95': intervals.t_interval(minus_wide)})})
   return {'workdir': workdir, 'distance': config.distance.name,
           'grid': list(config.database.grid), 'num_images': FLAGS.num_images,
           'entries': FLAGS.entries,
           'num_test': FLAGS.num_test, 'num_calibration': FLAGS.num_calibration,
           'exit0': over([s['exit0'] for s in seeds]),
+          'exit0_gflops': seeds[0]['exit0_gflops'],
+          **({'wide_exit0': over([s['wide_exit0'] for s in seeds]),
+              'wide_exit0_gflops': seeds[0]['wide_exit0_gflops'],
+              'equal_compute_workdir': FLAGS.equal_compute_workdir}
+             if 'wide_exit0' in seeds[0] else {}),
           'perfect_patch_mean': over([s['perfect_patch_mean'] for s in seeds]),
           'rows': rows, 'seeds': seeds}
 
@@ -253,7 +321,12 @@ def main(argv: Sequence[str]) -> None:
   config = workdir_lib.read_config(FLAGS.workdir)
   dirs = [replicates.seed_workdir(config, FLAGS.workdir, s) for s in replicates.seeds(config)]
   rng = np.random.default_rng(0)
-  per_seed = [probe_seed(d, rng) for d in dirs]
+  wide_dirs = [None] * len(dirs)
+  if FLAGS.equal_compute_workdir:
+    wide_config = workdir_lib.read_config(FLAGS.equal_compute_workdir)
+    wide_dirs = [replicates.seed_workdir(wide_config, FLAGS.equal_compute_workdir, s)
+                 for s in replicates.seeds(config)]
+  per_seed = [probe_seed(d, rng, w) for d, w in zip(dirs, wide_dirs)]
   result = summarise(FLAGS.workdir, per_seed, config)
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, 'guidance_probe.json'), 'w') as f:
@@ -276,4 +349,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('entries', 0, '0: every patch is an entry; N: N k-means centroids, '
                        'each holding the mean residual of its patches (the lookup cost of a '
                        'database of N entries).')
+  flags.DEFINE_string('equal_compute_workdir', None,
+                      'An unguided run of the same config and seeds whose exit 0 costs at '
+                      'least exit 0 plus the lookup (e.g. wider).')
   app.run(main)

@@ -104,3 +104,33 @@ def test_feature_probe_summary_pairs_variants_by_seed():
   assert row['change_ci95'] == pytest.approx([0.1, 0.1])  # paired: no seed-to-seed spread
   text = feature_predictor_probe.render({'workdir': 'w', 'seeds': seeds, 'rows': rows})
   assert '| map+z+features | Spearman, exit 0 | 0.8000' in text
+
+
+def test_lookup_cost_counts_the_distance_matmul_per_entry():
+  spec = database.DatabaseSpec(resolution=(8, 12), grid=(2, 3), key_block=0, feature_width=1,
+                               key_dim=1, num_entries=1, num_classes=2)
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(6, 4)).astype(np.float32)
+  cost = {n: guidance_probe.lookup_gflops(spec, q, rng.normal(size=(n, 4)).astype(np.float32),
+                                          rng.normal(size=(n, 48)).astype(np.float32), 2)
+          for n in (1000, 2000)}
+  assert cost[1000] >= 2 * 6 * 1000 * 4 / 1e9
+  assert cost[2000] / cost[1000] == pytest.approx(2.0, rel=0.15)
+
+
+def test_guidance_render_adds_the_equal_compute_column():
+  row = {'keys': 'features', 'top_k': 4, 'mae_retrieved': 0.08, 'mae_random': 0.1,
+         'mae_zero': 0.1, 'gains': [1.0], 'guided': 0.055, 'change': -0.003,
+         'change_ci95': [-0.004, -0.002], 'change_at_gain_1': -0.003, 'lookup_gflops': 0.01,
+         'minus_wide': 0.001, 'minus_wide_ci95': [-0.001, 0.003]}
+  result = {'seeds': [{'seed': 0, 'num_entries': 2048}], 'workdir': 'w', 'distance': 'l1',
+            'grid': [8, 8], 'num_images': 8, 'entries': 2048, 'num_test': 4,
+            'exit0': {'mean': 0.058}, 'exit0_gflops': 0.1, 'perfect_patch_mean': {'mean': 0.05},
+            'rows': [row]}
+  assert 'minus the equal-compute' not in guidance_probe.render(result)
+  assert '| 0.0100 (10%) |' in guidance_probe.render(result)
+  result.update(wide_exit0={'mean': 0.054, 'ci95': [0.05, 0.058]}, wide_exit0_gflops=0.116,
+                equal_compute_workdir='wide')
+  text = guidance_probe.render(result)
+  assert 'costs 0.1160 GFLOPs and scores 0.0540' in text
+  assert text.rstrip().endswith('| +0.0010 (-0.0010 to +0.0030) |')
