@@ -260,9 +260,10 @@ def render(result: dict) -> str:
   wide = 'wide_exit0' in result
   if wide:
     lo, hi = result['wide_exit0']['ci95']
-    lines += [f"Equal compute: exit 0 of `{result['equal_compute_workdir']}` (unguided, wider) "
-              f"costs {result['wide_exit0_gflops']:.4f} GFLOPs and scores "
-              f"{result['wide_exit0']['mean']:.4f} ({_fmt(lo)} to {_fmt(hi)}).", '']
+    lines += [f"Compute spent on width instead: exit 0 of `{result['equal_compute_workdir']}` "
+              f"(unguided, wider) costs {result['wide_exit0_gflops']:.4f} GFLOPs (exit 0 plus "
+              f"a lookup below: {result['exit0_gflops']:.4f} plus its lookup GFLOPs) and scores "
+              f"{result['wide_exit0']['mean']:.4f} ({lo:.4f} to {hi:.4f}).", '']
   lines += [
             '| keys | top-k | MAE retrieved | MAE random entry | MAE zero | gain g | '
             'guided exit 0 | change | change at g = 1 | lookup GFLOPs (share of exit 0) |'
