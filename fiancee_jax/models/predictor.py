@@ -106,7 +106,7 @@ class PairPredictor(nn.Module):
 
 
 def trunk(x: jax.Array, width: int, num_outputs: int,
-           film: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
+          film: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
   """Pooled features [B, h, w, F] -> predictions float32 [B, num_outputs] (in compact).
 
   film: optional [B, width] added to the first conv's output. The output is linear: the
