@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 
 from fiancee_jax.evaluation import intervals
+from fiancee_jax.evaluation import results_md
 
 _VARIANTS = flags.DEFINE_multi_string('variant', [], 'NAME:DIR with report_seed*.json.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
@@ -174,13 +175,7 @@ def main(argv: Sequence[str]) -> None:
   result = table(variants)
   if _ROUTING.value:
     result['routing'] = routing_table(variants)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'ablations.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  text = markdown(result)
-  with open(os.path.join(_OUT.value, 'ablations.md'), 'w') as f:
-    f.write(text)
-  print(text)
+  results_md.write_table(_OUT.value, 'ablations', result, markdown(result))
 
 
 if __name__ == '__main__':

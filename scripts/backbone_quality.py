@@ -13,8 +13,6 @@ images (N = min(num_validation, num_test) of the first run's config). Every set 
 images, so the estimator's bias (N < 1152 features) is the same in every row: compare rows,
 not absolute values with FID. Writes OUT/backbone_quality.json and OUT/backbone_quality.md.
 """
-import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +21,7 @@ from absl import flags
 
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.data import sources
+from fiancee_jax.evaluation import results_md
 from fiancee_jax.metrics import exit_distances
 from fiancee_jax.metrics import fid
 from fiancee_jax.metrics import lpips
@@ -66,16 +65,11 @@ def main(argv: Sequence[str]) -> None:
                  'fd': _fd(feature_fn, images, test_stats)})
   result = {'metric': f'Frechet distance on LPIPS-{net} trunk features (1152-d)',
             'num_images': int(n), 'reference': f'first {n} real test images', 'rows': rows}
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'backbone_quality.json'), 'w') as f:
-    json.dump(result, f, indent=2)
   lines = [f"{result['metric']}, {n} images against the {result['reference']} "
            '(lower is closer; the floor is real against real).', '',
            '| images | FD-LPIPS |', '|---|---|']
   lines += [f"| {r['name']} | {r['fd']:.4f} |" for r in rows]
-  with open(os.path.join(_OUT.value, 'backbone_quality.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+  results_md.write_table(_OUT.value, 'backbone_quality', result, '\n'.join(lines))
 
 
 if __name__ == '__main__':

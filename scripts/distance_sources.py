@@ -35,6 +35,7 @@ from scipy import stats
 from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import intervals
+from fiancee_jax.evaluation import results_md
 from fiancee_jax.evaluation import tradeoff
 
 FLAGS = flags.FLAGS
@@ -113,9 +114,6 @@ def main(argv: Sequence[str]) -> None:
   result = {'workdir': FLAGS.workdir, 'distance': config.distance.name,
             'num_maps': config.predictor.num_train, 'z_draws': config.predictor.z_draws,
             'rows': rows, 'curve_efficiency': efficiency, 'seeds': seeds}
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, 'distance_sources.json'), 'w') as f:
-    json.dump(result, f, indent=2)
 
   def cell(v):
     lo, hi = v['ci95']
@@ -137,9 +135,7 @@ def main(argv: Sequence[str]) -> None:
             f"(training maps) | {show('map_only_oracle')} |",
             f"| the run's predictor, zero margins (test) | {show('predictor_uncalibrated')} |",
             f"| the run's predictor, calibrated (test) | {show('predictor_calibrated')} |"]
-  with open(os.path.join(FLAGS.out, 'distance_sources.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+  results_md.write_table(FLAGS.out, 'distance_sources', result, '\n'.join(lines))
 
 
 if __name__ == '__main__':

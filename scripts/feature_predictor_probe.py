@@ -9,7 +9,7 @@ shared prefix, predict, then finish each sample on its exit. This probe measures
 a predictor would be worth that restructuring. Per seed (the workdir for seed 0,
 WORKDIR/seeds/S for the others) it trains two predictors on the run's own targets
 (config.predictor.num_train maps x z_draws, the predictor stage's cache), with the same
-trunk, loss, steps and learning rate as config.predictor:
+trunk, loss, optimizer, steps and learning rate as config.predictor:
 
 - `map+z`: the input-only predictor (class fractions and boundary density per cell, z by
   FiLM), as the predictor stage trains it;
@@ -21,8 +21,6 @@ margins and calibrated (risk control on the validation split, config.router.targ
 the predictor's GFLOPs. Differences are paired by seed. Writes OUT/feature_predictor.json
 and OUT/feature_predictor.md.
 """
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +36,7 @@ from scipy import stats
 from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import intervals
+from fiancee_jax.evaluation import results_md
 from fiancee_jax.evaluation import tradeoff
 from fiancee_jax.inference import loading
 from fiancee_jax.metrics import flops
@@ -92,14 +91,14 @@ def _fit(config, module: FeaturePredictor, train: dict, use_features: bool,
   n = len(y)
   params = module.init(jax.random.key(seed), labels[:1], z[:1],
                        None if feats is None else feats[:1])
-  tx = optax.adam(optax.cosine_decay_schedule(p.lr, p.num_steps))
+  tx = predictor_training.optimizer(config)
   opt = tx.init(params)
 
   @jax.jit
   def step(params, opt, idx):
     def loss_fn(params):
       pred = module.apply(params, labels[idx], z[idx], None if feats is None else feats[idx])
-      return jnp.mean(jnp.abs(pred - y[idx]))
+      return predictor_training.prediction_loss(config, pred, y[idx])
     grads = jax.grad(loss_fn)(params)
     upd, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, upd), opt
@@ -211,13 +210,7 @@ def main(argv: Sequence[str]) -> None:
   config = workdir_lib.read_config(FLAGS.workdir)
   dirs = [replicates.seed_workdir(config, FLAGS.workdir, s) for s in replicates.seeds(config)]
   result = summarise(FLAGS.workdir, [probe_seed(d) for d in dirs])
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, 'feature_predictor.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  text = render(result)
-  with open(os.path.join(FLAGS.out, 'feature_predictor.md'), 'w') as f:
-    f.write(text)
-  print(text)
+  results_md.write_table(FLAGS.out, 'feature_predictor', result, render(result))
 
 
 if __name__ == '__main__':

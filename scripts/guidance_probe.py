@@ -32,8 +32,6 @@ of a shipped database of num_entries = N (its lookup costs N x key width MACs pe
 Writes OUT/guidance_probe.json and OUT/guidance_probe.md.
 """
 import functools
-import json
-import os
 from collections.abc import Sequence
 
 import jax
@@ -45,6 +43,7 @@ from absl import flags
 from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import intervals
+from fiancee_jax.evaluation import results_md
 from fiancee_jax.guidance import database
 from fiancee_jax.inference import loading
 from fiancee_jax.metrics import distances
@@ -329,13 +328,7 @@ def main(argv: Sequence[str]) -> None:
                  for s in replicates.seeds(config)]
   per_seed = [probe_seed(d, rng, w) for d, w in zip(dirs, wide_dirs)]
   result = summarise(FLAGS.workdir, per_seed, config)
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, 'guidance_probe.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  text = render(result)
-  with open(os.path.join(FLAGS.out, 'guidance_probe.md'), 'w') as f:
-    f.write(text)
-  print(text)
+  results_md.write_table(FLAGS.out, 'guidance_probe', result, render(result))
 
 
 if __name__ == '__main__':

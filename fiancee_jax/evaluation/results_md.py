@@ -118,6 +118,18 @@ def render(workdir: str, backbone_bench: dict | None) -> str:
   return '\n'.join(lines)
 
 
+def write_table(out_dir: str, stem: str, result: dict, text: str) -> None:
+  """Writes a script's figures as OUT_DIR/STEM.json and their markdown table as
+  OUT_DIR/STEM.md (text, newline-terminated), creating OUT_DIR; prints the table."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  text = text if text.endswith('\n') else text + '\n'
+  with open(os.path.join(out_dir, f'{stem}.md'), 'w') as f:
+    f.write(text)
+  print(text, end='')
+
+
 def threshold_label(r: dict, t: float) -> str:
   """Where a routing threshold comes from: 't*', '0.5 t*', an anchor's name, 'LPIPS 0.1'."""
   names = []

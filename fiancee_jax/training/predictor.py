@@ -65,7 +65,8 @@ def split_distances(config, workdir, split: str, n: int, variant: str | None = N
       params=params, exits_fingerprint=arts['exits'].fingerprint, draws=draws)
 
 
-def _optimizer(config) -> optax.GradientTransformation:
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam, cosine decay from config.predictor.lr to 0 over num_steps."""
   p = config.predictor
   return optimizers.adam(optax.cosine_decay_schedule(p.lr, p.num_steps), 0.9, 0.999)
 
@@ -121,7 +122,7 @@ def make_train_step(config, inputs: tuple[jax.Array, ...], targets: jax.Array):
   predictor computes in config.train.dtype; the loss and the updates are float32.
   """
   model = factory.make_predictor(config, dtype=factory.train_dtype(config))
-  tx = _optimizer(config)
+  tx = optimizer(config)
 
   def step(state: PredictorState, batch):
     idx = batch['index']
@@ -143,7 +144,7 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> PredictorSt
   model = factory.make_predictor(config)
   inputs = [jnp.zeros(s.shape, s.dtype) for s in tasks.input_specs(factory.get_task(config), 1)]
   params = model.init(key, *inputs)
-  return PredictorState(params, _optimizer(config).init(params))
+  return PredictorState(params, optimizer(config).init(params))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact:

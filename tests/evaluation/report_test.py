@@ -1,4 +1,5 @@
 """The report: FID wiring, weight checks, and every DESIGN.md section 3 key built from arrays."""
+import json
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from configs import landscapes
 from fiancee_jax import config_checks
 from fiancee_jax.evaluation import report
+from fiancee_jax.evaluation import results_md
 
 
 def _features(images):
@@ -201,3 +203,13 @@ def test_defaults_are_the_papers_metric_and_three_seeds():
   with config.unlocked():
     config.evaluate.t_star = 0.05  # a placeholder: settable from the command line
   config_checks.check_config(config)
+
+
+def test_write_table_writes_the_figures_and_a_newline_terminated_table(tmp_path, capsys):
+  out = tmp_path / 'new' / 'dir'
+  results_md.write_table(str(out), 'probe', {'rows': [1.5, None]}, '| a |\n|---|')
+  assert json.loads((out / 'probe.json').read_text()) == {'rows': [1.5, None]}
+  assert (out / 'probe.md').read_text() == '| a |\n|---|\n'
+  results_md.write_table(str(out), 'probe', {}, 'x\n')  # already terminated: one newline
+  assert (out / 'probe.md').read_text() == 'x\n'
+  assert capsys.readouterr().out == '| a |\n|---|\nx\n'
