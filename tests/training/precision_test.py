@@ -169,7 +169,7 @@ def test_one_bfloat16_predictor_step_agrees_with_the_float32_step():
                                    jax.random.key(1)))
   targets = jax.random.normal(jax.random.key(2), (n, len(config.exits.attach_after)))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(predictor_training, '_optimizer', lambda _: optax.sgd(0.1))
+    mp.setattr(predictor_training, 'optimizer', lambda _: optax.sgd(0.1))
     state = predictor_training.init_state(config, jax.random.key(0))
     steps = {d: jax.jit(predictor_training.make_train_step(_with_dtype(config, d), inputs,
                                                            targets)) for d in DTYPES}
