@@ -100,13 +100,18 @@ def make_config(*, data: dict, backbone: dict, train: dict) -> ml_collections.Co
 
   # Guiding database (guidance/database.py explains keys and values).
   config.database = dict(
+      # 'image': backbone patches that guided exits take as an input (trained with them);
+      # 'residual': per exit, the backbone's patch minus the trained unguided exit's, added
+      # to the exit's image (the database stage then runs after the exits stage).
+      value_type='image',
       key_block=2,  # keys from this block's output (<= the earliest attach point)
       num_images=256,  # training inputs run through the backbone to make entries
-      num_entries=2048,  # prototypes kept (k-means medoids)
+      num_entries=2048,  # prototypes kept (k-means medoids; centroids for 'residual')
       key_dim=32,  # PCA dimensions of a key
       grid=(8, 8),  # patches per image (a query per patch)
       metric='cosine',  # 'cosine' | 'l2'
       top_k=4,
+      blend='softmax',  # top-k values blended by 'softmax' (of similarity) | 'mean'
       temperature=0.05,  # softmax temperature over top-k similarities
       chunk=4096,  # keys per matmul chunk in the lookup
       kmeans_iters=10,

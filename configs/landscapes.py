@@ -19,7 +19,8 @@ Three seeds of the database, exits and predictor stages run on the one backbone
 (unguided) variant and 8192 measured predictor targets per seed.
 
 Variants: `:guided` (the guidance ablation: guided and unguided exits side by side, 300 steps
-each) and `:tiny` (16x16, a few steps of every stage, the backbone trained; what the tests
+each), `:residual` (the same unguided exits, plus a database of their residuals added to
+their images) and `:tiny` (16x16, a few steps of every stage, the backbone trained; what the tests
 use; a few minutes).
 """
 import os
@@ -81,6 +82,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The guidance ablation: guided exits and the same exits unguided, trained side by side
     # (300 steps each, so that the job keeps the default's time budget).
     config.exits.update(guided=True, train_unguided=True, num_steps=300)
+  elif arg == 'residual':
+    # Residual guidance: the same unguided exits, then a database of what they get wrong
+    # (backbone minus exit, per 8x8 patch), keyed on the features of the block exit 0
+    # attaches to and added to each exit's image (guidance/database.py).
+    config.exits.update(guided=True)
+    config.database.update(value_type='residual', key_block=3, num_images=2048, key_dim=32,
+                           metric='l2', top_k=4, blend='mean', kmeans_iters=20)
   elif arg == 'tiny':
     common.shrink_for_tests(config)
     config.data.update(resolution=(16, 16), num_train=64, num_validation=48, num_test=32)
@@ -94,5 +102,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evaluate.z_average = 2
     config.benchmark.update(batch_size=8, lowering_rounds=2)
   elif arg:
-    raise common.unknown_variant('configs/landscapes.py', arg, ('tiny', 'guided'))
+    raise common.unknown_variant('configs/landscapes.py', arg, ('tiny', 'guided', 'residual'))
   return config

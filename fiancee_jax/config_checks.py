@@ -272,6 +272,8 @@ def check_database(config: ml_collections.ConfigDict) -> None:
   _int(db, s, 'kmeans_iters', 0)
   _ints(db, s, 'grid', 1, length=2)
   _choice(db, s, 'metric', ('cosine', 'l2'))
+  _choice(db, s, 'value_type', ('image', 'residual'))
+  _choice(db, s, 'blend', ('softmax', 'mean'))
   _real(db, s, 'temperature', 0, lo_open=True)
   if db.num_entries < db.top_k:
     raise ConfigError(f'config.database.num_entries={db.num_entries} must be >= '

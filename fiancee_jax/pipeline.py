@@ -5,6 +5,8 @@ exporting its artifact (training stages) or report files; a preempted training s
 `loop.Preempted` after saving, so no later stage runs.
 
 t* is fixed right after the backbone stage (training/t_star.py), before any exit is trained.
+A database of exit residuals (config.database.value_type 'residual') is built after the exits
+stage, from its artifact (stage_order).
 The seeded stages (database, exits, predictor, evaluate) run once per seed of
 config.evaluate.seeds (replicates.py); the evaluate stage then writes the report aggregated
 over seeds to WORKDIR/report/report.json.
@@ -24,6 +26,7 @@ from fiancee_jax import replicates
 from fiancee_jax import workdir as workdir_lib
 from fiancee_jax.evaluation import benchmark
 from fiancee_jax.evaluation import report
+from fiancee_jax.models import factory
 from fiancee_jax.training import backbone
 from fiancee_jax.training import database
 from fiancee_jax.training import exits
@@ -64,6 +67,16 @@ def run_seeded(stage: Stage, name: str, config: ml_collections.ConfigDict,
                                 replicates.report_dir(workdir, reps[0][0]))
 
 
+def stage_order(config: ml_collections.ConfigDict, names: list[str]) -> list[str]:
+  """`names` (config_checks.parse_stages order) in the order this config runs them: a
+  database of exit residuals ('residual' guidance) is built right after the exits."""
+  if not factory.residual_guidance(config) or 'database' not in names or 'exits' not in names:
+    return list(names)
+  names = [n for n in names if n != 'database']
+  names.insert(names.index('exits') + 1, 'database')
+  return names
+
+
 def stage_table(config: ml_collections.ConfigDict) -> dict[str, Stage]:
   """{stage name: fn(config, workdir)} for this config, in config_checks.KNOWN_STAGES."""
   name = config.backbone.name
@@ -92,6 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: str,
   # Everything is checked before the first stage: no stage fails on a setting of a later one.
   names = config_checks.parse_stages(stages)
   config_checks.check_config(config)
+  names = stage_order(config, names)
   table = stage_table(config)
   workdir = config_checks.check_workdir(workdir)
   # The backend starts here, after every check that needs no device: nothing above touches it.

@@ -163,7 +163,8 @@ def exit_parts(model: model_lib.FianceeModel, inputs: Sequence[Any], *, warmup: 
     warmup, iters: the timing protocol.
 
   Returns:
-    Per exit: {'exit', 'parts': [{'part': 'prefix' | 'lookup' | 'branch' | 'head', 'ms',
+    Per exit: {'exit', 'parts': [{'part': 'prefix' | 'lookup' | 'branch' | 'residual' (the
+    retrieved residual added, 'residual' guidance) | 'head', 'ms',
     'gflops' (XLA, whole batch), 'gflop_per_s'}], 'sum_ms'}. The prefix is conditioning, stem
     and blocks 0..attach point; the backbone exit is its prefix (every block) and its head.
   """
@@ -197,8 +198,13 @@ def exit_parts(model: model_lib.FianceeModel, inputs: Sequence[Any], *, warmup: 
         parts.append(record)
         guide = lookup(params, keys)  # the executable just timed, not a second compile
       branch = em.branches[k]
-      parts.append(part('branch', lambda v, h, c, g: branch.apply(v, h, c, g),
-                        params['exits'][k], outs[last], cond, guide)[0])
+      record, run_branch = part('branch', lambda v, h, c, g: branch.apply(v, h, c, g),
+                                params['exits'][k], outs[last], cond, em.branch_guide(guide))
+      parts.append(record)
+      if em.guided and em.guidance == 'residual':
+        image = run_branch(params['exits'][k], outs[last], cond, em.branch_guide(guide))
+        parts.append(part('residual', lambda img, g, k=k: em.finish(k, img, g), image,
+                          guide)[0])
     out.append({'exit': k, 'parts': parts, 'sum_ms': sum(p['ms'] for p in parts)})
   return out
 

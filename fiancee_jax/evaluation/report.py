@@ -33,6 +33,7 @@ from fiancee_jax.metrics import costs
 from fiancee_jax.metrics import distances
 from fiancee_jax.metrics import exit_distances
 from fiancee_jax.metrics import fid
+from fiancee_jax.models import factory
 
 LPIPS_REFERENCE = 0.1  # the paper's absolute bar ("about half the compute at LPIPS <= 0.1")
 SECOND_DISTANCE = '1-msssim'
@@ -208,7 +209,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, out: str | None = 
   model = loading.load_model(workdir, config)
   inputs, true = exit_distances.of_model(config, workdir, model, 'test', n)
   no_guide = None
-  if model.exit_model.guided and config.exits.train_unguided:
+  if model.exit_model.guided and 'unguided' in factory.exit_variants(config):
     unguided = loading.load_model(workdir, config, variant='unguided')
     no_guide = exit_distances.of_model(config, workdir, unguided, 'test', n)[1]
   pred = parallel.map_rows(model.predict_fn(), inputs, config.predictor.measure_batch,

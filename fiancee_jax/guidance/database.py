@@ -4,14 +4,19 @@ Our design (the paper leaves it open):
 - keys: the output of backbone block `key_block` (cheap: every exit computes it),
   average-pooled to a `grid` of patches, centred and projected by PCA to `key_dim`
   dimensions, L2-normalised (cosine) or not (L2);
-- values: the full backbone's output image over the same patch (what the early exits
-  cannot afford to compute), `patch_h x patch_w x 3` numbers per entry;
+- values (config `value_type`): 'image', the full backbone's output image over the same
+  patch (what the early exits cannot afford to compute), which guided exits take as an
+  input; or 'residual', per exit branch the backbone's image minus that (unguided) exit's
+  image over the patch (what the exit gets wrong), which is added to the exit's image;
+  `patch_h x patch_w x channels` numbers per entry (channels 3, or 3 per branch);
 - entries: `num_entries` prototypes picked by k-means over the patches of `num_images`
-  training inputs (for each centroid, the member nearest to it, so values stay sharp).
+  training inputs: for 'image' values, for each centroid the member nearest to it (so values
+  stay sharp); for 'residual' values the centroid itself with the mean residual of its
+  members (averaging what no key can tell apart).
 A query pools and projects its own block features, finds the top-k keys per patch with
 one matmul + an exact top-k (ops/top_k.py, the implementation named by `top_k_impl`) per
-chunk of keys, blends their values (softmax of similarity / temperature) and tiles them into
-a guiding image [B, H, W, 3].
+chunk of keys, blends their values (`blend`: softmax of similarity / temperature, or their
+plain mean) and tiles them into a guiding image [B, H, W, channels].
 """
 import dataclasses
 import functools
@@ -42,6 +47,9 @@ class DatabaseSpec:
   top_k: int = 1
   temperature: float = 0.05
   chunk: int = 4096  # keys per matmul chunk
+  channels: int = 3  # value channels per pixel: 3 (an image), or 3 per branch (residuals)
+  blend: str = 'softmax'  # 'softmax' (of similarity / temperature) | 'mean' of the top-k
+  value_agg: str = 'medoid'  # an entry's value: its 'medoid' patch's | its members' 'mean'
 
   def __post_init__(self):
     h, w = self.resolution
@@ -51,6 +59,12 @@ class DatabaseSpec:
                        f'{self.resolution}')
     if self.metric not in ('cosine', 'l2'):
       raise ValueError(f"config.database.metric={self.metric!r}: use 'cosine' or 'l2'")
+    if self.blend not in ('softmax', 'mean'):
+      raise ValueError(f"config.database.blend={self.blend!r}: use 'softmax' or 'mean'")
+    if self.value_agg not in ('medoid', 'mean'):
+      raise ValueError(f"database value_agg={self.value_agg!r}: use 'medoid' or 'mean'")
+    if self.channels < 1:
+      raise ValueError(f'database channels={self.channels} must be >= 1')
     if not 1 <= self.top_k <= self.num_entries:
       raise ValueError(f'config.database.top_k={self.top_k} must be in [1, num_entries]')
     if not 1 <= self.key_dim <= self.feature_width:
@@ -64,7 +78,7 @@ class DatabaseSpec:
 
   @property
   def value_dim(self) -> int:
-    return self.patch[0] * self.patch[1] * 3
+    return self.patch[0] * self.patch[1] * self.channels
 
 
 def pool(feats: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -121,7 +135,7 @@ def _top_k(spec: DatabaseSpec, db: dict, q: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class Lookup:
-  """lookup(db, feats [B, h, w, C], out_hw) -> guide [B, H', W', 3] (pure, jittable).
+  """lookup(db, feats [B, h, w, C], out_hw) -> guide [B, H', W', channels] (pure, jittable).
 
   `top_k_impl` names the top-k implementation (ops/top_k.py); every one returns the same
   entries, so it changes how the lookup runs, not what it returns.
@@ -144,12 +158,18 @@ class Lookup:
     ph, pw = spec.patch
     q = _project(spec, db, pool(feats, spec.grid)).reshape(b * gh * gw, -1)
     s, idx = _top_k(spec, db, q, self.top_k_impl)
-    w = jax.nn.softmax(s / spec.temperature, axis=-1) if spec.top_k > 1 else jnp.ones_like(s)
+    if spec.top_k == 1:
+      w = jnp.ones_like(s)
+    elif spec.blend == 'mean':
+      w = jnp.full_like(s, 1.0 / spec.top_k)
+    else:
+      w = jax.nn.softmax(s / spec.temperature, axis=-1)
     vals = jnp.einsum('mk,mkv->mv', w, db['values'][idx])
-    img = vals.reshape(b, gh, gw, ph, pw, 3).transpose(0, 1, 3, 2, 4, 5)
-    img = img.reshape(b, gh * ph, gw * pw, 3)
+    c = spec.channels
+    img = vals.reshape(b, gh, gw, ph, pw, c).transpose(0, 1, 3, 2, 4, 5)
+    img = img.reshape(b, gh * ph, gw * pw, c)
     if img.shape[1:3] != tuple(out_hw):
-      img = jax.image.resize(img, (b, *out_hw, 3), 'linear')
+      img = jax.image.resize(img, (b, *out_hw, c), 'linear')
     return img
 
 
@@ -159,12 +179,12 @@ def make_lookup(spec: DatabaseSpec, top_k_impl: str = 'xla') -> Lookup:
 
 
 def patches_of(spec: DatabaseSpec, images: jax.Array) -> jax.Array:
-  """images [B, H, W, 3] -> values [B * gh * gw, ph * pw * 3] in grid order."""
-  b = images.shape[0]
+  """images [B, H, W, C] -> values [B * gh * gw, ph * pw * C] in grid order."""
+  b, c = images.shape[0], images.shape[-1]
   gh, gw = spec.grid
   ph, pw = spec.patch
-  x = images.reshape(b, gh, ph, gw, pw, 3).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b * gh * gw, ph * pw * 3)
+  x = images.reshape(b, gh, ph, gw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b * gh * gw, ph * pw * c)
 
 
 def fit(spec: DatabaseSpec, feats: np.ndarray, values: np.ndarray, key: jax.Array,
@@ -174,20 +194,41 @@ def fit(spec: DatabaseSpec, feats: np.ndarray, values: np.ndarray, key: jax.Arra
   if m < spec.num_entries:
     raise ValueError(f'config.database.num_entries={spec.num_entries} exceeds the {m} patches '
                      'available; raise config.database.num_images or lower num_entries')
+  if values.shape != (m, spec.value_dim):
+    raise ValueError(f'database values have shape {values.shape}, expected {(m, spec.value_dim)}')
   feats = jnp.asarray(feats, jnp.float32)
+  values = jnp.asarray(values, jnp.float32)
   mean = feats.mean(axis=0)
   _, _, vt = jnp.linalg.svd(feats - mean, full_matrices=False)
   proj = vt[:spec.key_dim].T
   db0 = {'mean': mean, 'proj': proj}
   keys_all = _project(spec, db0, feats)
+  if spec.value_agg == 'mean':
+    cent, assign = _kmeans(keys_all, spec.num_entries, key, kmeans_iters)
+    if spec.metric == 'cosine':
+      cent = cent / (jnp.linalg.norm(cent, axis=-1, keepdims=True) + 1e-6)
+    count = jax.ops.segment_sum(jnp.ones(m), assign, spec.num_entries)
+    total = jax.ops.segment_sum(values, assign, spec.num_entries)
+    return {'keys': cent, 'values': total / jnp.maximum(count, 1)[:, None],
+            'mean': mean, 'proj': proj}
   idx = _kmeans_medoids(keys_all, spec.num_entries, key, kmeans_iters)
-  return {'keys': keys_all[idx], 'values': jnp.asarray(values, jnp.float32)[idx],
-          'mean': mean, 'proj': proj}
+  return {'keys': keys_all[idx], 'values': values[idx], 'mean': mean, 'proj': proj}
+
+
+def _sq_dist(x: jax.Array, cent: jax.Array) -> jax.Array:
+  return jnp.sum(x * x, 1)[:, None] - 2 * x @ cent.T + jnp.sum(cent * cent, 1)[None]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
-def _kmeans_medoids(x: jax.Array, n: int, key: jax.Array, iters: int) -> jax.Array:
-  """Indices of the n points nearest to k-means centroids (distinct points, sorted)."""
+def _kmeans(x: jax.Array, n: int, key: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:
+  """(centroids [n, D], assignment [M]) of Lloyd's k-means over x [M, D], started from n
+  distinct random points; the assignment is to the returned centroids, and a centroid left
+  empty keeps its place (no member, so a 'mean' entry of value 0)."""
+  cent = _lloyd(x, n, key, iters)
+  return cent, jnp.argmin(_sq_dist(x, cent), axis=1)
+
+
+def _lloyd(x: jax.Array, n: int, key: jax.Array, iters: int) -> jax.Array:
   init = jax.random.choice(key, x.shape[0], (n,), replace=False)
   cent = x[init]
 
@@ -200,7 +241,13 @@ def _kmeans_medoids(x: jax.Array, n: int, key: jax.Array, iters: int) -> jax.Arr
     return jnp.where(count[:, None] > 0, new, cent), None
 
   cent, _ = jax.lax.scan(step, cent, None, length=iters)
-  d = jnp.sum(x * x, 1)[:, None] - 2 * x @ cent.T + jnp.sum(cent * cent, 1)[None]
+  return cent
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _kmeans_medoids(x: jax.Array, n: int, key: jax.Array, iters: int) -> jax.Array:
+  """Indices of the n points nearest to k-means centroids (distinct points, sorted)."""
+  d = _sq_dist(x, _lloyd(x, n, key, iters))
   # Greedy distinct medoids: each centroid takes its nearest point not yet taken.
   def pick(taken, c):
     dc = jnp.where(taken, jnp.inf, d[:, c])

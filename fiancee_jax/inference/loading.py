@@ -71,17 +71,25 @@ def load_model(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   backbone = load('backbone')
   fingerprints = {'backbone': backbone.fingerprint}
   database = None
-  if 'guided' in trained:  # the exits artifact was built from the database
+  residual = factory.residual_guidance(config)  # the database comes after the exits
+  if 'guided' in trained and not residual:  # the exits artifact was built from the database
     database = load('database', {'backbone': backbone.fingerprint})
     fingerprints['database'] = database.fingerprint
   exits = load('exits', dict(fingerprints))
   fingerprints['exits'] = exits.fingerprint
-  predictor = load('predictor', {'exits': exits.fingerprint})
+  if residual:  # the database holds the residuals of these exits
+    database = load('database', {'backbone': backbone.fingerprint,
+                                 'exits': exits.fingerprint})
+    fingerprints['database'] = database.fingerprint
+  parents = {'exits': exits.fingerprint}
+  if residual:  # the guided exits' images, the predictor's targets, depend on it too
+    parents['database'] = database.fingerprint
+  predictor = load('predictor', parents)
   fingerprints['predictor'] = predictor.fingerprint
 
   meta = predictor.metadata
   rc = meta.get('risk_control')
-  params = {'backbone': backbone.tree, 'exits': exits.tree[variant],
+  params = {'backbone': backbone.tree, 'exits': exits.tree[factory.branch_set(config, variant)],
             'database': database.tree if guided else None}
   return model_lib.FianceeModel(
       exit_model=factory.make_exit_model(config, guided=guided),

@@ -88,6 +88,12 @@ def cache_path(workdir: str, split: str, variant: str) -> str:
   return os.path.join(workdir, 'cache', f'distances_{split}_{variant}.npz')
 
 
+def with_database(exits_fingerprint: str, database_fingerprint: str) -> str:
+  """The source fingerprint of exits whose images also depend on a database (residual
+  guidance): distances cached under the exits alone are not reused for them."""
+  return f'{exits_fingerprint}+{database_fingerprint}'
+
+
 def cache_key(exits_fingerprint: str, variant: str, distance: str,
               inputs: tuple[np.ndarray, ...]) -> str:
   """sha256 hex of what distances are measured with: the exits artifact, the variant, the
@@ -167,6 +173,9 @@ def of_model(config: ml_collections.ConfigDict, workdir: str, model: Any, split:
     raise ValueError('the model was not loaded from a workdir (no exits fingerprint); use '
                      'inference.loading.load_model, or call split_distances with the '
                      'fingerprint of the exits artifact')
-  return split_distances(config, workdir, split, n, exit_model=model.exit_model,
-                         params=model.params, exits_fingerprint=model.fingerprints['exits'],
-                         draws=draws)
+  fp = model.fingerprints['exits']
+  em = model.exit_model
+  if em.guided and em.guidance == 'residual':
+    fp = with_database(fp, model.fingerprints['database'])
+  return split_distances(config, workdir, split, n, exit_model=em, params=model.params,
+                         exits_fingerprint=fp, draws=draws)

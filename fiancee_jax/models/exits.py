@@ -7,10 +7,12 @@ A staged backbone (a linen module) provides `conditioning(*inputs)`, `stem(cond)
 `latent(cond)` (the per-image latent [B, Z] z-aware light blocks take as `z=`, or None) and
 `dtype` (the compute dtype of the light blocks and heads, models/precision.py: a branch
 computes in it, and its image is float32).
-An exit attached after block i is a 1x1 projection of the block-i features (concatenated
-with the guiding map, if guided) followed by light versions of blocks i+1..K-1 and its
-own image head. The guiding map is also appended to the conditioning the light blocks
-see, so that it reaches every resolution of the branch.
+An exit attached after block i is a 1x1 projection of the block-i features followed by
+light versions of blocks i+1..K-1 and its own image head. A guided exit uses the guiding map
+(guidance/database.py) as `guidance` says: 'input' concatenates it to the projected
+features and to the conditioning the light blocks see, so that it reaches every resolution
+of the branch; 'residual' leaves the branch as it is and adds the map's channels 3k..3k+2
+(the retrieved residual of exit k) to exit k's image, clipped to [-1, 1].
 
 Widths: light block j of branch k has `widths[j + 1] x width_mult[k]` channels and (OASIS)
 a SPADE hidden width of `spade_hidden x hidden_mult[k]`; the two are separate knobs because
@@ -35,6 +37,8 @@ from fiancee_jax.models import layers
 Params = Any
 # lookup(database, key_features [B, h, w, C], out_hw) -> guide [B, H, W, G]
 LookupFn = Callable[[Any, jax.Array, tuple[int, int]], jax.Array]
+# How a guided exit uses the guide (see the module docstring).
+GUIDANCE = ('input', 'residual')
 
 
 def area_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -110,8 +114,11 @@ class ExitModel:
   # SPADE hidden width of the light blocks x this (one, or per branch); None = width_mult.
   hidden_mult: float | tuple[float, ...] | None = None
   z_aware: bool = True  # light blocks see the backbone's latent (z), if it has one
+  guidance: str = 'input'  # how a guided exit uses the guide: 'input' | 'residual'
 
   def __post_init__(self):
+    if self.guidance not in GUIDANCE:
+      raise ValueError(f'guidance {self.guidance!r}: use one of {GUIDANCE}')
     k = self.backbone.num_blocks
     pts = tuple(self.attach_after)
     if not pts or list(pts) != sorted(set(pts)) or pts[0] < 0 or pts[-1] >= k - 1:
@@ -135,7 +142,8 @@ class ExitModel:
   @property
   def branches(self) -> list[ExitBranch]:
     n = len(self.attach_after)
-    return [ExitBranch(self.backbone.light_factory, a, w, self.guided, hidden_mult=hm,
+    fed = self.guided and self.guidance == 'input'
+    return [ExitBranch(self.backbone.light_factory, a, w, fed, hidden_mult=hm,
                        z_aware=self.z_aware)
             for a, w, hm in zip(self.attach_after,
                                 _per_branch(self.width_mult, n, 'width_mult'),
@@ -164,6 +172,18 @@ class ExitModel:
       return None
     return self.lookup(params['database'], outs[self.key_block], out_hw)
 
+  def branch_guide(self, guide: jax.Array | None) -> jax.Array | None:
+    """What a branch takes as its `guide` argument (None unless guidance is 'input')."""
+    return guide if self.guidance == 'input' else None
+
+  def finish(self, k: int, image: jax.Array, guide: jax.Array | None) -> jax.Array:
+    """Branch k's image [B, H, W, 3] after guidance: + its retrieved residual, clipped, for
+    'residual' guidance; unchanged otherwise."""
+    if not self.guided or self.guidance != 'residual':
+      return image
+    residual = guide[..., 3 * k:3 * k + 3]
+    return jnp.clip(image + residual.astype(image.dtype), -1.0, 1.0)
+
   def exit_path(self, k: int) -> Callable[..., jax.Array]:
     """path_k(params, *inputs) -> images [B, H, W, 3]; k static (one executable per exit)."""
     if not 0 <= k < self.num_exits:
@@ -175,7 +195,8 @@ class ExitModel:
       if k == len(self.attach_after):
         return self.backbone.apply(bb, h, method='head')
       guide = self.guide(params, outs, cond.shape[1:3])
-      return self.branches[k].apply(params['exits'][k], h, cond, guide)
+      image = self.branches[k].apply(params['exits'][k], h, cond, self.branch_guide(guide))
+      return self.finish(k, image, guide)
 
     return path
 
@@ -203,13 +224,15 @@ class ExitModel:
     """
     images, stats, feats = [], [], []
     mutable = (['batch_stats'] if train else []) + (['intermediates'] if features else [])
+    fed = self.branch_guide(guide)
     for k, branch in enumerate(self.branches):
       h = outs[branch.attach_after]
       kw = dict(train=True, momentum=momentum) if train else {}
       if mutable:
-        img, upd = branch.apply(exit_vars[k], h, cond, guide, mutable=mutable, **kw)
+        img, upd = branch.apply(exit_vars[k], h, cond, fed, mutable=mutable, **kw)
       else:
-        img, upd = branch.apply(exit_vars[k], h, cond, guide), {}
+        img, upd = branch.apply(exit_vars[k], h, cond, fed), {}
+      img = self.finish(k, img, guide)
       if train:
         stats.append(upd['batch_stats'])
       if features:
@@ -229,6 +252,7 @@ class ExitModel:
                  *inputs: jax.Array) -> list[Params]:
     """Initial variables of every branch (shapes from a forward of the backbone prefix)."""
     h, cond, outs = self.prefix(bb, inputs, self.backbone.num_blocks - 1)
-    guide = self.guide({'database': database}, outs, cond.shape[1:3])
+    guide = (self.guide({'database': database}, outs, cond.shape[1:3])
+             if self.guidance == 'input' else None)
     return [b.init(jax.random.fold_in(key, k), outs[b.attach_after], cond, guide)
             for k, b in enumerate(self.branches)]

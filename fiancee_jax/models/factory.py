@@ -97,12 +97,29 @@ def database_spec(config: ml_collections.ConfigDict):
   if not 0 <= db.key_block < g.num_blocks:
     raise ValueError(f'config.database.key_block={db.key_block} is not a block index '
                      f'(0..{g.num_blocks - 1})')
+  residual = guidance(config) == 'residual'
   return database.DatabaseSpec(
       resolution=tuple(config.data.resolution), grid=tuple(db.grid), key_block=db.key_block,
       feature_width=g.widths[db.key_block + 1], key_dim=db.key_dim,
       num_entries=db.num_entries, num_classes=config.data.get('num_classes', 0),
       metric=db.metric,
-      top_k=db.top_k, temperature=db.temperature, chunk=db.chunk)
+      top_k=db.top_k, temperature=db.temperature, chunk=db.chunk,
+      channels=3 * len(config.exits.attach_after) if residual else 3,
+      blend=db.get('blend', 'softmax'), value_agg='mean' if residual else 'medoid')
+
+
+def residual_guidance(config: ml_collections.ConfigDict) -> bool:
+  """True when the database holds residuals of the trained exits (guided exits with
+  config.database.value_type 'residual'): it is then built after the exits, from them, and the
+  predictor is trained on both."""
+  return bool(config.exits.guided) and guidance(config) == 'residual'
+
+
+def guidance(config: ml_collections.ConfigDict) -> str:
+  """How guided exits use the database (models/exits.py): 'input' for 'image' values,
+  'residual' for 'residual' values (config.database.value_type)."""
+  return 'residual' if config.database.get('value_type', 'image') == 'residual' else 'input'
+
 
 
 def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool,
@@ -120,7 +137,7 @@ def make_exit_model(config: ml_collections.ConfigDict, *, guided: bool,
       width_mult=_branch_mults(e, 'width_mult', e.width_mult), guided=guided,
       key_block=config.database.key_block, lookup=lookup,
       hidden_mult=_branch_mults(e, 'hidden_mult', hidden),
-      z_aware=e.get('z_aware', True))
+      z_aware=e.get('z_aware', True), guidance=guidance(config))
 
 
 def _branch_mults(e: ml_collections.ConfigDict, what: str,
@@ -149,11 +166,28 @@ def make_predictor(config: ml_collections.ConfigDict, *, dtype: str = 'float32')
 
 
 def exit_variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The exit variants a config trains, in order: 'guided' and/or 'unguided'."""
+  """The exit variants a config's run can load, in order: 'guided' and/or 'unguided'.
+
+  With 'residual' guidance both: the guided variant is the unguided branches plus the
+  database's residuals."""
   e = config.exits
   if not e.guided:
     return ('unguided',)
-  return ('guided', 'unguided') if e.train_unguided else ('guided',)
+  if e.train_unguided or guidance(config) == 'residual':
+    return ('guided', 'unguided')
+  return ('guided',)
+
+
+def trained_variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The branch sets the exits stage trains and its artifact holds, in order: with 'residual'
+  guidance only 'unguided' (the guided variant adds residuals to those branches), else
+  exit_variants."""
+  return ('unguided',) if residual_guidance(config) else exit_variants(config)
+
+
+def branch_set(config: ml_collections.ConfigDict, variant: str) -> str:
+  """The branch set of the exits artifact that exit `variant` runs (trained_variants)."""
+  return 'unguided' if guidance(config) == 'residual' else variant
 
 
 def variable_templates(config: ml_collections.ConfigDict, kind: str,
@@ -163,10 +197,10 @@ def variable_templates(config: ml_collections.ConfigDict, kind: str,
   Built with jax.eval_shape: nothing is initialised, compiled or run. What each kind holds
   (artifacts.py):
     'backbone': generator variables {'params', 'batch_stats'};
-    'database': {'keys' [N, key_dim], 'values' [N, patch_h * patch_w * 3],
+    'database': {'keys' [N, key_dim], 'values' [N, patch_h * patch_w * channels],
                  'mean' [feature_width], 'proj' [feature_width, key_dim]}, float32;
     'exits': {variant: [variables_k per branch]}, for `variant` or, when None, for every
-      variant the config trains (exit_variants);
+      branch set the config trains (trained_variants);
     'predictor': predictor variables.
   No optimizer state, no discriminator.
 
@@ -185,7 +219,7 @@ def variable_templates(config: ml_collections.ConfigDict, kind: str,
             'mean': jax.ShapeDtypeStruct((spec.feature_width,), f32),
             'proj': jax.ShapeDtypeStruct((spec.feature_width, spec.key_dim), f32)}
   if kind == 'exits':
-    names = exit_variants(config) if variant is None else (variant,)
+    names = trained_variants(config) if variant is None else (variant,)
     for v in names:
       if v not in ('guided', 'unguided'):
         raise ValueError(f"exit variant {v!r}: use 'guided' or 'unguided'")

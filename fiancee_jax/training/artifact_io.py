@@ -62,15 +62,14 @@ def database_template(spec: database_lib.DatabaseSpec) -> dict[str, jax.ShapeDty
 
 
 def exit_variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Exit variants this config trains ('guided' first when guided)."""
-  v = ('guided',) if config.exits.guided else ('unguided',)
-  if config.exits.guided and config.exits.train_unguided:
-    v += ('unguided',)
-  return v
+  """Branch sets this config's exits stage trains ('guided' first when it trains one);
+  factory.trained_variants."""
+  return factory.trained_variants(config)
 
 
 def exits_template(config: ml_collections.ConfigDict, bb: Any, db: Any) -> dict[str, list]:
-  """ShapeDtypeStructs of {variant: [variables_k, ...]} for the variants the config trains."""
+  """ShapeDtypeStructs of {variant: [variables_k, ...]} for the branch sets the config
+  trains."""
   specs = _input_specs(config)
 
   def init(bb, db, *inputs):
@@ -105,11 +104,18 @@ def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> artifacts.
 
 
 def load_database(config: ml_collections.ConfigDict, workdir: str,
-                  backbone: artifacts.Artifact) -> artifacts.Artifact:
-  """The database artifact built from `backbone`, with the spec the config's model expects."""
+                  backbone: artifacts.Artifact,
+                  exits: artifacts.Artifact | None = None) -> artifacts.Artifact:
+  """The database artifact built from `backbone` (and, holding residuals, from `exits`),
+  with the spec the config's model expects."""
   spec = factory.database_spec(config)
-  art = _load(workdir, 'database', database_template(spec), config,
-              {'backbone': backbone.fingerprint})
+  parents = {'backbone': backbone.fingerprint}
+  if factory.residual_guidance(config):
+    if exits is None:
+      raise ValueError('a residual database is checked against the exits it was built from; '
+                       'pass the exits artifact')
+    parents['exits'] = exits.fingerprint
+  art = _load(workdir, 'database', database_template(spec), config, parents)
   got, want = art.metadata.get('spec'), database_spec_json(spec)
   if got != want:
     differ = sorted(k for k in want if (got or {}).get(k) != want[k])
@@ -121,7 +127,8 @@ def load_database(config: ml_collections.ConfigDict, workdir: str,
 
 def load_exits(config: ml_collections.ConfigDict, workdir: str, backbone: artifacts.Artifact,
                database: artifacts.Artifact | None) -> artifacts.Artifact:
-  """The exits artifact built from `backbone` (and `database` when a variant is guided)."""
+  """The exits artifact built from `backbone` (and `database` when a branch set is trained
+  on its guide: 'input' guidance)."""
   parents = {'backbone': backbone.fingerprint}
   if database is not None:
     parents['database'] = database.fingerprint
@@ -129,24 +136,46 @@ def load_exits(config: ml_collections.ConfigDict, workdir: str, backbone: artifa
   return _load(workdir, 'exits', template, config, parents)
 
 
+def predictor_parents(config: ml_collections.ConfigDict, exits: artifacts.Artifact,
+                      database: artifacts.Artifact | None) -> dict[str, str]:
+  """{kind: fingerprint} a predictor is trained from: the exits, and a residual database
+  (which changes the guided exits' images without changing the exits artifact)."""
+  parents = {'exits': exits.fingerprint}
+  if factory.residual_guidance(config):
+    parents['database'] = database.fingerprint
+  return parents
+
+
 def load_predictor(config: ml_collections.ConfigDict, workdir: str,
-                   exits: artifacts.Artifact) -> artifacts.Artifact:
-  """The predictor artifact trained on the distances of `exits`."""
+                   exits: artifacts.Artifact,
+                   database: artifacts.Artifact | None = None) -> artifacts.Artifact:
+  """The predictor artifact trained on the distances of `exits` (with `database`)."""
   return _load(workdir, 'predictor', predictor_template(config), config,
-               {'exits': exits.fingerprint})
+               predictor_parents(config, exits, database))
 
 
 def load_lineage(config: ml_collections.ConfigDict, workdir: str, *,
                  upto: str) -> dict[str, artifacts.Artifact]:
   """The artifacts of every stage up to `upto` ('backbone', 'database', 'exits',
-  'predictor'); the database only when the config's exits are guided."""
-  order = artifacts.KINDS[:artifacts.KINDS.index(upto) + 1]
+  'predictor') in the order the stages build them (stage_order); the database only when the
+  config's exits are guided or `upto` is 'database'."""
+  order = stage_order(config)
+  order = order[:order.index(upto) + 1]
   out = {'backbone': load_backbone(config, workdir)}
-  guided = config.exits.guided
-  if 'database' in order and (guided or upto == 'database'):
-    out['database'] = load_database(config, workdir, out['backbone'])
-  if 'exits' in order:
-    out['exits'] = load_exits(config, workdir, out['backbone'], out.get('database'))
-  if 'predictor' in order:
-    out['predictor'] = load_predictor(config, workdir, out['exits'])
+  for kind in order[1:]:
+    if kind == 'database' and (config.exits.guided or upto == 'database'):
+      out['database'] = load_database(config, workdir, out['backbone'], out.get('exits'))
+    elif kind == 'exits':
+      db = None if factory.residual_guidance(config) else out.get('database')
+      out['exits'] = load_exits(config, workdir, out['backbone'], db)
+    elif kind == 'predictor':
+      out['predictor'] = load_predictor(config, workdir, out['exits'], out.get('database'))
   return out
+
+
+def stage_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The artifact kinds in the order the config's stages build them: artifacts.KINDS, with
+  the database after the exits when it holds their residuals."""
+  if factory.residual_guidance(config):
+    return ('backbone', 'exits', 'database', 'predictor')
+  return artifacts.KINDS

@@ -164,7 +164,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   """Runs the exits stage; returns the `exits` artifact (trained once per workdir)."""
   e = config.exits
   backbone = artifact_io.load_backbone(config, workdir)
-  database = artifact_io.load_database(config, workdir, backbone) if e.guided else None
+  # Exits fed the guide are trained on the database; a residual database is built from them.
+  fed = e.guided and not factory.residual_guidance(config)
+  database = artifact_io.load_database(config, workdir, backbone) if fed else None
   if artifacts.exists(workdir, STAGE):
     return artifact_io.load_exits(config, workdir, backbone, database)
   mesh = parallel.data_mesh(e.batch_size, 'config.exits.batch_size')

@@ -39,30 +39,42 @@ class PredictorState(NamedTuple):
   opt: optax.OptState
 
 
+def upstream(config: ml_collections.ConfigDict, workdir: str) -> dict[str, artifacts.Artifact]:
+  """The artifacts the predictor is trained on: backbone, exits and (guided) database."""
+  return artifact_io.load_lineage(config, workdir,
+                                  upto=artifact_io.stage_order(config)[-2])
+
+
+def _variant_params(config, arts: dict, variant: str) -> tuple[dict, str]:
+  """({'backbone', 'exits', 'database'} params of exit `variant`, the fingerprint of what
+  its images are a function of: the exits artifact, and a residual database)."""
+  if variant not in factory.exit_variants(config):
+    raise ValueError(f'exit variant {variant!r} was not trained (config.exits)')
+  guided = variant == 'guided'
+  params = {'backbone': arts['backbone'].tree,
+            'exits': arts['exits'].tree[factory.branch_set(config, variant)],
+            'database': arts['database'].tree if guided else None}
+  fp = arts['exits'].fingerprint
+  if guided and factory.residual_guidance(config):
+    fp = exit_distances.with_database(fp, arts['database'].fingerprint)
+  return params, fp
+
+
 def trained_exit_params(config, workdir, variant: str) -> dict:
   """{'backbone', 'exits', 'database'} params of the trained `variant` exits (artifacts)."""
-  arts = artifact_io.load_lineage(config, workdir, upto='exits')
-  if variant not in arts['exits'].tree:
-    raise ValueError(f'exit variant {variant!r} was not trained (config.exits)')
-  db = arts['database'].tree if variant == 'guided' else None
-  return {'backbone': arts['backbone'].tree, 'exits': arts['exits'].tree[variant],
-          'database': db}
+  return _variant_params(config, upstream(config, workdir), variant)[0]
 
 
 def split_distances(config, workdir, split: str, n: int, variant: str | None = None,
                     draws: int = 1):
   """(inputs, distances float32 [N, E - 1]) of a split's first n examples under the workdir's
   exits artifact (metrics/exit_distances.py: cached, keyed by the artifact's fingerprint)."""
-  variant = variant or exits_training.variants(config)[0]
-  arts = artifact_io.load_lineage(config, workdir, upto='exits')
-  if variant not in arts['exits'].tree:
-    raise ValueError(f'exit variant {variant!r} was not trained (config.exits)')
-  params = {'backbone': arts['backbone'].tree, 'exits': arts['exits'].tree[variant],
-            'database': arts['database'].tree if variant == 'guided' else None}
+  variant = variant or factory.exit_variants(config)[0]
+  params, fp = _variant_params(config, upstream(config, workdir), variant)
   return exit_distances.split_distances(
       config, workdir, split, n,
       exit_model=factory.make_exit_model(config, guided=(variant == 'guided')),
-      params=params, exits_fingerprint=arts['exits'].fingerprint, draws=draws)
+      params=params, exits_fingerprint=fp, draws=draws)
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -156,9 +168,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
   p = config.predictor
   if p.loss not in LOSSES:
     raise ValueError(f'config.predictor.loss={p.loss!r}: use one of {LOSSES}')
-  exits = artifact_io.load_lineage(config, workdir, upto='exits')['exits']
+  arts = upstream(config, workdir)
+  exits = arts['exits']
+  parents = artifact_io.predictor_parents(config, exits, arts.get('database'))
   if artifacts.exists(workdir, STAGE):
-    return artifact_io.load_predictor(config, workdir, exits)
+    return artifact_io.load_predictor(config, workdir, exits, arts.get('database'))
   mesh = parallel.data_mesh(p.batch_size, 'config.predictor.batch_size')
   measured = {}
 
@@ -208,7 +222,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> artifacts.Artifact
       finish=finish)
   metadata = {k: result.metadata[k] for k in ('margins', 'calibration', 'risk_control',
                                               'distance')}
-  parents = {'exits': exits.fingerprint}
   fp = artifacts.save(workdir, STAGE, result.state.params, config=config, parents=parents,
                       metadata=metadata)
   return artifacts.Artifact(tree=result.state.params, fingerprint=fp, parents=parents,

@@ -109,3 +109,65 @@ def test_lookup_returns_the_same_guide_on_every_top_k_implementation():
   np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match=r'config\.kernels\.top_k'):
     database.make_lookup(spec, 'approx')
+
+
+def test_residual_entries_are_centroids_holding_their_members_mean_value():
+  spec = _spec(metric='l2', key_dim=8, channels=6, value_agg='mean', num_entries=8)
+  rng = np.random.default_rng(0)
+  # Four tight clusters in feature space, each member with its own value.
+  centres = rng.normal(size=(4, 8)).astype(np.float32)
+  member = np.repeat(np.arange(4), 32)
+  feats = centres[member] + rng.normal(size=(128, 8)).astype(np.float32) * 0.05
+  values = rng.normal(size=(128, spec.value_dim)).astype(np.float32)
+  db = database.fit(spec, feats, values, jax.random.key(0), kmeans_iters=10)
+  assert db['values'].shape == (8, spec.value_dim)
+  # Every non-empty entry's value is the mean of the values of the training patches whose
+  # key is nearest to it, and its key is their mean key.
+  keys_all = (feats - np.asarray(db['mean'])) @ np.asarray(db['proj'])
+  d = ((keys_all[:, None] - np.asarray(db['keys'])[None]) ** 2).sum(-1)
+  owner = d.argmin(1)
+  for e in np.unique(owner):
+    np.testing.assert_allclose(np.asarray(db['values'])[e], values[owner == e].mean(0),
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(db['keys'])[e], keys_all[owner == e].mean(0),
+                               atol=1e-3)
+  # A cluster's value is what a lookup of any of its members returns (top-1).
+  lookup = database.make_lookup(spec)
+  feat = jnp.broadcast_to(jnp.asarray(feats[0]), (1, 8, 8, 8))
+  guide = np.asarray(lookup(db, feat, (16, 16)))
+  assert guide.shape == (1, 16, 16, 6)
+  np.testing.assert_allclose(guide[0, :4, :4], np.asarray(db['values'])[owner[0]].reshape(
+      4, 4, 6), atol=1e-5)
+
+
+def test_mean_blend_averages_the_top_k_values_and_softmax_weights_them():
+  spec_mean = _spec(metric='l2', top_k=3, blend='mean')
+  spec_soft = _spec(metric='l2', top_k=3, blend='softmax', temperature=1e6)
+  spec_sharp = _spec(metric='l2', top_k=3, blend='softmax', temperature=1e-6)
+  top1 = _spec(metric='l2', top_k=1)
+  db, _, _ = _fit(spec_mean)
+  feats = jax.random.normal(jax.random.key(5), (2, 8, 8, 8))
+  mean = np.asarray(database.make_lookup(spec_mean)(db, feats, (16, 16)))
+  # The three nearest values, by hand.
+  q = np.asarray(database.pool(feats, (4, 4))).reshape(-1, 8)
+  q = (q - np.asarray(db['mean'])) @ np.asarray(db['proj'])
+  d = ((q[:, None] - np.asarray(db['keys'])[None]) ** 2).sum(-1)
+  nearest = np.argsort(d, axis=1)[:, :3]
+  want = np.asarray(db['values'])[nearest].mean(1).reshape(2, 4, 4, 4, 4, 3)
+  want = want.transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 16, 3)
+  np.testing.assert_allclose(mean, want, atol=1e-5)
+  # A flat softmax is the mean; a sharp one is the nearest entry alone.
+  np.testing.assert_allclose(database.make_lookup(spec_soft)(db, feats, (16, 16)), mean,
+                             atol=1e-4)
+  np.testing.assert_allclose(database.make_lookup(spec_sharp)(db, feats, (16, 16)),
+                             database.make_lookup(top1)(db, feats, (16, 16)), atol=1e-4)
+
+
+def test_values_of_another_width_are_refused():
+  spec = _spec(channels=6)
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(64, 8)).astype(np.float32)
+  with pytest.raises(ValueError, match='values have shape'):
+    database.fit(spec, feats, np.zeros((64, 4 * 4 * 3), np.float32), jax.random.key(0))
+  with pytest.raises(ValueError, match='blend'):
+    _spec(blend='max')

@@ -181,3 +181,43 @@ def test_a_z_aware_branch_starts_as_the_z_blind_one():
   b, _ = blind.all_exits({**params, 'exits': without_z}, labels, z)
   for x, y in zip(a, b):
     np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_residual_guidance_adds_each_exits_retrieved_residual_to_the_unguided_branch():
+  config = landscapes.get_config('tiny')
+  with config.unlocked():
+    config.database.value_type = 'residual'
+  guided = factory.make_exit_model(config, guided=True)
+  plain = factory.make_exit_model(config, guided=False)
+  assert guided.guidance == 'residual' and plain.guidance == 'residual'
+  labels = jax.random.randint(jax.random.key(1), (2, 16, 16), 0, config.data.num_classes)
+  z = jax.random.normal(jax.random.key(2), (2, config.backbone.z_dim))
+  bb = guided.backbone.init(jax.random.key(0), labels, z)
+  spec = factory.database_spec(config)
+  branches = len(config.exits.attach_after)
+  assert spec.channels == 3 * branches and spec.value_agg == 'mean'
+  rng = np.random.default_rng(0)
+  db = database.fit(spec, rng.normal(size=(128, spec.feature_width)).astype(np.float32),
+                    rng.uniform(-0.3, 0.3, (128, spec.value_dim)).astype(np.float32),
+                    jax.random.key(0), 2)
+  # The branches take no guide: the guided variant's variables are the unguided ones.
+  ex = plain.init_exits(jax.random.key(3), bb, None, labels, z)
+  same = jax.tree.map(lambda a, b: a.shape == b.shape,
+                      guided.init_exits(jax.random.key(3), bb, db, labels, z), ex)
+  assert all(jax.tree.leaves(same))
+  params = {'backbone': bb, 'exits': ex, 'database': db}
+  outs, cond, _, guide = guided.backbone_pass(params, labels, z)
+  assert guide.shape == (2, 16, 16, 3 * branches)
+  unguided = [jax.jit(plain.exit_path(k))({**params, 'database': None}, labels, z)
+              for k in range(branches)]
+  images, _ = guided.all_exits(params, labels, z)
+  for k in range(branches):
+    want = np.clip(np.asarray(unguided[k]) + np.asarray(guide[..., 3 * k:3 * k + 3]), -1, 1)
+    np.testing.assert_allclose(jax.jit(guided.exit_path(k))(params, labels, z), want,
+                               atol=1e-5)
+    np.testing.assert_allclose(images[k], want, atol=1e-5)
+  assert float(np.abs(np.asarray(images[0]) - np.asarray(unguided[0])).mean()) > 1e-3
+  # The residual costs its lookup and an add on top of the branch.
+  gflops = costs.exit_stats(config, guided=True)
+  plain_gflops = costs.exit_stats(config, guided=False)
+  assert all(g['gflops'] > p['gflops'] for g, p in zip(gflops[:-1], plain_gflops[:-1]))
