@@ -4,7 +4,7 @@ The job trains its backbone (600 steps), then runs three seeds of the later stag
 benchmark (with its float32/bfloat16 grid): about 70 min on 2 CPU cores (the first run also
 builds the dataset, ~1 min);
 `configs/avatars.py:tiny` (32x32, a few steps of every stage; what the tests use) about
-3 min. Embedded procedural avatars at 64x64: one-shot reenactment (MegaPortraits-style),
+3 min; `:residual` adds residual guidance to exits trained unguided. Embedded procedural avatars at 64x64: one-shot reenactment (MegaPortraits-style),
 exits on G2D, which is 88 % of the generator's 0.32 GFLOPs.
 """
 import os
@@ -18,7 +18,7 @@ common = types.SimpleNamespace(**runpy.run_path(
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the locked config; `arg` selects a variant ('tiny')."""
+  """Returns the locked config; `arg` selects a variant ('tiny', 'residual')."""
   config = common.make_config(
       # Resolution (H, W), each in [32, 256]; train holds self pairs (source and driver of
       # one identity), validation and test cross pairs with ground truth.
@@ -79,7 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.benchmark.update(warmup=2, iters=5, switch_rounds=100, lowering_rounds=10)
   config.lock()
 
-  if arg == 'tiny':
+  if arg == 'residual':
+    # Residual guidance (configs/landscapes.py:residual): the exits trained unguided, then a
+    # database of backbone-minus-exit patches keyed on G2D block 0, added to their images.
+    config.database.update(value_type='residual', num_images=2048, metric='l2', top_k=4,
+                           blend='mean', kmeans_iters=20)
+  elif arg == 'tiny':
     common.shrink_for_tests(config)
     config.data.update(resolution=(32, 32), num_train=32, num_validation=32, num_test=16)
     config.backbone.update(enc_widths=(8, 8, 16), volume_depth=4, volume_channels=4,
@@ -93,5 +98,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.benchmark.update(batch_size=4, lowering_rounds=0, batch_sizes=(1, 4),
                             dtypes=('float32',))
   elif arg:
-    raise common.unknown_variant('configs/avatars.py', arg)
+    raise common.unknown_variant('configs/avatars.py', arg, ('tiny', 'residual'))
   return config

@@ -81,13 +81,19 @@ def _operating_point(r: dict, key: str, name: str) -> str:
   saved = _figure(r, f'{key}/saved_fraction', p['saved_fraction'], p.get('saved_fraction_ci95'))
   static = p['best_static_saved_fraction']
   static_exit = p.get('best_static_exit')
+  per_seed = (r.get('seed_intervals') or {}).get(f'{key}/best_static_exit')
+  if static_exit is None:
+    static_words = ' (only the backbone qualifies)'
+  elif per_seed:  # the seeds' best static exits differ: their mean is no exit
+    static_words = f" (exits {', '.join(str(int(v)) for v in per_seed['values'])} by seed)"
+  else:
+    static_words = f' (exit {static_exit})'
   return (f"{name} (threshold {_fmt(p['threshold'])}): saved {saved}, met "
           f"{_figure(r, f'{key}/met_fraction', p['met_fraction'])}, early-exit miss rate "
           f"{_figure(r, f'{key}/early_exit_miss_rate', p['early_exit_miss_rate'])} "
           f"(on the {_fmt(p['early_exit_fraction'], 2)} of inputs sent to an exit), p95 distance "
           f"{_fmt(p['p95_distance'])}. Saved by the oracle {_fmt(p['oracle_saved_fraction'])}, by "
-          f"the best static exit {_fmt(static)}"
-          f"{' (only the backbone qualifies)' if static_exit is None else f' (exit {static_exit})'}"
+          f"the best static exit {_fmt(static)}{static_words}"
           f", by a random mixture {_fmt(p['random_mix_saved_fraction'])}.")
 
 

@@ -213,3 +213,16 @@ def test_write_table_writes_the_figures_and_a_newline_terminated_table(tmp_path,
   results_md.write_table(str(out), 'probe', {}, 'x\n')  # already terminated: one newline
   assert (out / 'probe.md').read_text() == 'x\n'
   assert capsys.readouterr().out == '| a |\n|---|\nx\n'
+
+
+def test_a_best_static_exit_that_differs_across_seeds_is_named_per_seed():
+  from fiancee_jax.evaluation import intervals  # pylint: disable=g-import-not-at-top
+  seeds = [_full(_built(seed=s), seed=s) for s in range(3)]
+  for r, e in zip(seeds, (0, 0, 1)):
+    r['at_t_star']['best_static_exit'] = e
+  text = '\n'.join(results_md.render_report(intervals.aggregate_seed_reports(seeds)))
+  assert '(exits 0, 0, 1 by seed)' in text and 'exit 0.33' not in text
+  for r in seeds:
+    r['at_t_star']['best_static_exit'] = 1
+  text = '\n'.join(results_md.render_report(intervals.aggregate_seed_reports(seeds)))
+  assert '(exit 1)' in text
