@@ -4,8 +4,9 @@ The job trains its backbone (600 steps), then runs three seeds of the later stag
 benchmark (with its float32/bfloat16 grid): about 70 min on 2 CPU cores (the first run also
 builds the dataset, ~1 min);
 `configs/avatars.py:tiny` (32x32, a few steps of every stage; what the tests use) about
-3 min; `:residual` adds residual guidance to exits trained unguided. Embedded procedural avatars at 64x64: one-shot reenactment (MegaPortraits-style),
-exits on G2D, which is 88 % of the generator's 0.32 GFLOPs.
+3 min; `:residual` adds residual guidance to exits trained unguided. Embedded procedural
+avatars at 64x64: one-shot reenactment (MegaPortraits-style), exits on G2D, which is 88 % of
+the generator's 0.32 GFLOPs.
 """
 import os
 import runpy

@@ -4,9 +4,9 @@ The frozen backbone runs on the first `config.database.num_images` training inpu
 fixed stream); keys are pooled features of block `config.database.key_block`, values
 (config.database.value_type, guidance/database.py) the backbone's output patches
 ('image'), or the backbone's image minus each trained unguided exit's image over the patch
-('residual'; the stage then runs after the exits stage). The result is the `database` artifact, whose
-parents are the artifacts it was built from. A damaged database artifact is rebuilt, with a
-warning naming the damage.
+('residual'; the stage then runs after the exits stage). The result is the `database`
+artifact, whose parents are the artifacts it was built from. A damaged database artifact is
+rebuilt, with a warning naming the damage.
 """
 import jax
 import jax.numpy as jnp
