@@ -14,6 +14,9 @@ from fiancee_jax import pipeline
 from fiancee_jax.inference import loading
 from fiancee_jax.training import artifact_io
 
+# It starts from the shared `tiny_run` job's backbone: on that job's xdist worker.
+pytestmark = pytest.mark.xdist_group('tiny_run')
+
 
 def _residual_config(data_dir):
   config = landscapes.get_config('tiny')
@@ -103,3 +106,18 @@ def test_bad_guidance_settings_are_refused(data_dir):
       config.database[key] = value
     with pytest.raises(config_checks.ConfigError, match=f'config.database.{key}'):
       config_checks.check_config(config)
+
+
+def test_residual_exits_export_and_round_trip_to_identical_outputs(residual_run, tmp_path):
+  from fiancee_jax import export  # pylint: disable=g-import-not-at-top
+  wd, config = residual_run
+  model = loading.load_model(wd, config)
+  out = str(tmp_path / 'exported')
+  export.export_model(model, out, buckets=(2,), thresholds=(0.1,))
+  loaded = export.load(out)
+  export.check_model(loaded.manifest, model)
+  labels = np.random.default_rng(0).integers(0, config.data.num_classes, (2, 16, 16), np.int32)
+  inputs = tuple(np.asarray(x) for x in model.make_inputs(labels, jax.random.key(0)))
+  for k, path in enumerate(model.paths()):
+    np.testing.assert_array_equal(np.asarray(loaded.exits[(k, 2)](*inputs)),
+                                  np.asarray(jax.jit(path)(model.params, *inputs)))
