@@ -121,3 +121,18 @@ def test_residual_exits_export_and_round_trip_to_identical_outputs(residual_run,
   for k, path in enumerate(model.paths()):
     np.testing.assert_array_equal(np.asarray(loaded.exits[(k, 2)](*inputs)),
                                   np.asarray(jax.jit(path)(model.params, *inputs)))
+
+
+def test_the_benchmark_times_the_residual_add_as_its_own_part(residual_run):
+  from fiancee_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
+  from fiancee_jax.metrics import flops  # pylint: disable=g-import-not-at-top
+  wd, config = residual_run
+  model = loading.load_model(wd, config)
+  labels = np.random.default_rng(0).integers(0, config.data.num_classes, (2, 16, 16), np.int32)
+  inputs = jax.device_put(tuple(model.make_inputs(labels, jax.random.key(0))))
+  parts = benchmark.exit_parts(model, inputs, warmup=0, iters=1)
+  for k, x in enumerate(parts[:-1]):
+    assert [p['part'] for p in x['parts']] == ['prefix', 'lookup', 'branch', 'residual']
+    # The parts are the exit's ops: their FLOPs add up to the whole path's.
+    whole = flops.gflops(model.exit_model.exit_path(k), model.params, *inputs)
+    assert sum(p['gflops'] for p in x['parts']) == pytest.approx(whole, rel=0.05)
