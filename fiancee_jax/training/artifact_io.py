@@ -61,12 +61,6 @@ def database_template(spec: database_lib.DatabaseSpec) -> dict[str, jax.ShapeDty
           'proj': jax.ShapeDtypeStruct((spec.feature_width, spec.key_dim), f32)}
 
 
-def exit_variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Branch sets this config's exits stage trains ('guided' first when it trains one);
-  factory.trained_variants."""
-  return factory.trained_variants(config)
-
-
 def exits_template(config: ml_collections.ConfigDict, bb: Any, db: Any) -> dict[str, list]:
   """ShapeDtypeStructs of {variant: [variables_k, ...]} for the branch sets the config
   trains."""
@@ -74,7 +68,7 @@ def exits_template(config: ml_collections.ConfigDict, bb: Any, db: Any) -> dict[
 
   def init(bb, db, *inputs):
     out = {}
-    for v in exit_variants(config):
+    for v in factory.trained_variants(config):
       model = factory.make_exit_model(config, guided=(v == 'guided'))
       out[v] = model.init_exits(jax.random.key(0), bb, db if v == 'guided' else None,
                                 *inputs)

@@ -49,7 +49,7 @@ class ExitsState(NamedTuple):
 
 def variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Exit variants this config trains ('guided' first when guided)."""
-  return artifact_io.exit_variants(config)
+  return factory.trained_variants(config)
 
 
 def get_distance(config: ml_collections.ConfigDict) -> distances.Distance:
